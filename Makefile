@@ -1,0 +1,43 @@
+# The two commands: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   ?= runs/demo
+DEMO_EPOCHS ?= 3
+DEMO_IW ?= 200
+
+.PHONY: demo test setup data clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Fashion-MNIST: Debian's package where apt can install it; otherwise torchvision downloads it at first use.
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+	    || echo "apt-get could not install dataset-fashion-mnist; torchvision will download the data"; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+	    || echo "apt-get could not install dataset-fashion-mnist; torchvision will download the data"; \
+	else \
+	  echo "dataset-fashion-mnist is not installed and apt needs root; torchvision will download the data"; \
+	fi
+
+demo: setup data
+	$(BIN)/pyro-vae train --dataset fashion-mnist --arch mlp --epochs $(DEMO_EPOCHS) --out $(DEMO) --overwrite
+	$(BIN)/pyro-vae evaluate $(DEMO) --iw-samples $(DEMO_IW)
+	@echo "Pictures and metrics are in $(DEMO)/: samples.png reconstructions.png curves.png metrics.jsonl eval.json"
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,143 @@
+"""``pyro-vae train | evaluate | sample``: the command line over train, evaluate and plots."""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError
+from .train import ELBOS, RunConfig, TrainingDiverged
+
+DEFAULTS = RunConfig()
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders the Pyro way.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a VAE by SVI and write a run directory",
+                       description="Train a VAE by SVI; writes config.json, metrics.jsonl, checkpoint.pt, "
+                                   "samples.png, reconstructions.png and curves.png into --out.")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--dataset", help=f"fashion-mnist or mnist (default {DEFAULTS.dataset})")
+    t.add_argument("--data-dir", help="directory holding the IDX files (looked at before Debian's "
+                                      "package and torchvision's download)")
+    t.add_argument("--arch", help=f"mlp or conv (default {DEFAULTS.arch})")
+    t.add_argument("--latent-dim", type=int, help=f"size of z (default {DEFAULTS.latent_dim})")
+    t.add_argument("--hidden", type=int, help=f"MLP hidden width (default {DEFAULTS.hidden})")
+    t.add_argument("--likelihood", help=f"bernoulli or gaussian (default {DEFAULTS.likelihood})")
+    t.add_argument("--gaussian-scale", type=float,
+                   help=f"fixed std of the gaussian likelihood (default {DEFAULTS.gaussian_scale})")
+    t.add_argument("--binarize", help=f"dynamic, fixed or none (default {DEFAULTS.binarize})")
+    t.add_argument("--elbo", help=f"{', '.join(ELBOS)} (default {DEFAULTS.elbo})")
+    t.add_argument("--num-particles", type=int, help="particles per image, vectorised (default 1)")
+    t.add_argument("--beta", type=float, help="KL weight via poutine.scale (default 1)")
+    t.add_argument("--epochs", type=int, help=f"epochs to train up to (default {DEFAULTS.epochs})")
+    t.add_argument("--batch-size", type=int, help=f"minibatch size (default {DEFAULTS.batch_size})")
+    t.add_argument("--lr", type=float, help=f"Adam learning rate (default {DEFAULTS.lr})")
+    t.add_argument("--seed", type=int, help=f"random seed (default {DEFAULTS.seed})")
+    t.add_argument("--device", help="cpu or cuda (default cpu)")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out")
+    mode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="test ELBO, its terms and the IW log-likelihood; writes DIR/eval.json")
+    e.add_argument("run_dir", help="run directory made by pyro-vae train")
+    e.add_argument("--iw-samples", type=int, default=1000, help="K importance samples per image (default 1000)")
+    e.add_argument("--elbo-samples", type=int, default=10, help="draws of z per image for the ELBO (default 10)")
+    e.add_argument("--device", help="cpu or cuda (default: the run's)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N test images")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("sample", help="write a grid of prior samples")
+    s.add_argument("run_dir", help="run directory made by pyro-vae train")
+    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return p
+
+
+def _train(args):
+    from . import plots
+    from .train import load_checkpoint, train
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+             if getattr(args, f.name, None) is not None}
+    if args.resume:
+        base = load_checkpoint(Path(args.out) / "checkpoint.pt")["config"]
+        config = RunConfig.from_dict({**base, **given})
+    else:
+        config = RunConfig(**given)
+    vae, history = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.no_progress)
+    out = Path(args.out)
+    from .train import load_data, resolve_device
+
+    _, x_test = load_data(config, resolve_device(config.device))
+    plots.save_samples(vae, out / "samples.png")
+    plots.save_reconstructions(vae, x_test, out / "reconstructions.png")
+    plots.save_curves(out / "metrics.jsonl", out / "curves.png")
+    last = history[-1]
+    print(f"trained {last['epoch']} epochs: train loss {last['train_loss']:.2f}, "
+          f"test ELBO {last['test_elbo']:.2f} nats/image")
+    print(f"wrote {out}/: config.json metrics.jsonl checkpoint.pt samples.png reconstructions.png curves.png")
+
+
+def _evaluate(args):
+    from .evaluate import evaluate
+    from .train import load_data, load_run
+
+    vae, config = load_run(args.run_dir, device=args.device)
+    if args.iw_samples < 0 or args.elbo_samples < 1:
+        raise InputError("--iw-samples must be >= 0 and --elbo-samples >= 1")
+    _, x_test = load_data(config, vae.device)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise InputError(f"--limit must be positive, got {args.limit}")
+        x_test = x_test[:args.limit]
+    summary = evaluate(vae, x_test, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
+                       progress=not args.no_progress)
+    summary.update(dataset=config.dataset, binarize=config.binarize)
+    path = Path(args.run_dir) / "eval.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {path}")
+
+
+def _sample(args):
+    import pyro
+
+    from . import plots
+    from .train import load_run
+
+    vae, _ = load_run(args.run_dir)
+    if args.n < 1:
+        raise InputError(f"--n must be positive, got {args.n}")
+    pyro.set_rng_seed(args.seed)
+    path = Path(args.out) if args.out else Path(args.run_dir) / "samples.png"
+    plots.save_samples(vae, path, n=args.n)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    """Entry point of ``pyro-vae``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        {"train": _train, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+    except InputError as err:
+        print(f"pyro-vae: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"pyro-vae: training stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pyro-vae: interrupted; the last checkpoint written at the end of an epoch is kept. "
+              "Continue with: pyro-vae train --out DIR --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Honest evaluation from traces of the same ``model`` and ``guide`` that were trained.
+
+For each data point x (per image, never jointly over a batch):
+
+* ELBO(x) = E_q[log p(x | z)] - E_q[log q(z | x) - log p(z)]
+  = reconstruction - KL, each a Monte Carlo mean over ``num_samples`` draws
+  z ~ q(z | x);
+* the importance-weighted estimate (Burda et al. 2016)
+  log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k | x),  z_k ~ q(z | x),
+  a lower bound in expectation that rises to log p(x) as K grows. K particles
+  are drawn in chunks so that memory stays bounded for any K.
+
+Everything works for any VAE whose model and guide follow the site
+conventions of :mod:`pyro_vae.vae` (latent sites in the guide, observed sites
+in the model, one ``"data"`` plate at dim -1), including users' own networks.
+Scales such as β are ignored here: these are the unscaled log-densities.
+"""
+
+import math
+
+import pyro
+import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
+import torch
+
+from .errors import InputError
+
+
+def _log_densities(vae, x, k):
+    """Log-densities of k joint draws per data point.
+
+    Args:
+        vae: a :class:`pyro_vae.VAE` (anything with ``model(x)`` and ``guide(x)``).
+        x: data ``(B, *x_shape)``.
+        k: number of particles.
+
+    Returns:
+        dict with ``log_px_z`` (k, B): sum of the observed sites' log p;
+        ``log_pz`` and ``log_qz``: dicts site -> (k, B) for each latent site.
+    """
+    with pyro.plate("eval_particles", k, dim=-2):
+        guide_tr = poutine.trace(vae.guide).get_trace(x)
+        model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x)
+    guide_tr.compute_log_prob()
+    model_tr.compute_log_prob()
+    shape = (k, x.shape[0])
+    log_px_z = x.new_zeros(shape)
+    log_pz, log_qz = {}, {}
+    for name, site in model_tr.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        lp = site["unscaled_log_prob"].expand(shape)
+        if site["is_observed"]:
+            log_px_z = log_px_z + lp
+        else:
+            log_pz[name] = lp
+            if name not in guide_tr.nodes:
+                raise InputError(f"latent site {name!r} of the model has no match in the guide")
+            log_qz[name] = guide_tr.nodes[name]["unscaled_log_prob"].expand(shape)
+    return {"log_px_z": log_px_z, "log_pz": log_pz, "log_qz": log_qz}
+
+
+def _batches(x, batch_size):
+    if batch_size <= 0:
+        raise InputError(f"batch_size must be positive, got {batch_size}")
+    for i in range(0, x.shape[0], batch_size):
+        yield x[i:i + batch_size]
+
+
+@torch.no_grad()
+def elbo_terms(vae, x, num_samples=1, batch_size=500):
+    """The ELBO of each data point and its two terms, in nats.
+
+    Args:
+        vae: a :class:`pyro_vae.VAE`.
+        x: data ``(N, *x_shape)`` on the VAE's device.
+        num_samples: draws z ~ q(z | x) averaged per data point.
+        batch_size: data points per forward pass.
+
+    Returns:
+        dict of tensors of shape ``(N,)``: ``elbo``, ``reconstruction``
+        (E_q log p(x | z)), ``kl`` (total E_q[log q - log p]) and ``kl_<site>``
+        for each latent site (e.g. ``kl_z0``).
+    """
+    vae.check_data(x)
+    parts = []
+    with pyro.validation_enabled(False):
+        for xb in _batches(x, batch_size):
+            d = _log_densities(vae, xb, num_samples)
+            out = {"reconstruction": d["log_px_z"].mean(0)}
+            for name in d["log_pz"]:
+                out["kl_" + name] = (d["log_qz"][name] - d["log_pz"][name]).mean(0)
+            out["kl"] = sum(out["kl_" + name] for name in d["log_pz"])
+            out["elbo"] = out["reconstruction"] - out["kl"]
+            parts.append(out)
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+@torch.no_grad()
+def iw_log_likelihood(vae, x, num_samples=1000, batch_size=100, max_rows=20000, progress=None):
+    """Importance-weighted estimate of log p(x) for each data point, in nats.
+
+    ``log (1/K) sum_k exp(log p(x, z_k) - log q(z_k | x))`` with z_k ~ q(z | x),
+    a separate log-mean-exp for every data point. Particles are drawn in chunks
+    of at most ``max_rows // batch`` so memory stays bounded for any K.
+
+    Args:
+        vae: a :class:`pyro_vae.VAE`.
+        x: data ``(N, *x_shape)`` on the VAE's device.
+        num_samples: K, the number of importance samples per data point.
+        batch_size: data points per chunk.
+        max_rows: bound on particles x data points decoded at once.
+        progress: optional callable ``progress(n_done)`` called after each batch.
+
+    Returns:
+        ``(N,)`` tensor of estimates.
+    """
+    if int(num_samples) < 1:
+        raise InputError(f"the number of importance samples must be >= 1, got {num_samples}")
+    vae.check_data(x)
+    num_samples = int(num_samples)
+    out = []
+    with pyro.validation_enabled(False):
+        for xb in _batches(x, batch_size):
+            chunk = max(1, min(num_samples, max_rows // xb.shape[0]))
+            total = torch.full((xb.shape[0],), -math.inf, device=xb.device, dtype=xb.dtype)
+            done = 0
+            while done < num_samples:
+                k = min(chunk, num_samples - done)
+                d = _log_densities(vae, xb, k)
+                log_w = d["log_px_z"] + sum(d["log_pz"].values()) - sum(d["log_qz"].values())
+                total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
+                done += k
+            out.append(total - math.log(num_samples))
+            if progress is not None:
+                progress(xb.shape[0])
+    return torch.cat(out)
+
+
+def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=100, progress=True):
+    """Test-set summary: mean per data point of the ELBO, its terms and the IW estimate.
+
+    Args:
+        vae: a :class:`pyro_vae.VAE` (put in eval mode here).
+        x: test data ``(N, *x_shape)`` on the VAE's device.
+        iw_samples: K for :func:`iw_log_likelihood` (0 skips it).
+        elbo_samples: draws per data point for :func:`elbo_terms`.
+        progress: show a tqdm bar over the IW estimate.
+
+    Returns:
+        dict of floats (nats per data point): ``elbo``, ``reconstruction``,
+        ``kl``, ``kl_<site>``, ``iw_log_likelihood`` (if computed), and
+        ``n``, ``iw_samples``, ``elbo_samples``.
+    """
+    vae.eval()
+    terms = elbo_terms(vae, x, num_samples=elbo_samples)
+    summary = {key: float(value.mean()) for key, value in terms.items()}
+    summary.update(n=int(x.shape[0]), elbo_samples=int(elbo_samples), iw_samples=int(iw_samples))
+    if iw_samples:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=x.shape[0], desc=f"IW log p(x), K={iw_samples}", unit="img",
+                  disable=not progress) as bar:
+            ll = iw_log_likelihood(vae, x, num_samples=iw_samples, batch_size=batch_size, progress=bar.update)
+        summary["iw_log_likelihood"] = float(ll.mean())
+    return summary

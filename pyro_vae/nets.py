@@ -1,0 +1,198 @@
+"""Encoder and decoder networks (plain ``torch.nn``).
+
+Conventions every network here follows, and that a user's own networks must
+follow to plug into :class:`pyro_vae.VAE`:
+
+* an **encoder** maps data ``x`` of shape ``(*batch, *x_shape)`` to features of
+  shape ``(*batch, out_features)`` and has an integer attribute
+  ``out_features``;
+* a **decoder** maps a latent ``z`` of shape ``(*batch, latent_dim)`` to the
+  likelihood's parameters, of shape ``(*batch, k * x_shape[0], *x_shape[1:])``
+  where ``k = likelihood.channels`` (the likelihood splits them along that
+  dimension).
+
+``*batch`` may be several dims (Pyro's vectorised particles add one), so the
+networks flatten leading dims themselves.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+
+def _check_x_shape(x_shape):
+    x_shape = tuple(int(s) for s in x_shape)
+    if not x_shape or any(s <= 0 for s in x_shape):
+        raise InputError(f"x_shape must be a non-empty tuple of positive sizes, got {x_shape}")
+    return x_shape
+
+
+def _check_width(name, value):
+    if int(value) <= 0:
+        raise InputError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _mlp(sizes, activation):
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def _check_input(net, x, event_shape):
+    n = len(event_shape)
+    if x.dim() < n or tuple(x.shape[x.dim() - n:]) != tuple(event_shape):
+        raise InputError(
+            f"{type(net).__name__} expects inputs of shape (batch, {', '.join(map(str, event_shape))}), "
+            f"got {tuple(x.shape)}; reshape the data or build the network for this shape"
+        )
+
+
+class MLPEncoder(nn.Module):
+    """Fully connected encoder: ``(*batch, *x_shape) -> (*batch, hidden[-1])``.
+
+    Args:
+        x_shape: shape of one data point, e.g. ``(1, 28, 28)`` or ``(784,)``.
+        hidden: widths of the hidden layers; the last is ``out_features``.
+        activation: activation class applied after every layer.
+    """
+
+    def __init__(self, x_shape, hidden=(400,), activation=nn.Softplus):
+        super().__init__()
+        self.x_shape = _check_x_shape(x_shape)
+        hidden = [_check_width("hidden width", h) for h in hidden]
+        if not hidden:
+            raise InputError("MLPEncoder needs at least one hidden layer")
+        self.out_features = hidden[-1]
+        self.net = nn.Sequential(_mlp([math.prod(self.x_shape), *hidden], activation), activation())
+
+    def forward(self, x):
+        _check_input(self, x, self.x_shape)
+        batch = x.shape[: x.dim() - len(self.x_shape)]
+        return self.net(x.reshape(*batch, -1))
+
+
+class MLPDecoder(nn.Module):
+    """Fully connected decoder: ``(*batch, latent_dim) -> (*batch, k*C, *x_shape[1:])``.
+
+    Args:
+        latent_dim: size of the latent vector it decodes.
+        x_shape: shape of one data point.
+        hidden: widths of the hidden layers.
+        out_channels: ``k``, the number of parameters per data value that the
+            likelihood needs (``likelihood.channels``).
+        activation: activation class applied after every hidden layer.
+    """
+
+    def __init__(self, latent_dim, x_shape, hidden=(400,), out_channels=1, activation=nn.Softplus):
+        super().__init__()
+        self.latent_dim = _check_width("latent_dim", latent_dim)
+        self.x_shape = _check_x_shape(x_shape)
+        self.out_channels = _check_width("out_channels", out_channels)
+        self.out_shape = (self.out_channels * self.x_shape[0], *self.x_shape[1:])
+        hidden = [_check_width("hidden width", h) for h in hidden]
+        self.net = nn.Sequential(
+            _mlp([self.latent_dim, *hidden], activation),
+            activation() if hidden else nn.Identity(),
+            nn.Linear(hidden[-1] if hidden else self.latent_dim, math.prod(self.out_shape)),
+        )
+
+    def forward(self, z):
+        _check_input(self, z, (self.latent_dim,))
+        return self.net(z).reshape(*z.shape[:-1], *self.out_shape)
+
+
+class ConvEncoder(nn.Module):
+    """Fully convolutional encoder for images: ``(*batch, C, H, W) -> (*batch, features)``.
+
+    Two stride-2 convolutions (H -> H/2 -> H/4) and one convolution whose
+    kernel covers the remaining ``H/4 x W/4`` map, so the output is a
+    ``features``-channel 1x1 map, flattened. ``H`` and ``W`` must be multiples
+    of 4 (28 x 28 Fashion-MNIST works).
+    """
+
+    def __init__(self, x_shape, channels=(32, 64), features=256, activation=nn.ReLU):
+        super().__init__()
+        self.x_shape = _check_x_shape(x_shape)
+        if len(self.x_shape) != 3 or self.x_shape[1] % 4 or self.x_shape[2] % 4:
+            raise InputError(
+                f"ConvEncoder needs images of shape (C, H, W) with H and W multiples of 4, got {self.x_shape}; "
+                "use MLPEncoder for other shapes"
+            )
+        c, h, w = self.x_shape
+        c1, c2 = (_check_width("conv channels", ch) for ch in channels)
+        self.out_features = _check_width("features", features)
+        self.net = nn.Sequential(
+            nn.Conv2d(c, c1, 4, 2, 1), activation(),
+            nn.Conv2d(c1, c2, 4, 2, 1), activation(),
+            nn.Conv2d(c2, self.out_features, (h // 4, w // 4)), activation(),
+            nn.Flatten(),
+        )
+
+    def forward(self, x):
+        _check_input(self, x, self.x_shape)
+        batch = x.shape[:-3]
+        return self.net(x.reshape(-1, *self.x_shape)).reshape(*batch, self.out_features)
+
+
+class ConvDecoder(nn.Module):
+    """Fully convolutional decoder: ``(*batch, latent_dim) -> (*batch, k*C, H, W)``.
+
+    The latent is read as a ``latent_dim``-channel 1x1 map; one transposed
+    convolution grows it to ``H/4 x W/4``, two stride-2 transposed
+    convolutions to ``H x W``.
+    """
+
+    def __init__(self, latent_dim, x_shape, channels=(64, 32), out_channels=1, activation=nn.ReLU):
+        super().__init__()
+        self.latent_dim = _check_width("latent_dim", latent_dim)
+        self.x_shape = _check_x_shape(x_shape)
+        if len(self.x_shape) != 3 or self.x_shape[1] % 4 or self.x_shape[2] % 4:
+            raise InputError(
+                f"ConvDecoder needs images of shape (C, H, W) with H and W multiples of 4, got {self.x_shape}; "
+                "use MLPDecoder for other shapes"
+            )
+        c, h, w = self.x_shape
+        c1, c2 = (_check_width("conv channels", ch) for ch in channels)
+        self.out_channels = _check_width("out_channels", out_channels)
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(self.latent_dim, c1, (h // 4, w // 4)), activation(),
+            nn.ConvTranspose2d(c1, c2, 4, 2, 1), activation(),
+            nn.ConvTranspose2d(c2, self.out_channels * c, 4, 2, 1),
+        )
+
+    def forward(self, z):
+        _check_input(self, z, (self.latent_dim,))
+        batch = z.shape[:-1]
+        out = self.net(z.reshape(-1, self.latent_dim, 1, 1))
+        return out.reshape(*batch, *out.shape[1:])
+
+
+def build(arch, x_shape, latent_dim, out_channels=1, hidden=400):
+    """The encoder and decoder of a named architecture.
+
+    Args:
+        arch: ``"mlp"`` (Pyro tutorial: one softplus hidden layer of width
+            ``hidden``) or ``"conv"`` (:class:`ConvEncoder`/:class:`ConvDecoder`).
+        x_shape: shape of one data point.
+        latent_dim: size of the latent the decoder reads.
+        out_channels: parameters per data value the likelihood needs.
+
+    Returns:
+        ``(encoder, decoder)``.
+    """
+    if arch == "mlp":
+        return (MLPEncoder(x_shape, hidden=(hidden,)),
+                MLPDecoder(latent_dim, x_shape, hidden=(hidden,), out_channels=out_channels))
+    if arch == "conv":
+        return ConvEncoder(x_shape), ConvDecoder(latent_dim, x_shape, out_channels=out_channels)
+    raise InputError(f"unknown arch {arch!r}; choose one of: mlp, conv")
+
+
+ARCHS = ("mlp", "conv")
