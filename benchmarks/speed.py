@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from pyro_vae import VAE, fit, nets
 from pyro_vae.data import Batches, load_images
+from pyro_vae.svi import make_optimizer
 
 
 def hand_written_epoch(vae, optimizer, batches):
@@ -55,10 +56,11 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per method (median reported)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--json", help="write the result here too")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    x_train, _, _, _ = load_images("fashion-mnist")
+    x_train, _, _, _ = load_images("fashion-mnist", args.data_dir)
     x = x_train[: args.limit].to(device)
 
     def new_vae():
@@ -69,7 +71,7 @@ def main(argv=None):
     fit(new_vae(), x[:2560], epochs=1, batch_size=args.batch_size, elbo=args.elbo, dynamic_binarize=True,
         progress=False)
     hand_vae = new_vae()
-    optimizer = torch.optim.Adam(hand_vae.parameters(), lr=1e-3)
+    optimizer = make_optimizer(hand_vae.parameters(), lr=1e-3)  # the same Adam that fit uses
     gen = torch.Generator(device=device).manual_seed(0)
     hand_written_epoch(hand_vae, optimizer, Batches(x[:2560], args.batch_size, gen, dynamic_binarize=True))
 

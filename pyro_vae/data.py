@@ -110,7 +110,11 @@ def load_images(name="fashion-mnist", data_dir=None, download=True):
     if name == "fashion-mnist":
         sources.append(Path(DEBIAN_FASHION_MNIST))
     for src in sources:
-        root = _stage(src, cls.__name__) if src.is_dir() else None
+        try:
+            root = _stage(src, cls.__name__) if src.is_dir() else None
+        except Exception as err:  # e.g. gzip.BadGzipFile, EOFError, zlib.error for broken .gz files
+            raise InputError(f"could not unpack {name} files in {src}: {type(err).__name__}: {err}; "
+                             "are they gzipped IDX files?") from err
         if root is None:
             tried.append(f"{src}: no {', '.join(IDX_FILES)} (.gz or unpacked)")
             continue
@@ -118,7 +122,8 @@ def load_images(name="fashion-mnist", data_dir=None, download=True):
             x_tr, y_tr = _read(cls, root, True)
             x_te, y_te = _read(cls, root, False)
         except Exception as err:  # torchvision raises assorted types for bad files
-            raise InputError(f"could not read {name} files in {src}: {err}; are they IDX files?") from err
+            raise InputError(f"could not read {name} files in {src}: {type(err).__name__}: {err}; "
+                             "are they IDX files?") from err
         return _to_float(x_tr), y_tr, _to_float(x_te), y_te
     if download:
         root = cache_dir() / "download"

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
-from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
-from pyro.optim import Adam
+from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from . import data as data_
 from . import likelihoods, nets
 from .errors import InputError
 from .evaluate import elbo_terms
+from .svi import NonFiniteLoss, TorchOptimSVI
 from .vae import VAE
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "jit": JitTrace_ELBO}
@@ -92,8 +92,8 @@ class RunConfig:
                 raise InputError(f"{key} must be a positive integer, got {getattr(self, key)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"lr must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise InputError(f"beta must be a number >= 0, got {self.beta}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise InputError(f"beta must be a number > 0, got {self.beta}")
         resolve_device(self.device)
         return self
 
@@ -171,8 +171,10 @@ def _numpy_state():
 
 
 def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="trace", num_particles=1,
-        seed=0, dynamic_binarize=False, progress=True, on_epoch=None, state=None):
-    """Train ``vae`` by SVI on ``vae.model`` and ``vae.guide`` with Adam.
+        seed=0, dynamic_binarize=False, progress=True, log=print, on_epoch=None, state=None):
+    """Train ``vae`` by SVI on ``vae.model`` and ``vae.guide`` with Adam
+    (:class:`~pyro_vae.svi.TorchOptimSVI`: ``pyro.infer.SVI``'s step with one
+    torch optimizer).
 
     Args:
         vae: a :class:`VAE`, already on the data's device.
@@ -186,6 +188,7 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         seed: seeds torch, Python, NumPy and the data generator.
         dynamic_binarize: redraw Bernoulli(x) for every batch.
         progress: show a tqdm bar with the loss per data point.
+        log: called with a one-line summary after each epoch (``None``: silent).
         on_epoch: ``on_epoch(record, state)`` called after each epoch with the
             metrics dict and a checkpointable state dict.
         state: a state dict from an earlier ``on_epoch`` (or a checkpoint) to
@@ -209,12 +212,11 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     batches = data_.Batches(x_train, batch_size, generator, dynamic_binarize=dynamic_binarize)
-    optim = Adam({"lr": lr})
-    svi = SVI(vae.model, vae.guide, optim, loss=make_elbo(elbo, num_particles))
+    svi = TorchOptimSVI(vae.model, vae.guide, make_elbo(elbo, num_particles), lr)
     history, step, start = [], 0, 0
     if state is not None:
         vae.load_state_dict(state["model"])
-        optim.set_state(state["optim"])
+        svi.load_state_dict(state["optim"])
         history, step, start = list(state["history"]), int(state["step"]), int(state["epoch"])
         set_rng_state(state["rng"], generator)
     n = x_train.shape[0]
@@ -225,12 +227,13 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         with pyro.validation_enabled(False), tqdm(batches, desc=f"epoch {epoch}/{epochs}", unit="batch",
                                                    disable=not progress, leave=False) as bar:
             for i, xb in enumerate(bar):
-                loss = svi.step(xb)
                 step += 1
-                if not math.isfinite(loss):
+                try:
+                    loss = svi.step(xb)
+                except NonFiniteLoss as err:
                     raise TrainingDiverged(
-                        f"the loss became {loss} at epoch {epoch}, step {step}; the last checkpoint "
-                        "is unchanged. Lower the learning rate or check the data")
+                        f"the loss became {err.args[0]} at epoch {epoch}, step {step}; no update was applied "
+                        "and the last checkpoint is unchanged. Lower the learning rate or check the data") from None
                 total += loss
                 if i % 10 == 0:
                     bar.set_postfix(loss_per_image=f"{loss / xb.shape[0]:.2f}")
@@ -240,12 +243,12 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
             vae.eval()
             record["test_elbo"] = float(elbo_terms(vae, x_test, num_samples=1)["elbo"].mean())
         history.append(record)
-        if progress:
-            tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.2f} nats/image"
+        if log is not None:
+            log(f"epoch {epoch}: train loss {record['train_loss']:.2f} nats/image"
                        + (f", test ELBO {record['test_elbo']:.2f}" if "test_elbo" in record else "")
                        + f" ({seconds:.1f} s)")
         if on_epoch is not None:
-            on_epoch(record, {"model": vae.state_dict(), "optim": optim.get_state(), "epoch": epoch,
+            on_epoch(record, {"model": vae.state_dict(), "optim": svi.state_dict(), "epoch": epoch,
                               "step": step, "history": history, "rng": rng_state(generator)})
     return history
 
@@ -351,6 +354,7 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True):
     x_train, x_test = load_data(config, device)
     if config.batch_size > x_train.shape[0]:
         raise InputError(f"batch size {config.batch_size} is larger than the data ({x_train.shape[0]} points)")
+    pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed alone
     vae = build_vae(config, tuple(x_train.shape[1:])).to(device)
     vae.check_data(x_train)  # fail before any file is written
     out.mkdir(parents=True, exist_ok=True)

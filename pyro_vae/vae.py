@@ -66,8 +66,8 @@ class VAE(nn.Module):
             raise InputError(f"latent_dims must be a non-empty list of positive sizes, got {latent_dims}")
         if len(latent_dims) > 1:
             raise NotImplementedError("multilevel latent chains are not implemented yet; use one level, e.g. [50]")
-        if not (isinstance(beta, (int, float)) and beta >= 0):
-            raise InputError(f"beta must be a number >= 0, got {beta!r}")
+        if not (isinstance(beta, (int, float)) and beta > 0):
+            raise InputError(f"beta must be a number > 0 (poutine.scale needs a positive scale), got {beta!r}")
         self.latent_dims = latent_dims
         self.encoder = encoder
         self.decoder = decoder

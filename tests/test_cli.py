@@ -1,0 +1,308 @@
+"""The command line: ``pyro-vae train | evaluate``, in-process and as a subprocess.
+
+The subprocess checks (bad input -> exit status 2, a clear message, no
+traceback) are started all at once by a module fixture and run concurrently,
+since each pays for importing torch and Pyro.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyro_vae
+from pyro_vae import cli
+
+from conftest import make_idx_dir, needs_fashion_mnist
+
+CLI = [sys.executable, "-m", "pyro_vae.cli"]
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "samples.png", "reconstructions.png", "curves.png")
+QUICK = ["--no-progress", "--batch-size", "64"]
+
+
+def run_cli(args, env, timeout=300):
+    """``pyro-vae ARGS`` in a subprocess; returns the CompletedProcess (text mode)."""
+    return subprocess.run(CLI + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _subparser(command):
+    parser = cli._parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def _flags(command):
+    return [o for action in _subparser(command)._actions for o in action.option_strings]
+
+
+def _help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_run_dir(run_dir, epochs):
+    run_dir = Path(run_dir)
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), f"{name} missing from {run_dir}"
+        assert (run_dir / name).stat().st_size > 0, f"{name} is empty"
+    for name in ("samples.png", "reconstructions.png", "curves.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
+    metrics = _metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1))
+    for m in metrics:
+        assert {"train_loss", "test_elbo", "seconds"} <= set(m)
+        assert math.isfinite(m["train_loss"]) and math.isfinite(m["test_elbo"]) and m["seconds"] >= 0
+    return json.loads((run_dir / "config.json").read_text()), metrics
+
+
+# ------------------------------------------------------------------ --help
+def test_train_help_lists_every_flag(capsys):
+    text = _help("train", capsys)
+    flags = _flags("train")
+    assert len(flags) > 15
+    for flag in flags:
+        assert flag in text, f"{flag} missing from train --help"
+    for flag in ("--dataset", "--epochs", "--out", "--arch", "--latent-dim", "--likelihood", "--elbo",
+                 "--device", "--seed", "--resume", "--overwrite", "--data-dir", "--batch-size", "--binarize",
+                 "--no-progress"):
+        assert flag in flags, f"the parser has no {flag}"
+        assert flag in text
+
+
+def test_evaluate_help_lists_every_flag(capsys):
+    text = _help("evaluate", capsys)
+    flags = _flags("evaluate")
+    for flag in flags:
+        assert flag in text, f"{flag} missing from evaluate --help"
+    for flag in ("--iw-samples", "--limit", "--no-progress", "--device"):
+        assert flag in flags and flag in text
+    assert "run_dir" in text
+
+
+# -------------------------------------------------------- train/evaluate
+def test_train_then_evaluate(idx_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data-dir", str(idx_dir), "--epochs", "2", "--out", str(out), *QUICK]) == 0
+    config, metrics = _check_run_dir(out, epochs=2)
+    assert config["data_dir"] == str(idx_dir) and config["epochs"] == 2 and config["batch_size"] == 64
+    assert all(m["test_elbo"] < 0 for m in metrics)
+    printed = capsys.readouterr().out
+    assert "trained 2 epochs" in printed
+
+    assert cli.main(["evaluate", str(out), "--iw-samples", "5", "--no-progress"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    for key in ("elbo", "reconstruction", "kl", "iw_log_likelihood"):
+        assert math.isfinite(summary[key]), key
+    assert summary["n"] == 128 and summary["iw_samples"] == 5
+    assert summary["elbo"] < 0 and summary["kl"] >= 0
+    assert summary["elbo"] == pytest.approx(summary["reconstruction"] - summary["kl"], abs=1e-2)
+    assert summary["iw_log_likelihood"] >= summary["elbo"] - 1.0
+
+
+@pytest.mark.parametrize("extra", [
+    ["--arch", "conv", "--likelihood", "gaussian", "--binarize", "none", "--elbo", "meanfield"],
+    pytest.param(["--elbo", "jit"], marks=pytest.mark.filterwarnings("ignore:.*torch.jit.trace.*:FutureWarning")),
+], ids=["conv-gaussian-meanfield", "jit"])
+def test_train_variants(idx_dir, tmp_path, extra):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out),
+                     "--latent-dim", "8", *QUICK, *extra]) == 0
+    config, _ = _check_run_dir(out, epochs=1)
+    for flag, value in zip(extra[::2], extra[1::2]):
+        assert config[flag.lstrip("-").replace("-", "_")] == value
+    assert cli.main(["evaluate", str(out), "--iw-samples", "3", "--elbo-samples", "2", "--no-progress"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert all(math.isfinite(summary[k]) for k in ("elbo", "reconstruction", "kl", "iw_log_likelihood"))
+
+
+def test_resume_continues_the_run(idx_dir, tmp_path, capsys):
+    common = ["--data-dir", str(idx_dir), "--latent-dim", "8", "--hidden", "64", *QUICK]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli.main(["train", "--out", str(straight), "--epochs", "2", *common]) == 0
+    assert cli.main(["train", "--out", str(split), "--epochs", "1", *common]) == 0
+    first = _metrics(split)
+    assert [m["epoch"] for m in first] == [1]
+
+    # the rest of the settings come from the run's checkpoint
+    assert cli.main(["train", "--out", str(split), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    config, metrics = _check_run_dir(split, epochs=2)
+    assert metrics[0] == first[0], "resuming rewrote the first epoch"
+    assert config["latent_dim"] == 8 and config["epochs"] == 2
+    # a resumed run continues exactly where it stopped (same RNG, Adam state, data order)
+    for a, b in zip(_metrics(straight), metrics):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["test_elbo"] == pytest.approx(a["test_elbo"], rel=1e-3)
+    capsys.readouterr()
+
+    ckpt = (split / "checkpoint.pt").read_bytes()
+    lines = (split / "metrics.jsonl").read_text()
+    assert cli.main(["train", "--out", str(split), "--resume", "--epochs", "3", "--latent-dim", "9",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "latent_dim" in err and "8" in err and "9" in err
+    assert (split / "checkpoint.pt").read_bytes() == ckpt
+    assert (split / "metrics.jsonl").read_text() == lines
+
+
+def test_resume_without_a_run(tmp_path, idx_dir, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "empty"), "--resume", "--data-dir", str(idx_dir),
+                     "--no-progress"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_real_fashion_mnist_run(tmp_path):
+    out = tmp_path / "real"
+    assert cli.main(["train", "--dataset", "fashion-mnist", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    config, metrics = _check_run_dir(out, epochs=1)
+    assert config["dataset"] == "fashion-mnist"
+    assert math.isfinite(metrics[0]["test_elbo"]) and metrics[0]["test_elbo"] < 0
+    assert cli.main(["evaluate", str(out), "--iw-samples", "10", "--limit", "200", "--no-progress"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["n"] == 200 and summary["dataset"] == "fashion-mnist"
+    assert math.isfinite(summary["elbo"]) and summary["elbo"] < 0
+    assert math.isfinite(summary["iw_log_likelihood"]) and summary["iw_log_likelihood"] >= summary["elbo"] - 1.0
+
+
+# --------------------------------------------------------------- bad input
+# name: (argv builder taking the fixture's paths, fragments stderr must contain)
+BAD_INPUT = {
+    "unknown-dataset": (lambda p: ["train", "--out", p.out, "--dataset", "cifar10"],
+                        ["unknown dataset", "cifar10", "fashion-mnist"]),
+    "unknown-likelihood": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--likelihood", "poisson"],
+                           ["unknown likelihood", "poisson", "bernoulli", "gaussian"]),
+    "unknown-arch": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--arch", "resnet"],
+                     ["unknown arch", "resnet", "mlp", "conv"]),
+    "unknown-elbo": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--elbo", "renyi"],
+                     ["unknown elbo", "renyi", "trace", "meanfield", "jit"]),
+    "cuda-without-gpu": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--device", "cuda"],
+                         ["cuda", "torch.cuda.is_available() is False", "--device cpu"]),
+    "occupied-out": (lambda p: ["train", "--out", p.occupied, "--data-dir", p.idx, "--epochs", "1", *QUICK],
+                     ["already holds a run", "--resume", "--overwrite"]),
+    "evaluate-no-checkpoint": (lambda p: ["evaluate", p.empty, "--no-progress"],
+                               ["no checkpoint", "checkpoint.pt"]),
+    "evaluate-garbage-checkpoint": (lambda p: ["evaluate", p.garbage, "--no-progress"],
+                                    ["not a readable pyro_vae checkpoint", "checkpoint.pt"]),
+    "epochs-0": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--epochs", "0"],
+                 ["epochs must be a positive integer", "0"]),
+    "batch-size-too-large": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--batch-size", "100000"],
+                             ["batch size 100000", "larger than the data", "512"]),
+    "data-dir-missing": (lambda p: ["train", "--out", p.out, "--data-dir", p.missing],
+                         ["does not exist", "no_such_data"]),
+    "data-dir-garbage": (lambda p: ["train", "--out", p.out, "--data-dir", p.bad_data, "--no-progress"],
+                         ["could not", "bad_data"]),
+}
+
+
+class _Paths:
+    pass
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Start every BAD_INPUT case as a subprocess at once; returns ``(paths, {name: Popen})``."""
+    base = tmp_path_factory.mktemp("bad_input")
+    p = _Paths()
+    p.idx = str(make_idx_dir(base / "idx"))
+    p.missing = str(base / "no_such_data")
+    p.empty = str(base / "empty")
+    os.mkdir(p.empty)
+    p.garbage = str(base / "garbage")
+    os.mkdir(p.garbage)
+    (Path(p.garbage) / "checkpoint.pt").write_bytes(os.urandom(1000))
+    p.bad_data = str(base / "bad_data")
+    os.mkdir(p.bad_data)
+    for name in pyro_vae.data.IDX_FILES:
+        (Path(p.bad_data) / (name + ".gz")).write_bytes(b"not gzip, not IDX" * 20)
+    # another run's checkpoint, trained in-process (quicker than a subprocess)
+    p.occupied = str(base / "occupied")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYRO_VAE_CACHE", str(base / "cache"))
+        assert cli.main(["train", "--out", p.occupied, "--data-dir", p.idx, "--epochs", "1", "--latent-dim", "3",
+                         "--hidden", "16", *QUICK]) == 0
+    p.occupied_ckpt = (Path(p.occupied) / "checkpoint.pt").read_bytes()
+
+    procs = {}
+    for i, (name, (argv, _)) in enumerate(BAD_INPUT.items()):
+        if name == "cuda-without-gpu" and torch.cuda.is_available():
+            continue
+        p.out = str(base / f"out-{i}")
+        env = dict(os.environ, PYRO_VAE_CACHE=str(base / f"cache-{i}"), PYTHONWARNINGS="ignore",
+                   OMP_NUM_THREADS="1")  # a dozen processes at once: no thread oversubscription
+        procs[name] = (p.out, subprocess.Popen(CLI + [str(a) for a in argv(p)], env=env, text=True,
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    yield p, procs
+    for _, proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_2_without_traceback(bad_input_runs, case):
+    paths, procs = bad_input_runs
+    if case == "cuda-without-gpu" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available here")
+    out_dir, proc = procs[case]
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, f"exit status {proc.returncode}; stderr:\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    assert "Traceback" not in stdout
+    assert "error" in stderr
+    for fragment in BAD_INPUT[case][1]:
+        assert fragment in stderr, f"{fragment!r} not in stderr:\n{stderr}"
+    assert not (Path(out_dir) / "checkpoint.pt").exists(), "a refused run wrote a checkpoint"
+
+    if case == "occupied-out":
+        occupied = Path(paths.occupied)
+        assert (occupied / "checkpoint.pt").read_bytes() == paths.occupied_ckpt
+        assert len(_metrics(occupied)) == 1
+        # with --overwrite the same command succeeds and replaces the run
+        assert cli.main(["train", "--out", str(occupied), "--data-dir", paths.idx, "--epochs", "1",
+                         "--overwrite", *QUICK]) == 0
+        assert (occupied / "checkpoint.pt").read_bytes() != paths.occupied_ckpt
+        config, _ = _check_run_dir(occupied, epochs=1)
+        assert config["latent_dim"] == pyro_vae.RunConfig().latent_dim
+
+
+# ------------------------------------------------------- bad data, Python API
+def _small_vae(likelihood=None):
+    enc, dec = pyro_vae.nets.build("mlp", (1, 28, 28), 4)
+    return pyro_vae.VAE(enc, dec, [4], likelihood=likelihood)
+
+
+def test_fit_bernoulli_refuses_values_outside_unit_interval():
+    x = torch.rand(16, 1, 28, 28) * 2 - 0.5
+    with pytest.raises(pyro_vae.InputError, match=r"Bernoulli.*\[0, 1\]"):
+        pyro_vae.fit(_small_vae(), x, epochs=1, batch_size=8, progress=False)
+    good = torch.rand(16, 1, 28, 28)
+    with pytest.raises(pyro_vae.InputError, match="Bernoulli"):
+        pyro_vae.fit(_small_vae(), good, x_test=x, epochs=1, batch_size=8, progress=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fit_refuses_nan_and_inf(bad):
+    x = torch.rand(16, 1, 28, 28)
+    x[3, 0, 5, 5] = bad
+    with pytest.raises(pyro_vae.InputError, match="NaN or infinite"):
+        pyro_vae.fit(_small_vae(), x, epochs=1, batch_size=8, progress=False)
+
+
+def test_fit_gaussian_accepts_values_outside_unit_interval():
+    x = torch.randn(16, 1, 28, 28)
+    history = pyro_vae.fit(_small_vae(pyro_vae.likelihoods.Gaussian()), x, epochs=1, batch_size=8,
+                           progress=False)
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"])

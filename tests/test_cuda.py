@@ -1,0 +1,72 @@
+"""CUDA: everything follows the device of the data and the module. Skipped where no GPU exists."""
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.optim import Adam
+
+from pyro_vae import VAE, evaluate, fit, likelihoods, nets
+from pyro_vae.train import RunConfig, load_run, train
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device("cuda")
+
+
+def make_vae(arch, likelihood="bernoulli"):
+    lik = likelihoods.Gaussian(0.5) if likelihood == "gaussian" else likelihoods.Bernoulli()
+    return VAE(*nets.build(arch, (1, 28, 28), 4, hidden=64), [4], likelihood=lik).to(CUDA)
+
+
+def tensors_of(site):
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return [site["value"]] + [v for v in vars(fn).values() if torch.is_tensor(v)]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_every_site_lives_on_the_gpu(arch, images):
+    vae = make_vae(arch)
+    x = images[:8].to(CUDA)
+    guide_tr = poutine.trace(vae.guide).get_trace(x)
+    model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x)
+    for trace in (guide_tr, model_tr):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample":
+                assert all(t.device.type == "cuda" for t in tensors_of(site)), name
+    assert vae.model(None, batch_size=3).device.type == "cuda"
+    assert vae.sample(3).device.type == "cuda"
+
+
+@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO,
+                                  lambda: JitTrace_ELBO(ignore_jit_warnings=True),
+                                  lambda: Trace_ELBO(num_particles=4, vectorize_particles=True,
+                                                     max_plate_nesting=1)])
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_svi_on_the_gpu_lowers_the_loss(arch, elbo, images):
+    pyro.set_rng_seed(0)
+    vae = make_vae(arch, "gaussian")
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 3e-3}), loss=elbo())
+    x = images[:64].to(CUDA)
+    losses = [svi.step(x) for _ in range(40)]
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_fit_and_evaluate_on_the_gpu(images):
+    vae = make_vae("mlp")
+    x = images.to(CUDA)
+    history = fit(vae, x, x[:32], epochs=2, batch_size=32, dynamic_binarize=True, progress=False)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    summary = evaluate.evaluate(vae, x[:16], iw_samples=50, progress=False)
+    assert summary["iw_log_likelihood"] > summary["elbo"]
+
+
+def test_train_run_on_the_gpu_and_reload(idx_dir, tmp_path):
+    config = RunConfig(data_dir=str(idx_dir), hidden=64, latent_dim=4, batch_size=64, epochs=1, device="cuda")
+    train(config, tmp_path / "run", progress=False)
+    vae, _ = load_run(tmp_path / "run")
+    assert vae.device.type == "cuda"
+    cpu_vae, _ = load_run(tmp_path / "run", device="cpu")
+    assert cpu_vae.device.type == "cpu"

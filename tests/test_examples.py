@@ -1,0 +1,28 @@
+"""The Pyro-style example scripts run with the public API alone."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_idx_dir
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("extra", [[], ["--jit"]])
+def test_tutorial_example_prints_test_elbo_per_epoch(extra, tmp_path, cli_env):
+    idx_dir = make_idx_dir(tmp_path / "idx", n_train=1024, n_test=512)
+    result = subprocess.run([sys.executable, str(EXAMPLES / "vae.py"), "-n", "2", "--data-dir", str(idx_dir),
+                             *extra], capture_output=True, text=True, env=cli_env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in result.stdout.splitlines() if "test ELBO" in l]
+    assert len(lines) == 2
+    elbos = [float(l.rsplit(":", 1)[1]) for l in lines]
+    assert all(e < 0 for e in elbos) and elbos[1] > elbos[0]
+
+
+def test_example_uses_only_the_public_api():
+    text = (EXAMPLES / "vae.py").read_text()
+    assert "from pyro_vae import" in text
+    assert "pyro_vae." not in text.replace("from pyro_vae import", "")

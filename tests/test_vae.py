@@ -1,0 +1,158 @@
+"""The model and guide: sites, shapes, every ELBO, β, standalone and Predictive use."""
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO, TraceMeanField_ELBO
+from pyro.optim import Adam
+from pyro.poutine.util import site_is_subsample
+
+from pyro_vae import VAE, InputError, likelihoods, nets
+
+X_SHAPE = (1, 28, 28)
+
+
+def make_vae(arch="mlp", likelihood="bernoulli", latent=4, beta=1.0):
+    lik = likelihoods.Gaussian(0.5) if likelihood == "gaussian" else likelihoods.Bernoulli()
+    enc, dec = nets.build(arch, X_SHAPE, latent, out_channels=lik.channels, hidden=64)
+    return VAE(enc, dec, [latent], likelihood=lik, beta=beta)
+
+
+def sample_sites(trace):
+    return {name: site for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)}
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_trace_has_exactly_the_documented_sites(arch, images):
+    vae = make_vae(arch, latent=5)
+    x = images[:7]
+    guide_tr = poutine.trace(vae.guide).get_trace(x)
+    model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x)
+    g, m = sample_sites(guide_tr), sample_sites(model_tr)
+    assert set(g) == {"z0"}
+    assert set(m) == {"z0", "x"}
+    assert g["z0"]["value"].shape == (7, 5) and g["z0"]["fn"].event_shape == (5,)
+    assert m["z0"]["fn"].batch_shape == (7,) and m["z0"]["fn"].event_shape == (5,)
+    assert m["x"]["is_observed"] and m["x"]["value"] is x
+    assert m["x"]["fn"].batch_shape == (7,) and m["x"]["fn"].event_shape == X_SHAPE
+    for site in (g["z0"], m["z0"], m["x"]):
+        assert [f.name for f in site["cond_indep_stack"]] == ["data"]
+        assert site["cond_indep_stack"][0].dim == -1
+    # the networks are registered with pyro.module
+    assert any(name.startswith("vae$$$encoder") for name in pyro.get_param_store().keys())
+    assert any(name.startswith("vae$$$decoder") for name in pyro.get_param_store().keys())
+
+
+def test_model_runs_alone_and_under_predictive(images):
+    vae = make_vae()
+    x = vae.model(None, batch_size=6)
+    assert x.shape == (6, *X_SHAPE) and set(x.unique().tolist()) <= {0.0, 1.0}
+    prior_draws = Predictive(vae.model, num_samples=3)(None, 6)
+    assert prior_draws["z0"].shape == (3, 6, 4) and prior_draws["x"].shape == (3, 6, *X_SHAPE)
+    posterior = Predictive(vae.model, guide=vae.guide, num_samples=3, return_sites=["z0"])(images[:6])
+    assert posterior["z0"].shape == (3, 6, 4)
+    assert vae.sample(5).shape == (5, *X_SHAPE)
+    recon = vae.reconstruct(images[:5])
+    assert recon.shape == (5, *X_SHAPE) and recon.min() >= 0 and recon.max() <= 1
+
+
+def _elbo(name):
+    return {"trace": lambda: Trace_ELBO(),
+            "meanfield": lambda: TraceMeanField_ELBO(),
+            "jit": lambda: JitTrace_ELBO(ignore_jit_warnings=True),
+            "vectorized": lambda: Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1),
+            }[name]()
+
+
+@pytest.mark.parametrize("elbo", ["trace", "meanfield", "jit", "vectorized"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_svi_lowers_the_loss(arch, likelihood, elbo, images):
+    pyro.set_rng_seed(1)
+    vae = make_vae(arch, likelihood)
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 3e-3}), loss=_elbo(elbo))
+    x = images[:64]
+    losses = [svi.step(x) for _ in range(40)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert torch.isfinite(torch.tensor(losses)).all()
+    assert last < first - 0.05 * abs(first), (first, last)
+
+
+def test_beta_scales_the_kl_term_in_model_and_guide(images):
+    """With analytic KL, loss(β) = -E log p(x|z) + β KL for the same draw of z."""
+    x = images[:16]
+    vae = make_vae(latent=3)
+    losses = {}
+    for beta in (0.25, 0.5, 1.0):
+        vae.beta = beta
+        pyro.set_rng_seed(7)
+        losses[beta] = TraceMeanField_ELBO().loss(vae.model, vae.guide, x)
+    kl = (losses[1.0] - losses[0.5]) / 0.5
+    reconstruction = losses[1.0] - kl
+    assert kl > 0
+    assert losses[0.25] == pytest.approx(reconstruction + 0.25 * kl, rel=1e-5)
+    # both sites carry the scale
+    vae.beta = 0.25
+    guide_tr = poutine.trace(vae.guide).get_trace(x)
+    model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x)
+    assert guide_tr.nodes["z0"]["scale"] == 0.25 and model_tr.nodes["z0"]["scale"] == 0.25
+    assert model_tr.nodes["x"]["scale"] == 1.0
+
+
+def test_gaussian_log_likelihood_is_scaled_squared_error():
+    lik = likelihoods.Gaussian(scale=2 ** -0.5)
+    x, mu = torch.rand(3, 10), torch.rand(3, 10)
+    log_p = lik(mu, 1).log_prob(x)
+    sse = ((x - mu) ** 2).sum(-1)
+    assert torch.allclose(-log_p, sse + 0.5 * 10 * torch.log(torch.tensor(torch.pi)), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x: x.clone().index_fill_(0, torch.tensor([0]), float("nan")), "NaN"),
+    (lambda x: x * 2, "[0, 1]"),
+    (lambda x: x[:, :, :20], "shape"),
+    (lambda x: (x * 255).long(), "floating-point"),
+])
+def test_bad_data_gets_a_clear_error(bad, message, images):
+    vae = make_vae()
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), loss=Trace_ELBO())
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        svi.step(bad(images[:8]))
+
+
+def test_bad_construction_gets_a_clear_error():
+    with pytest.raises(InputError, match="latent_dims"):
+        VAE(nets.MLPEncoder(X_SHAPE), nets.MLPDecoder(4, X_SHAPE), [0])
+    with pytest.raises(InputError, match="out_features"):
+        VAE(torch.nn.Flatten(), nets.MLPDecoder(4, X_SHAPE), [4])
+    with pytest.raises(InputError, match="multiples of 4"):
+        nets.ConvEncoder((1, 30, 30))
+    with pytest.raises(InputError, match="unknown arch"):
+        nets.build("resnet", X_SHAPE, 4)
+    with pytest.raises(InputError, match="unknown likelihood"):
+        likelihoods.build("poisson")
+    with pytest.raises(InputError, match="scale"):
+        likelihoods.Gaussian(scale=0.0)
+    with pytest.raises(InputError, match="beta"):
+        VAE(nets.MLPEncoder(X_SHAPE), nets.MLPDecoder(4, X_SHAPE), [4], beta=0.0)
+
+
+def test_a_users_own_networks_plug_in(images):
+    class Encoder(torch.nn.Module):
+        out_features = 32
+
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Flatten(-3), torch.nn.Linear(784, 32), torch.nn.Tanh())
+
+        def forward(self, x):
+            return self.net(x)
+
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 784), torch.nn.Unflatten(-1, X_SHAPE))
+    vae = VAE(Encoder(), decoder, [2], x_shape=X_SHAPE)
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), loss=Trace_ELBO())
+    losses = [svi.step(images[:32]) for _ in range(30)]
+    assert losses[-1] < losses[0]
+    assert vae.sample(3).shape == (3, *X_SHAPE)
