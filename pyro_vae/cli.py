@@ -60,7 +60,6 @@ def _parser():
 
 
 def _train(args):
-    from . import plots
     from .train import load_checkpoint, train
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
@@ -73,12 +72,6 @@ def _train(args):
     vae, history = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress)
     out = Path(args.out)
-    from .train import load_data, resolve_device
-
-    _, x_test = load_data(config, resolve_device(config.device))
-    plots.save_samples(vae, out / "samples.png")
-    plots.save_reconstructions(vae, x_test, out / "reconstructions.png")
-    plots.save_curves(out / "metrics.jsonl", out / "curves.png")
     last = history[-1]
     print(f"trained {last['epoch']} epochs: train loss {last['train_loss']:.2f}, "
           f"test ELBO {last['test_elbo']:.2f} nats/image")

@@ -143,18 +143,6 @@ def _to_float(images):
     return images.unsqueeze(1).float().div_(255.0)
 
 
-def check_images(x, name="data"):
-    """Raise :class:`InputError` unless ``x`` is a non-empty finite float tensor."""
-    if not torch.is_tensor(x):
-        raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise InputError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; use x.float()")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise InputError(f"{name} must have shape (N, ...) with N >= 1, got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise InputError(f"{name} holds NaN or infinite values; clean or drop them first")
-
-
 def binarize(x, generator=None):
     """Bernoulli(x) draws: ``(N, ...) in [0, 1] -> (N, ...)`` of 0./1., same device and dtype."""
     return torch.bernoulli(x, generator=generator)

@@ -30,6 +30,14 @@ def _check_x_shape(x_shape):
     return x_shape
 
 
+def _check_image_shape(x_shape, who, alternative):
+    x_shape = _check_x_shape(x_shape)
+    if len(x_shape) != 3 or x_shape[1] % 4 or x_shape[2] % 4:
+        raise InputError(f"{who} needs images of shape (C, H, W) with H and W multiples of 4, got {x_shape}; "
+                         f"use {alternative} for other shapes")
+    return x_shape
+
+
 def _check_width(name, value):
     if int(value) <= 0:
         raise InputError(f"{name} must be a positive integer, got {value}")
@@ -119,12 +127,7 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, x_shape, channels=(32, 64), features=256, activation=nn.ReLU):
         super().__init__()
-        self.x_shape = _check_x_shape(x_shape)
-        if len(self.x_shape) != 3 or self.x_shape[1] % 4 or self.x_shape[2] % 4:
-            raise InputError(
-                f"ConvEncoder needs images of shape (C, H, W) with H and W multiples of 4, got {self.x_shape}; "
-                "use MLPEncoder for other shapes"
-            )
+        self.x_shape = _check_image_shape(x_shape, "ConvEncoder", "MLPEncoder")
         c, h, w = self.x_shape
         c1, c2 = (_check_width("conv channels", ch) for ch in channels)
         self.out_features = _check_width("features", features)
@@ -152,12 +155,7 @@ class ConvDecoder(nn.Module):
     def __init__(self, latent_dim, x_shape, channels=(64, 32), out_channels=1, activation=nn.ReLU):
         super().__init__()
         self.latent_dim = _check_width("latent_dim", latent_dim)
-        self.x_shape = _check_x_shape(x_shape)
-        if len(self.x_shape) != 3 or self.x_shape[1] % 4 or self.x_shape[2] % 4:
-            raise InputError(
-                f"ConvDecoder needs images of shape (C, H, W) with H and W multiples of 4, got {self.x_shape}; "
-                "use MLPDecoder for other shapes"
-            )
+        self.x_shape = _check_image_shape(x_shape, "ConvDecoder", "MLPDecoder")
         c, h, w = self.x_shape
         c1, c2 = (_check_width("conv channels", ch) for ch in channels)
         self.out_channels = _check_width("out_channels", out_channels)

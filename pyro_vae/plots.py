@@ -4,11 +4,12 @@ import json
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 
 def save_samples(vae, path, n=64, nrow=8):
     """Save a grid of E[x | z] for ``n`` prior draws z0 ~ p(z0) (images ``(n, C, H, W)``)."""
+    from torchvision.utils import save_image
+
     vae.eval()
     save_image(vae.sample(n).clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
 
@@ -19,6 +20,8 @@ def save_reconstructions(vae, x, path, n=32):
     Args:
         x: images ``(N, C, H, W)`` on the VAE's device; the first ``n`` are used.
     """
+    from torchvision.utils import make_grid, save_image
+
     vae.eval()
     x = x[:n]
     recon = vae.reconstruct(x).clamp(0, 1)

@@ -14,6 +14,7 @@ Two levels of convenience, both on top of ``vae.model`` and ``vae.guide``:
                            sample of z per image), seconds (training time)
       DIR/checkpoint.pt    module and optimizer state, epoch, step, RNG
                            states, config and history (written atomically)
+      DIR/samples.png, reconstructions.png, curves.png   (see plots.py)
 """
 
 import dataclasses
@@ -30,7 +31,7 @@ import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from . import data as data_
-from . import likelihoods, nets
+from . import likelihoods, nets, plots
 from .errors import InputError
 from .evaluate import elbo_terms
 from .svi import NonFiniteLoss, TorchOptimSVI
@@ -314,7 +315,7 @@ def load_run(out_dir, device=None):
     return vae.to(device), config
 
 
-def train(config, out_dir, resume=False, overwrite=False, progress=True):
+def train(config, out_dir, resume=False, overwrite=False, progress=True, pictures=True):
     """Run :func:`fit` for a :class:`RunConfig` and keep the run directory ``out_dir``.
 
     Args:
@@ -322,6 +323,8 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True):
         out_dir: the run directory (created if needed).
         resume: continue the run in ``out_dir`` up to ``config.epochs``.
         overwrite: replace another run's files in ``out_dir``.
+        pictures: write ``samples.png``, ``reconstructions.png`` and
+            ``curves.png`` at the end.
 
     Returns:
         ``(vae, history)``.
@@ -372,4 +375,8 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True):
                   elbo=config.elbo, num_particles=config.num_particles, seed=config.seed,
                   dynamic_binarize=config.binarize == "dynamic", progress=progress, on_epoch=on_epoch,
                   state=state)
+    if pictures:
+        plots.save_samples(vae, out / "samples.png")
+        plots.save_reconstructions(vae, x_test, out / "reconstructions.png")
+        plots.save_curves(out / "metrics.jsonl", out / "curves.png")
     return vae, history
