@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import InputError
-from .train import ELBOS, RunConfig, TrainingDiverged
+from .train import ELBOS, RunConfig, TrainingDiverged, TrainingInterrupted
 
 DEFAULTS = RunConfig()
 
@@ -38,9 +38,16 @@ def _parser():
     t.add_argument("--lr", type=float, help=f"Adam learning rate (default {DEFAULTS.lr})")
     t.add_argument("--seed", type=int, help=f"random seed (default {DEFAULTS.seed})")
     t.add_argument("--device", help="cpu or cuda (default cpu)")
-    mode = t.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --out")
-    mode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    t.add_argument("--grad-clip", type=float, help="clip the total gradient norm to this (default 0: off)")
+    t.add_argument("--max-bad-steps", type=int,
+                   help="stop after this many consecutive steps with a non-finite loss or gradient, each "
+                        f"skipped (default {DEFAULTS.max_bad_steps})")
+    t.add_argument("--checkpoint-every", type=int,
+                   help="also write checkpoint.pt every this many steps (default 0: at epoch ends)")
+    t.add_argument("--keep-best", action="store_true", default=None,
+                   help="also keep best.pt, the checkpoint with the best test ELBO")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("evaluate", help="test ELBO, its terms and the IW log-likelihood; writes DIR/eval.json")
@@ -62,6 +69,9 @@ def _parser():
 def _train(args):
     from .train import load_checkpoint, train
 
+    if args.resume and args.overwrite:
+        raise InputError("--resume and --overwrite exclude each other; pass --resume to continue the run in "
+                         "--out, or --overwrite to replace it")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(args, f.name, None) is not None}
     if args.resume:
@@ -125,8 +135,12 @@ def main(argv=None):
     except TrainingDiverged as err:
         print(f"pyro-vae: training stopped: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"pyro-vae: interrupted by {err}; checkpoint written to {Path(args.out) / 'checkpoint.pt'}.\n"
+              f"Continue with: pyro-vae train --out {args.out} --resume", file=sys.stderr)
+        return 128 + err.signal
     except KeyboardInterrupt:
-        print("pyro-vae: interrupted; the last checkpoint written at the end of an epoch is kept. "
+        print("pyro-vae: interrupted; the last checkpoint written is kept. "
               "Continue with: pyro-vae train --out DIR --resume", file=sys.stderr)
         return 130
     return 0

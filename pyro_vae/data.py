@@ -31,6 +31,25 @@ _INSTALL_HINT = {
     "mnist": "pass --data-dir DIR holding the four MNIST *-ubyte(.gz) files, or allow network access",
 }
 
+_FILES_HINT = ("the directory must hold the four IDX files (*-ubyte, gzipped or not) of the data set: "
+               "replace the broken files, or pass --data-dir DIR holding good ones")
+
+
+def _idx_count(path):
+    """The item count in an IDX file's header, or ``None`` if it has no IDX header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if len(head) < 8 or head[:2] != b"\0\0":
+        return None
+    return int.from_bytes(head[4:8], "big")
+
+
+def _describe(err):
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
 
 def cache_dir():
     """Where unpacked and downloaded data go: ``$PYRO_VAE_CACHE`` or ``~/.cache/pyro_vae``."""
@@ -105,7 +124,10 @@ def load_images(name="fashion-mnist", data_dir=None, download=True):
     sources = []
     if data_dir is not None:
         if not Path(data_dir).is_dir():
-            raise InputError(f"data directory {data_dir} does not exist")
+            problem = "is not a directory" if Path(data_dir).exists() else "does not exist"
+            raise InputError(f"data directory {data_dir} {problem}; pass a directory holding the four "
+                             "*-ubyte(.gz) files, or leave out data_dir (--data-dir) to use the installed "
+                             "or downloaded data")
         sources.append(Path(data_dir))
     if name == "fashion-mnist":
         sources.append(Path(DEBIAN_FASHION_MNIST))
@@ -113,17 +135,23 @@ def load_images(name="fashion-mnist", data_dir=None, download=True):
         try:
             root = _stage(src, cls.__name__) if src.is_dir() else None
         except Exception as err:  # e.g. gzip.BadGzipFile, EOFError, zlib.error for broken .gz files
-            raise InputError(f"could not unpack {name} files in {src}: {type(err).__name__}: {err}; "
-                             "are they gzipped IDX files?") from err
+            raise InputError(f"could not unpack {name} files in {src}: {_describe(err)}; "
+                             f"{_FILES_HINT}") from err
         if root is None:
-            tried.append(f"{src}: no {', '.join(IDX_FILES)} (.gz or unpacked)")
+            missing = [f for f in IDX_FILES if not (src / f).is_file() and not (src / (f + ".gz")).is_file()]
+            tried.append(f"{src}: no {', '.join(missing if 0 < len(missing) < 4 else IDX_FILES)} (.gz or unpacked)")
             continue
         try:
             x_tr, y_tr = _read(cls, root, True)
             x_te, y_te = _read(cls, root, False)
         except Exception as err:  # torchvision raises assorted types for bad files
-            raise InputError(f"could not read {name} files in {src}: {type(err).__name__}: {err}; "
-                             "are they IDX files?") from err
+            raw = root / cls.__name__ / "raw"
+            empty = [f for f in (IDX_FILES[0], IDX_FILES[2]) if _idx_count(raw / f) == 0]
+            if empty:
+                raise InputError(f"the {name} files in {src} hold no images ({', '.join(empty)}: 0 images); "
+                                 f"an empty data set cannot be trained on; {_FILES_HINT}") from err
+            raise InputError(f"could not read {name} files in {src}: {_describe(err)}; "
+                             f"{_FILES_HINT}") from err
         return _to_float(x_tr), y_tr, _to_float(x_te), y_te
     if download:
         root = cache_dir() / "download"
@@ -168,7 +196,8 @@ class Batches:
 
     def __init__(self, x, batch_size, generator, dynamic_binarize=False, shuffle=True):
         if int(batch_size) <= 0:
-            raise InputError(f"batch size must be positive, got {batch_size}")
+            raise InputError(f"batch size must be positive, got {batch_size}; use a batch size of 1 or more "
+                             f"(at most the {x.shape[0]} data points)")
         if int(batch_size) > x.shape[0]:
             raise InputError(f"batch size {batch_size} is larger than the data ({x.shape[0]} points); "
                              "choose a smaller batch size")

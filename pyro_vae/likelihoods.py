@@ -60,7 +60,8 @@ class Gaussian(nn.Module):
     def __init__(self, scale=1.0):
         super().__init__()
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise InputError(f"the Gaussian likelihood's scale must be a positive number, got {scale!r}")
+            raise InputError(f"the Gaussian likelihood's scale must be a positive number, got {scale!r}; "
+                             "pass a float > 0, e.g. Gaussian(scale=1.0) (--gaussian-scale 1.0 on the command line)")
         self.scale = float(scale)
 
     def forward(self, out, event_dims):

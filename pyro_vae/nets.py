@@ -26,7 +26,8 @@ from .errors import InputError
 def _check_x_shape(x_shape):
     x_shape = tuple(int(s) for s in x_shape)
     if not x_shape or any(s <= 0 for s in x_shape):
-        raise InputError(f"x_shape must be a non-empty tuple of positive sizes, got {x_shape}")
+        raise InputError(f"x_shape must be a non-empty tuple of positive sizes, got {x_shape}; "
+                         "pass the shape of one data point, e.g. (1, 28, 28)")
     return x_shape
 
 
@@ -40,7 +41,7 @@ def _check_image_shape(x_shape, who, alternative):
 
 def _check_width(name, value):
     if int(value) <= 0:
-        raise InputError(f"{name} must be a positive integer, got {value}")
+        raise InputError(f"{name} must be a positive integer, got {value}; use a {name} of 1 or more")
     return int(value)
 
 
@@ -76,7 +77,7 @@ class MLPEncoder(nn.Module):
         self.x_shape = _check_x_shape(x_shape)
         hidden = [_check_width("hidden width", h) for h in hidden]
         if not hidden:
-            raise InputError("MLPEncoder needs at least one hidden layer")
+            raise InputError("MLPEncoder needs at least one hidden layer; pass e.g. hidden=(400,)")
         self.out_features = hidden[-1]
         self.net = nn.Sequential(_mlp([math.prod(self.x_shape), *hidden], activation), activation())
 

@@ -10,7 +10,9 @@ differences that only change speed:
 * one ``torch.optim.Adam`` (fused on CUDA) updates them all, where
   ``pyro.optim.Adam`` keeps one optimizer per parameter.
 
-Same math: Adam is applied per element either way.
+Same math: Adam is applied per element either way. Every step also checks
+that the loss and the total gradient norm are finite (and clips the norm if
+asked); a step that fails the check changes nothing.
 """
 
 import math
@@ -26,8 +28,11 @@ def make_optimizer(params, lr):
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
-class NonFiniteLoss(ArithmeticError):
-    """The step's loss was NaN or infinite; no update was applied."""
+class NonFiniteStep(ArithmeticError):
+    """The step's loss or gradients were NaN or infinite; no update was applied.
+
+    ``args``: ``(loss, grad_norm)``.
+    """
 
 
 class TorchOptimSVI:
@@ -37,10 +42,12 @@ class TorchOptimSVI:
         model, guide: Pyro functions taking the same arguments.
         elbo: a Pyro ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``, ``JitTrace_ELBO``, ...).
         lr: Adam learning rate.
+        grad_clip: clip the total gradient norm to this (``None``: no clipping).
     """
 
-    def __init__(self, model, guide, elbo, lr):
+    def __init__(self, model, guide, elbo, lr, grad_clip=None):
         self.model, self.guide, self.elbo, self.lr = model, guide, elbo, lr
+        self.max_norm = float(grad_clip) if grad_clip else math.inf
         self.optimizer = None
         self._pending_state = None
 
@@ -48,8 +55,8 @@ class TorchOptimSVI:
         """One gradient step; returns the loss (the negative ELBO of the batch, a float).
 
         Raises:
-            NonFiniteLoss: the loss was not finite; gradients are dropped and
-                no parameter changes.
+            NonFiniteStep: the loss or the gradient norm was not finite;
+                gradients are dropped and no parameter changes.
         """
         if self.optimizer is None:
             with poutine.trace(param_only=True) as capture:
@@ -61,9 +68,11 @@ class TorchOptimSVI:
                 self._pending_state = None
         else:
             loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
-        if not math.isfinite(loss):
+        params = self.optimizer.param_groups[0]["params"]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_norm)) if math.isfinite(loss) else loss
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(loss)
+            raise NonFiniteStep(loss, grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss

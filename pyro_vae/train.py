@@ -14,18 +14,24 @@ Two levels of convenience, both on top of ``vae.model`` and ``vae.guide``:
                            sample of z per image), seconds (training time)
       DIR/checkpoint.pt    module and optimizer state, epoch, step, RNG
                            states, config and history (written atomically)
+      DIR/best.pt          with keep_best: the checkpoint of the best test ELBO
       DIR/samples.png, reconstructions.png, curves.png   (see plots.py)
+
+Checkpoints are written at the end of every epoch, every ``checkpoint_every``
+steps, and when SIGINT/SIGTERM stops training; resuming from any of them
+continues bitwise as if the run had never stopped (on the CPU).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
-import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pyro
 import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
@@ -34,21 +40,26 @@ from . import data as data_
 from . import likelihoods, nets, plots
 from .errors import InputError
 from .evaluate import elbo_terms
-from .svi import NonFiniteLoss, TorchOptimSVI
+from .checkpoints import (CHECKPOINT_FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                          write_text_atomic)
+from .svi import NonFiniteStep, TorchOptimSVI
 from .vae import VAE
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "jit": JitTrace_ELBO}
 BINARIZE = ("dynamic", "fixed", "none")
-CHECKPOINT_FORMAT = "pyro_vae.checkpoint/1"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last checkpoint on disk is left as it was."""
+    """Too many steps in a row had a non-finite loss or gradient; the last checkpoint is left as it was."""
 
 
 @dataclasses.dataclass
 class RunConfig:
     """Everything that defines a run made by :func:`train` (saved as ``config.json``).
+
+    ``grad_clip`` 0 means no clipping; ``checkpoint_every`` 0 means a checkpoint
+    at the end of every epoch only; ``keep_best`` also keeps ``best.pt``, the
+    checkpoint of the epoch with the best test ELBO.
 
     ``binarize``: ``"dynamic"`` redraws Bernoulli(x) for every training batch
     (a new binarisation each epoch) and binarises the test set once with a
@@ -71,6 +82,10 @@ class RunConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
+    grad_clip: float = 0.0
+    max_bad_steps: int = 10
+    checkpoint_every: int = 0
+    keep_best: bool = False
 
     # settings that change the model or its data; a resume must not change them
     MODEL_KEYS = ("dataset", "arch", "latent_dim", "hidden", "likelihood", "gaussian_scale", "binarize")
@@ -88,11 +103,16 @@ class RunConfig:
             raise InputError(f"unknown elbo {self.elbo!r}; choose one of: {', '.join(ELBOS)}")
         if self.binarize not in BINARIZE:
             raise InputError(f"unknown binarize {self.binarize!r}; choose one of: {', '.join(BINARIZE)}")
-        for key in ("latent_dim", "hidden", "epochs", "batch_size", "num_particles"):
+        for key in ("latent_dim", "hidden", "epochs", "batch_size", "num_particles", "max_bad_steps"):
             if int(getattr(self, key)) < 1:
-                raise InputError(f"{key} must be a positive integer, got {getattr(self, key)}")
+                raise InputError(f"{key} must be a positive integer, got {getattr(self, key)}; "
+                                 f"use --{key.replace('_', '-')} 1 or more")
+        if int(self.checkpoint_every) < 0:
+            raise InputError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {self.checkpoint_every}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise InputError(f"grad_clip must be a number >= 0 (0: no clipping), got {self.grad_clip}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"lr must be a positive number, got {self.lr}")
+            raise InputError(f"lr must be a positive number, got {self.lr}; use e.g. --lr 1e-3")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise InputError(f"beta must be a number > 0, got {self.beta}")
         resolve_device(self.device)
@@ -144,35 +164,42 @@ def make_elbo(name, num_particles=1):
     return ELBOS[name](**kwargs)
 
 
-# --------------------------------------------------------------------- fit
-def rng_state(generator):
-    """Every RNG state a run depends on, as tensors and plain Python values."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": _numpy_state(), "data": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped :func:`fit` between two steps.
+
+    ``state`` is the resumable state at that point (already handed to
+    ``checkpoint``, if one was given); ``signal`` the signal's number.
+    """
+
+    def __init__(self, message, state, signum):
+        super().__init__(message)
+        self.state, self.signal = state, signum
 
 
-def set_rng_state(state, generator):
-    """Restore what :func:`rng_state` saved."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+@contextlib.contextmanager
+def _catch_stop_signals():
+    """Turn the first SIGINT/SIGTERM into a flag checked between steps; a second one stops at once."""
+    caught = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
 
+    def handler(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
 
-def _numpy_state():
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="trace", num_particles=1,
-        seed=0, dynamic_binarize=False, progress=True, log=print, on_epoch=None, state=None):
+        seed=0, dynamic_binarize=False, grad_clip=None, max_bad_steps=10, checkpoint_every=0,
+        progress=True, log=print, checkpoint=None, state=None):
     """Train ``vae`` by SVI on ``vae.model`` and ``vae.guide`` with Adam
     (:class:`~pyro_vae.svi.TorchOptimSVI`: ``pyro.infer.SVI``'s step with one
     torch optimizer).
@@ -188,110 +215,127 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         num_particles: particles per data point (vectorised when > 1).
         seed: seeds torch, Python, NumPy and the data generator.
         dynamic_binarize: redraw Bernoulli(x) for every batch.
+        grad_clip: clip the total gradient norm to this (``None``: off).
+        max_bad_steps: stop after this many consecutive steps whose loss or
+            gradients were not finite (each such step is skipped: no update).
+        checkpoint_every: also call ``checkpoint`` every this many steps (0: only
+            at the end of each epoch and on SIGINT/SIGTERM).
         progress: show a tqdm bar with the loss per data point.
         log: called with a one-line summary after each epoch (``None``: silent).
-        on_epoch: ``on_epoch(record, state)`` called after each epoch with the
-            metrics dict and a checkpointable state dict.
-        state: a state dict from an earlier ``on_epoch`` (or a checkpoint) to
-            resume from.
+        checkpoint: ``checkpoint(state)`` is called with a resumable state dict
+            (``model``, ``optim``, ``epoch`` completed, ``step``, ``batch``
+            done in the current epoch, ``history``, RNG states) at the end of
+            every epoch, every ``checkpoint_every`` steps, and on SIGINT/SIGTERM.
+        state: such a state dict (or a checkpoint) to resume from: training
+            then continues exactly as if it had never stopped.
 
     Returns:
         list of per-epoch metric dicts (``epoch``, ``train_loss``,
         ``test_elbo``, ``seconds``), resumed epochs included.
 
     Raises:
-        TrainingDiverged: the loss was not finite.
+        TrainingDiverged: ``max_bad_steps`` consecutive non-finite steps.
+        TrainingInterrupted: SIGINT or SIGTERM (after ``checkpoint`` was called).
     """
     from tqdm.auto import tqdm
 
     vae.check_data(x_train)
     if x_test is not None:
         vae.check_data(x_test)
+    for name, value in (("epochs", epochs), ("num_particles", num_particles), ("max_bad_steps", max_bad_steps)):
+        if int(value) < 1:
+            raise InputError(f"{name} must be a positive integer, got {value}; use {name}=1 or more")
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"lr must be a positive number, got {lr}; use e.g. lr=1e-3")
     device = x_train.device
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     batches = data_.Batches(x_train, batch_size, generator, dynamic_binarize=dynamic_binarize)
-    svi = TorchOptimSVI(vae.model, vae.guide, make_elbo(elbo, num_particles), lr)
-    history, step, start = [], 0, 0
+    svi = TorchOptimSVI(vae.model, vae.guide, make_elbo(elbo, num_particles), lr, grad_clip=grad_clip)
+    history, step, epoch, done = [], 0, 0, 0
+    progress_in_epoch = {"total": 0.0, "seen": 0, "seconds": 0.0}
     if state is not None:
         vae.load_state_dict(state["model"])
         svi.load_state_dict(state["optim"])
-        history, step, start = list(state["history"]), int(state["step"]), int(state["epoch"])
-        set_rng_state(state["rng"], generator)
-    n = x_train.shape[0]
-    for epoch in range(start + 1, epochs + 1):
-        vae.train()
-        started = time.perf_counter()
-        total = 0.0
-        with pyro.validation_enabled(False), tqdm(batches, desc=f"epoch {epoch}/{epochs}", unit="batch",
-                                                   disable=not progress, leave=False) as bar:
-            for i, xb in enumerate(bar):
-                step += 1
-                try:
-                    loss = svi.step(xb)
-                except NonFiniteLoss as err:
-                    raise TrainingDiverged(
-                        f"the loss became {err.args[0]} at epoch {epoch}, step {step}; no update was applied "
-                        "and the last checkpoint is unchanged. Lower the learning rate or check the data") from None
-                total += loss
-                if i % 10 == 0:
-                    bar.set_postfix(loss_per_image=f"{loss / xb.shape[0]:.2f}")
-        seconds = time.perf_counter() - started
-        record = {"epoch": epoch, "train_loss": total / n, "seconds": seconds}
-        if x_test is not None:
-            vae.eval()
-            record["test_elbo"] = float(elbo_terms(vae, x_test, num_samples=1)["elbo"].mean())
-        history.append(record)
-        if log is not None:
-            log(f"epoch {epoch}: train loss {record['train_loss']:.2f} nats/image"
-                       + (f", test ELBO {record['test_elbo']:.2f}" if "test_elbo" in record else "")
-                       + f" ({seconds:.1f} s)")
-        if on_epoch is not None:
-            on_epoch(record, {"model": vae.state_dict(), "optim": svi.state_dict(), "epoch": epoch,
-                              "step": step, "history": history, "rng": rng_state(generator)})
+        history, step, epoch = list(state["history"]), int(state["step"]), int(state["epoch"])
+        done = int(state["batch"])
+        progress_in_epoch = dict(state["progress_in_epoch"])
+        generator.set_state(state["data_epoch_start"])
+    data_epoch_start = generator.get_state()
+
+    def snapshot():
+        return {"model": vae.state_dict(), "optim": svi.state_dict(), "epoch": epoch, "step": step,
+                "batch": done, "progress_in_epoch": dict(progress_in_epoch), "history": list(history),
+                "data_epoch_start": data_epoch_start, "rng": rng_state()}
+
+    bad = 0
+    with _catch_stop_signals() as stop, pyro.validation_enabled(False):
+        while epoch < epochs:
+            vae.train()
+            started = time.perf_counter() - progress_in_epoch["seconds"]
+            batch_iter = iter(batches)
+            for _ in range(done):  # resuming mid-epoch: redraw the batches already done (same data RNG)
+                next(batch_iter)
+            if state is not None:
+                set_rng_state(state["rng"])
+                state = None
+            with tqdm(batch_iter, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", initial=done,
+                      total=len(batches), disable=not progress, leave=False) as bar:
+                for xb in bar:
+                    step += 1
+                    done += 1
+                    try:
+                        loss = svi.step(xb)
+                        bad = 0
+                        progress_in_epoch["total"] += loss
+                        progress_in_epoch["seen"] += xb.shape[0]
+                        if done % 10 == 1:
+                            bar.set_postfix(loss_per_image=f"{loss / xb.shape[0]:.2f}")
+                    except NonFiniteStep as err:
+                        bad += 1
+                        message = (f"epoch {epoch + 1}, step {step}: loss {err.args[0]}, gradient norm "
+                                   f"{err.args[1]}; the update was skipped")
+                        if bad >= max_bad_steps:
+                            raise TrainingDiverged(
+                                f"{bad} steps in a row had a non-finite loss or gradient (last: {message}). "
+                                "No update was applied for them and the last checkpoint is unchanged. "
+                                "Lower the learning rate, set grad_clip, or check the data") from None
+                        tqdm.write(f"warning: {message}", file=sys.stderr)
+                    progress_in_epoch["seconds"] = time.perf_counter() - started
+                    if stop:
+                        interrupted = snapshot()
+                        if checkpoint is not None:
+                            checkpoint(interrupted)
+                        name = signal.Signals(stop[0]).name
+                        raise TrainingInterrupted(
+                            f"{name} at epoch {epoch + 1}, step {step}; the state after this step was saved",
+                            interrupted, stop[0])
+                    if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 \
+                            and done < len(batches):
+                        checkpoint(snapshot())
+            epoch += 1
+            record = {"epoch": epoch,
+                      "train_loss": (progress_in_epoch["total"] / progress_in_epoch["seen"]
+                                     if progress_in_epoch["seen"] else math.nan),
+                      "seconds": time.perf_counter() - started}
+            if x_test is not None:
+                vae.eval()
+                record["test_elbo"] = float(elbo_terms(vae, x_test, num_samples=1)["elbo"].mean())
+            history.append(record)
+            done, progress_in_epoch = 0, {"total": 0.0, "seen": 0, "seconds": 0.0}
+            data_epoch_start = generator.get_state()
+            if log is not None:
+                log(f"epoch {epoch}: train loss {record['train_loss']:.2f} nats/image"
+                    + (f", test ELBO {record['test_elbo']:.2f}" if "test_elbo" in record else "")
+                    + f" ({record['seconds']:.1f} s)")
+            if checkpoint is not None:
+                checkpoint(snapshot())
     return history
 
 
 # -------------------------------------------------------------------- runs
-def save_checkpoint(path, payload):
-    """Write ``payload`` with ``torch.save`` to a temporary file, fsync it, rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint with ``torch.load(weights_only=True)``; never runs code from the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no checkpoint at {path}; train a run there first")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise InputError(f"{path} is not a readable pyro_vae checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path} is not a pyro_vae checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    return payload
-
-
 def load_data(config, device):
     """``(x_train, x_test)`` for a :class:`RunConfig`, binarised as it says, on ``device``."""
     x_train, _, x_test, _ = data_.load_images(config.dataset, config.data_dir)
@@ -356,7 +400,8 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
     device = resolve_device(config.device)
     x_train, x_test = load_data(config, device)
     if config.batch_size > x_train.shape[0]:
-        raise InputError(f"batch size {config.batch_size} is larger than the data ({x_train.shape[0]} points)")
+        raise InputError(f"batch size {config.batch_size} is larger than the data ({x_train.shape[0]} points); "
+                         f"use --batch-size {x_train.shape[0]} or less")
     pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed alone
     vae = build_vae(config, tuple(x_train.shape[1:])).to(device)
     vae.check_data(x_train)  # fail before any file is written
@@ -364,17 +409,23 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
     if state is None:
         for stale in ("metrics.jsonl", "eval.json"):
             (out / stale).unlink(missing_ok=True)
-    _write_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
-    def on_epoch(record, fit_state):
-        _write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in fit_state["history"]))
-        save_checkpoint(ckpt_path, {"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
-                                    "x_shape": list(x_train.shape[1:]), **fit_state})
+    def checkpoint(fit_state):
+        payload = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "x_shape": list(x_train.shape[1:]),
+                   **fit_state}
+        save_checkpoint(ckpt_path, payload)  # first the checkpoint: metrics.jsonl never runs ahead of it
+        history = fit_state["history"]
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        if config.keep_best and fit_state["batch"] == 0 and history and \
+                history[-1]["test_elbo"] >= max(r["test_elbo"] for r in history):
+            save_checkpoint(out / "best.pt", payload)
 
     history = fit(vae, x_train, x_test, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                   elbo=config.elbo, num_particles=config.num_particles, seed=config.seed,
-                  dynamic_binarize=config.binarize == "dynamic", progress=progress, on_epoch=on_epoch,
-                  state=state)
+                  dynamic_binarize=config.binarize == "dynamic", grad_clip=config.grad_clip or None,
+                  max_bad_steps=config.max_bad_steps, checkpoint_every=config.checkpoint_every,
+                  progress=progress, checkpoint=checkpoint, state=state)
     if pictures:
         plots.save_samples(vae, out / "samples.png")
         plots.save_reconstructions(vae, x_test, out / "reconstructions.png")

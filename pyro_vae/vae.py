@@ -63,11 +63,13 @@ class VAE(nn.Module):
         super().__init__()
         latent_dims = [int(d) for d in latent_dims]
         if not latent_dims or any(d <= 0 for d in latent_dims):
-            raise InputError(f"latent_dims must be a non-empty list of positive sizes, got {latent_dims}")
+            raise InputError(f"latent_dims must be a non-empty list of positive sizes, got {latent_dims}; "
+                             "pass e.g. latent_dims=[50]")
         if len(latent_dims) > 1:
             raise NotImplementedError("multilevel latent chains are not implemented yet; use one level, e.g. [50]")
         if not (isinstance(beta, (int, float)) and beta > 0):
-            raise InputError(f"beta must be a number > 0 (poutine.scale needs a positive scale), got {beta!r}")
+            raise InputError(f"beta must be a number > 0 (poutine.scale needs a positive scale), got {beta!r}; "
+                             "pass e.g. beta=1.0")
         self.latent_dims = latent_dims
         self.encoder = encoder
         self.decoder = decoder
@@ -150,16 +152,21 @@ class VAE(nn.Module):
         """Raise :class:`InputError` unless ``x`` is a finite float tensor ``(B, *x_shape)``
         inside the likelihood's support."""
         if not torch.is_tensor(x):
-            raise InputError(f"data must be a torch.Tensor, got {type(x).__name__}")
+            raise InputError(f"data must be a torch.Tensor, got {type(x).__name__}; "
+                             "convert it with torch.as_tensor(x, dtype=torch.float32)")
         if not x.is_floating_point():
             raise InputError(f"data must be a floating-point tensor, got dtype {x.dtype}; use x.float()")
+        dtype = next((p.dtype for p in self.parameters()), x.dtype)
+        if x.dtype != dtype:  # else the first layer fails with a RuntimeError deep inside the trace
+            raise InputError(f"data has dtype {x.dtype} but the VAE's parameters are {dtype}; "
+                             f"use x.to({dtype}) or vae.to({x.dtype})")
         if self.x_shape is not None and tuple(x.shape[1:]) != self.x_shape:
             raise InputError(
                 f"data has shape {tuple(x.shape)} but the networks expect (batch, "
                 f"{', '.join(map(str, self.x_shape))}); reshape the data or build the VAE for this shape"
             )
         if x.shape[0] == 0:
-            raise InputError("data is empty (0 data points)")
+            raise InputError("data is empty (0 data points); pass at least one data point")
         if not bool(torch.isfinite(x).all()):
             raise InputError("data holds NaN or infinite values; clean or drop them before training")
         self.likelihood.check(x)

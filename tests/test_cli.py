@@ -180,30 +180,8 @@ def test_real_fashion_mnist_run(tmp_path):
 # --------------------------------------------------------------- bad input
 # name: (argv builder taking the fixture's paths, fragments stderr must contain)
 BAD_INPUT = {
-    "unknown-dataset": (lambda p: ["train", "--out", p.out, "--dataset", "cifar10"],
-                        ["unknown dataset", "cifar10", "fashion-mnist"]),
-    "unknown-likelihood": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--likelihood", "poisson"],
-                           ["unknown likelihood", "poisson", "bernoulli", "gaussian"]),
-    "unknown-arch": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--arch", "resnet"],
-                     ["unknown arch", "resnet", "mlp", "conv"]),
-    "unknown-elbo": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--elbo", "renyi"],
-                     ["unknown elbo", "renyi", "trace", "meanfield", "jit"]),
-    "cuda-without-gpu": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--device", "cuda"],
-                         ["cuda", "torch.cuda.is_available() is False", "--device cpu"]),
     "occupied-out": (lambda p: ["train", "--out", p.occupied, "--data-dir", p.idx, "--epochs", "1", *QUICK],
                      ["already holds a run", "--resume", "--overwrite"]),
-    "evaluate-no-checkpoint": (lambda p: ["evaluate", p.empty, "--no-progress"],
-                               ["no checkpoint", "checkpoint.pt"]),
-    "evaluate-garbage-checkpoint": (lambda p: ["evaluate", p.garbage, "--no-progress"],
-                                    ["not a readable pyro_vae checkpoint", "checkpoint.pt"]),
-    "epochs-0": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--epochs", "0"],
-                 ["epochs must be a positive integer", "0"]),
-    "batch-size-too-large": (lambda p: ["train", "--out", p.out, "--data-dir", p.idx, "--batch-size", "100000"],
-                             ["batch size 100000", "larger than the data", "512"]),
-    "data-dir-missing": (lambda p: ["train", "--out", p.out, "--data-dir", p.missing],
-                         ["does not exist", "no_such_data"]),
-    "data-dir-garbage": (lambda p: ["train", "--out", p.out, "--data-dir", p.bad_data, "--no-progress"],
-                         ["could not", "bad_data"]),
 }
 
 

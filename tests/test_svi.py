@@ -9,7 +9,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 
 from pyro_vae import VAE, nets
-from pyro_vae.svi import NonFiniteLoss, TorchOptimSVI
+from pyro_vae.svi import NonFiniteStep, TorchOptimSVI
 
 
 @pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
@@ -39,7 +39,7 @@ def test_non_finite_loss_applies_no_update(images):
     with torch.no_grad():
         vae.decoder.net[-1].bias[0] = float("nan")
     before["decoder.net.2.bias"][0] = float("nan")
-    with pyro.validation_enabled(False), pytest.raises(NonFiniteLoss):
+    with pyro.validation_enabled(False), pytest.raises(NonFiniteStep):
         svi.step(images[:8])
     for (name, a), b in zip(vae.state_dict().items(), before.values()):
         assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True), name

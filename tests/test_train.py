@@ -42,14 +42,54 @@ def test_train_writes_the_run_directory(idx_dir, tmp_path):
 
 
 def test_resume_continues_exactly(idx_dir, tmp_path):
-    straight, _ = train(small_config(idx_dir, epochs=2), tmp_path / "a", progress=False)
-    train(small_config(idx_dir, epochs=1), tmp_path / "b", progress=False)
-    resumed, history = train(small_config(idx_dir, epochs=2), tmp_path / "b", resume=True, progress=False)
-    assert [r["epoch"] for r in history] == [1, 2]
+    """4 epochs in one go and 2 + 2 after a resume give bitwise equal parameters and losses."""
+    straight, _ = train(small_config(idx_dir, epochs=4), tmp_path / "a", progress=False)
+    train(small_config(idx_dir, epochs=2), tmp_path / "b", progress=False)
+    resumed, history = train(small_config(idx_dir, epochs=4), tmp_path / "b", resume=True, progress=False)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in history]
+    assert [r["test_elbo"] for r in a] == [r["test_elbo"] for r in history]
+
+
+def test_sigint_mid_epoch_saves_a_checkpoint_that_resumes_exactly(idx_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import pyro_vae.train as train_module
+    from pyro_vae.train import TrainingInterrupted
+
+    straight, _ = train(small_config(idx_dir, epochs=2), tmp_path / "a", progress=False)
+    saves = []
+    real_save = train_module.save_checkpoint
+
+    def save_then_interrupt(path, payload):
+        real_save(path, payload)
+        saves.append(payload["step"])
+        if len(saves) == 2:  # Ctrl-C while the run goes on
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(TrainingInterrupted, match="SIGINT at epoch 1, step 7") as info:
+        train(small_config(idx_dir, epochs=2, checkpoint_every=3), tmp_path / "b", progress=False)
+    assert saves == [3, 6, 7] and info.value.signal == signal.SIGINT
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["batch"] == 7
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed, history = train(small_config(idx_dir, epochs=2), tmp_path / "b", resume=True, progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in history]
+
+
+def test_keep_best_keeps_the_best_epoch(idx_dir, tmp_path):
+    out = tmp_path / "run"
+    _, history = train(small_config(idx_dir, epochs=3, keep_best=True), out, progress=False)
+    best = load_checkpoint(out / "best.pt")
+    elbos = [r["test_elbo"] for r in history]
+    assert best["epoch"] == 1 + elbos.index(max(elbos))
 
 
 def test_occupied_directory_and_bad_resume_are_refused(idx_dir, tmp_path):
@@ -96,12 +136,43 @@ def test_corrupt_and_malicious_checkpoints_are_refused(tmp_path):
         load_checkpoint(not_ours)
 
 
-def test_divergence_stops_with_a_message_and_keeps_the_checkpoint(images):
-    vae = VAE(*nets.build("mlp", (1, 28, 28), 4, hidden=16), [4])
-    with torch.no_grad():
-        vae.decoder.net[-1].bias.fill_(float("nan"))
-    with pytest.raises(TrainingDiverged, match="epoch 1, step 1"):
-        fit(vae, images, epochs=1, batch_size=32, progress=False)
+class NaNOnCalls(torch.nn.Module):
+    """Wraps a decoder; its output is NaN on the listed (1-based) calls."""
+
+    def __init__(self, decoder, calls):
+        super().__init__()
+        self.decoder, self.calls, self.n = decoder, calls, 0
+
+    def forward(self, z):
+        self.n += 1
+        out = self.decoder(z)
+        return out * float("nan") if self.calls == "all" or self.n in self.calls else out
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(images, capsys):
+    enc, dec = nets.build("mlp", (1, 28, 28), 4, hidden=16)
+    vae = VAE(enc, NaNOnCalls(dec, {2}), [4], x_shape=(1, 28, 28))
+    history = fit(vae, images, epochs=1, batch_size=32, progress=False)
+    assert "step 2: loss nan" in capsys.readouterr().err
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+    assert torch.isfinite(torch.tensor(history[0]["train_loss"]))
+
+
+def test_consecutive_bad_steps_stop_training_without_an_update(images):
+    enc, dec = nets.build("mlp", (1, 28, 28), 4, hidden=16)
+    vae = VAE(enc, NaNOnCalls(dec, "all"), [4], x_shape=(1, 28, 28))
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match="3 steps in a row.*epoch 1, step 3"):
+        fit(vae, images, epochs=2, batch_size=16, max_bad_steps=3, progress=False)
+    for name, value in vae.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_gradient_clipping_bounds_the_update(images):
+    enc, dec = nets.build("mlp", (1, 28, 28), 4, hidden=16)
+    vae = VAE(enc, dec, [4])
+    history = fit(vae, images, epochs=1, batch_size=32, grad_clip=1.0, progress=False)
+    assert torch.isfinite(torch.tensor(history[0]["train_loss"]))
 
 
 @pytest.mark.parametrize("bad, match", [
