@@ -68,14 +68,19 @@ class TorchOptimSVI:
                 self._pending_state = None
         else:
             loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
-        params = self.optimizer.param_groups[0]["params"]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_norm)) if math.isfinite(loss) else loss
+        grad_norm = self._grad_norm() if math.isfinite(loss) else loss
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteStep(loss, grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def _grad_norm(self):
+        params = self.optimizer.param_groups[0]["params"]
+        if math.isinf(self.max_norm):  # only measure: clip_grad_norm_ would also rescale every gradient by 1
+            return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        return float(torch.nn.utils.clip_grad_norm_(params, self.max_norm))
 
     def state_dict(self):
         """The optimizer's state (``{}`` before the first step)."""
