@@ -17,7 +17,6 @@ networks flatten leading dims themselves.
 
 import math
 
-import torch
 from torch import nn
 
 from .errors import InputError

@@ -1,14 +1,12 @@
 """The command line: ``pyro-vae train | evaluate``, in-process and as a subprocess.
 
-The subprocess checks (bad input -> exit status 2, a clear message, no
-traceback) are started all at once by a module fixture and run concurrently,
-since each pays for importing torch and Pyro.
+Bad input through the command line (exit status 2, a clear message, no
+traceback) is tested in test_bad_input.py.
 """
 
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch
 import pyro_vae
 from pyro_vae import cli
 
-from conftest import make_idx_dir, needs_fashion_mnist
+from conftest import needs_fashion_mnist
 
 CLI = [sys.executable, "-m", "pyro_vae.cli"]
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "samples.png", "reconstructions.png", "curves.png")
@@ -178,82 +176,22 @@ def test_real_fashion_mnist_run(tmp_path):
 
 
 # --------------------------------------------------------------- bad input
-# name: (argv builder taking the fixture's paths, fragments stderr must contain)
-BAD_INPUT = {
-    "occupied-out": (lambda p: ["train", "--out", p.occupied, "--data-dir", p.idx, "--epochs", "1", *QUICK],
-                     ["already holds a run", "--resume", "--overwrite"]),
-}
-
-
-class _Paths:
-    pass
-
-
-@pytest.fixture(scope="module")
-def bad_input_runs(tmp_path_factory):
-    """Start every BAD_INPUT case as a subprocess at once; returns ``(paths, {name: Popen})``."""
-    base = tmp_path_factory.mktemp("bad_input")
-    p = _Paths()
-    p.idx = str(make_idx_dir(base / "idx"))
-    p.missing = str(base / "no_such_data")
-    p.empty = str(base / "empty")
-    os.mkdir(p.empty)
-    p.garbage = str(base / "garbage")
-    os.mkdir(p.garbage)
-    (Path(p.garbage) / "checkpoint.pt").write_bytes(os.urandom(1000))
-    p.bad_data = str(base / "bad_data")
-    os.mkdir(p.bad_data)
-    for name in pyro_vae.data.IDX_FILES:
-        (Path(p.bad_data) / (name + ".gz")).write_bytes(b"not gzip, not IDX" * 20)
-    # another run's checkpoint, trained in-process (quicker than a subprocess)
-    p.occupied = str(base / "occupied")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYRO_VAE_CACHE", str(base / "cache"))
-        assert cli.main(["train", "--out", p.occupied, "--data-dir", p.idx, "--epochs", "1", "--latent-dim", "3",
-                         "--hidden", "16", *QUICK]) == 0
-    p.occupied_ckpt = (Path(p.occupied) / "checkpoint.pt").read_bytes()
-
-    procs = {}
-    for i, (name, (argv, _)) in enumerate(BAD_INPUT.items()):
-        if name == "cuda-without-gpu" and torch.cuda.is_available():
-            continue
-        p.out = str(base / f"out-{i}")
-        env = dict(os.environ, PYRO_VAE_CACHE=str(base / f"cache-{i}"), PYTHONWARNINGS="ignore",
-                   OMP_NUM_THREADS="1")  # a dozen processes at once: no thread oversubscription
-        procs[name] = (p.out, subprocess.Popen(CLI + [str(a) for a in argv(p)], env=env, text=True,
-                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    yield p, procs
-    for _, proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_exits_2_without_traceback(bad_input_runs, case):
-    paths, procs = bad_input_runs
-    if case == "cuda-without-gpu" and torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is available here")
-    out_dir, proc = procs[case]
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 2, f"exit status {proc.returncode}; stderr:\n{stderr}"
-    assert "Traceback" not in stderr, stderr
-    assert "Traceback" not in stdout
-    assert "error" in stderr
-    for fragment in BAD_INPUT[case][1]:
-        assert fragment in stderr, f"{fragment!r} not in stderr:\n{stderr}"
-    assert not (Path(out_dir) / "checkpoint.pt").exists(), "a refused run wrote a checkpoint"
-
-    if case == "occupied-out":
-        occupied = Path(paths.occupied)
-        assert (occupied / "checkpoint.pt").read_bytes() == paths.occupied_ckpt
-        assert len(_metrics(occupied)) == 1
-        # with --overwrite the same command succeeds and replaces the run
-        assert cli.main(["train", "--out", str(occupied), "--data-dir", paths.idx, "--epochs", "1",
-                         "--overwrite", *QUICK]) == 0
-        assert (occupied / "checkpoint.pt").read_bytes() != paths.occupied_ckpt
-        config, _ = _check_run_dir(occupied, epochs=1)
-        assert config["latent_dim"] == pyro_vae.RunConfig().latent_dim
+# (every bad input, through the CLI and the API, is in test_bad_input.py)
+def test_occupied_out_is_refused_then_overwrite_replaces_it(idx_dir, tmp_path, capsys):
+    occupied = tmp_path / "occupied"
+    assert cli.main(["train", "--out", str(occupied), "--data-dir", str(idx_dir), "--epochs", "1",
+                     "--latent-dim", "3", "--hidden", "16", *QUICK]) == 0
+    before = (occupied / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(occupied), "--data-dir", str(idx_dir), "--epochs", "1", *QUICK]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (occupied / "checkpoint.pt").read_bytes() == before
+    assert len(_metrics(occupied)) == 1
+    assert cli.main(["train", "--out", str(occupied), "--data-dir", str(idx_dir), "--epochs", "1",
+                     "--overwrite", *QUICK]) == 0
+    assert (occupied / "checkpoint.pt").read_bytes() != before
+    config, _ = _check_run_dir(occupied, epochs=1)
+    assert config["latent_dim"] == pyro_vae.RunConfig().latent_dim
 
 
 # ------------------------------------------------------- bad data, Python API
