@@ -48,16 +48,17 @@ def _numpy_state():
     return (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
 
 
-def save_checkpoint(path, payload):
-    """Write ``payload`` with ``torch.save`` to a temporary file, fsync it, rename it over ``path``."""
+def _replace_atomically(path, write, pause=0.0):
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over ``path``,
+    and fsync the directory: a crash at any moment leaves the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(payload, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
-    if os.environ.get(_DELAY_ENV):
-        time.sleep(float(os.environ[_DELAY_ENV]))
+    if pause:
+        time.sleep(pause)
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -66,12 +67,14 @@ def save_checkpoint(path, payload):
         os.close(dir_fd)
 
 
+def save_checkpoint(path, payload):
+    """Write ``payload`` with ``torch.save`` to ``path`` atomically (see the module docstring)."""
+    _replace_atomically(path, lambda f: torch.save(payload, f), pause=float(os.environ.get(_DELAY_ENV) or 0))
+
+
 def write_text_atomic(path, text):
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_checkpoint(path, map_location="cpu"):
