@@ -12,6 +12,13 @@ from .train import ELBOS, RunConfig, TrainingDiverged, TrainingInterrupted
 DEFAULTS = RunConfig()
 
 
+def _sizes(text):
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,32,64, got {text!r}")
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders the Pyro way.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -24,8 +31,12 @@ def _parser():
     t.add_argument("--data-dir", help="directory holding the IDX files (looked at before Debian's "
                                       "package and torchvision's download)")
     t.add_argument("--arch", help=f"mlp or conv (default {DEFAULTS.arch})")
-    t.add_argument("--latent-dim", type=int, help=f"size of z (default {DEFAULTS.latent_dim})")
-    t.add_argument("--hidden", type=int, help=f"MLP hidden width (default {DEFAULTS.hidden})")
+    t.add_argument("--latent-dims", "--latent-dim", type=_sizes, metavar="D0[,D1,...]",
+                   help="sizes of the latent levels, top (z0) to bottom, e.g. 16,32,64; one number is "
+                        f"the one-level VAE (default {','.join(map(str, DEFAULTS.latent_dims))})")
+    t.add_argument("--guide", help=f"bottom-up or top-down (default {DEFAULTS.guide})")
+    t.add_argument("--hidden", type=int, help=f"MLP hidden width, also of the chain's networks "
+                                              f"(default {DEFAULTS.hidden})")
     t.add_argument("--likelihood", help=f"bernoulli or gaussian (default {DEFAULTS.likelihood})")
     t.add_argument("--gaussian-scale", type=float,
                    help=f"fixed std of the gaussian likelihood (default {DEFAULTS.gaussian_scale})")
@@ -33,6 +44,10 @@ def _parser():
     t.add_argument("--elbo", help=f"{', '.join(ELBOS)} (default {DEFAULTS.elbo})")
     t.add_argument("--num-particles", type=int, help="particles per image, vectorised (default 1)")
     t.add_argument("--beta", type=float, help="KL weight via poutine.scale (default 1)")
+    t.add_argument("--kl-warmup", type=int, metavar="STEPS",
+                   help="KL weight min(1, (t+1)/STEPS) at step t (default 0: off)")
+    t.add_argument("--free-bits", type=float, metavar="NATS",
+                   help="KL floor per level per image; an objective, not a bound (default 0: off)")
     t.add_argument("--epochs", type=int, help=f"epochs to train up to (default {DEFAULTS.epochs})")
     t.add_argument("--batch-size", type=int, help=f"minibatch size (default {DEFAULTS.batch_size})")
     t.add_argument("--lr", type=float, help=f"Adam learning rate (default {DEFAULTS.lr})")
@@ -85,7 +100,7 @@ def _train(args):
     last = history[-1]
     print(f"trained {last['epoch']} epochs: train loss {last['train_loss']:.2f}, "
           f"test ELBO {last['test_elbo']:.2f} nats/image")
-    print(f"wrote {out}/: config.json metrics.jsonl checkpoint.pt samples.png reconstructions.png curves.png")
+    print(f"wrote {out}/: config.json metrics.jsonl checkpoint.pt samples.png reconstructions.png levels.png curves.png")
 
 
 def _evaluate(args):

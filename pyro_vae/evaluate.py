@@ -137,6 +137,48 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=100, max_rows=20000, 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
+    """Active units per latent site (Burda et al. 2016): dimensions u of z_l with
+    ``Var_x(E_q[u | x]) > threshold``.
+
+    ``E_q[z_l | x]`` is the mean of the guide's distribution at that site,
+    averaged over ``num_samples`` draws of the levels the guide samples
+    before it (exact for the first level the guide draws). Sites whose
+    distribution has no ``mean`` use the average of the draws instead.
+
+    Args:
+        vae: a :class:`pyro_vae.VAE`.
+        x: data ``(N, *x_shape)``, N >= 2.
+        num_samples: draws per data point.
+        threshold: the variance above which a unit counts as active.
+
+    Returns:
+        dict site -> ``(count, variances)``; ``variances`` has shape ``(D_l,)``.
+    """
+    vae.check_data(x)
+    if x.shape[0] < 2:
+        raise InputError("active units need at least 2 data points (a variance across data)")
+    means = {}
+    with pyro.validation_enabled(False):
+        for xb in _batches(x, batch_size):
+            with pyro.plate("eval_particles", num_samples, dim=-2):
+                trace = poutine.trace(vae.guide).get_trace(xb)
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
+                    continue
+                try:
+                    mean = site["fn"].mean
+                except NotImplementedError:
+                    mean = site["value"]
+                means.setdefault(name, []).append(mean.expand(site["value"].shape).mean(0))
+    out = {}
+    for name, parts in means.items():
+        variances = torch.cat(parts).var(dim=0, unbiased=False)
+        out[name] = (int((variances > threshold).sum()), variances)
+    return out
+
+
 def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=100, progress=True):
     """Test-set summary: mean per data point of the ELBO, its terms and the IW estimate.
 
@@ -149,13 +191,18 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=100, progress=
 
     Returns:
         dict of floats (nats per data point): ``elbo``, ``reconstruction``,
-        ``kl``, ``kl_<site>``, ``iw_log_likelihood`` (if computed), and
-        ``n``, ``iw_samples``, ``elbo_samples``.
+        ``kl``, ``kl_<site>`` per level, ``iw_log_likelihood`` (if
+        computed); ints ``active_units_<site>`` per level (of
+        ``latent_dims``), ``n``, ``iw_samples``, ``elbo_samples``; and the
+        list ``latent_dims``.
     """
     vae.eval()
     terms = elbo_terms(vae, x, num_samples=elbo_samples)
     summary = {key: float(value.mean()) for key, value in terms.items()}
-    summary.update(n=int(x.shape[0]), elbo_samples=int(elbo_samples), iw_samples=int(iw_samples))
+    if x.shape[0] >= 2:
+        summary.update({f"active_units_{name}": count for name, (count, _) in active_units(vae, x).items()})
+    summary.update(n=int(x.shape[0]), elbo_samples=int(elbo_samples), iw_samples=int(iw_samples),
+                   latent_dims=list(getattr(vae, "latent_dims", [])))
     if iw_samples:
         from tqdm.auto import tqdm
 

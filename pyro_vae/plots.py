@@ -1,4 +1,4 @@
-"""Pictures a person can look at: sample and reconstruction grids, training curves."""
+"""Pictures a person can look at: sample, reconstruction and per-level grids, training curves."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ import torch
 
 
 def save_samples(vae, path, n=64, nrow=8):
-    """Save a grid of E[x | z] for ``n`` prior draws z0 ~ p(z0) (images ``(n, C, H, W)``)."""
+    """Save a grid of E[x | zL] for ``n`` draws of the whole chain from the model (images ``(n, C, H, W)``)."""
     from torchvision.utils import save_image
 
     vae.eval()
@@ -27,6 +27,30 @@ def save_reconstructions(vae, x, path, n=32):
     recon = vae.reconstruct(x).clamp(0, 1)
     pairs = torch.stack([x, recon], dim=1).reshape(-1, *x.shape[1:])  # x0, r0, x1, r1, ...
     save_image(make_grid(pairs.cpu(), nrow=16, padding=2, pad_value=1.0), path)
+
+
+def save_levels(vae, x, path, images=4, samples=8):
+    """Save what each latent level controls, as ``levels.png``.
+
+    For each of the first ``images`` data points a block of ``L + 2`` rows;
+    row ``l`` (0 .. L+1) starts with the data point and then shows
+    ``samples`` draws of E[x | zL] that keep the guide's z0 ... z_{l-1} for it
+    and redraw z_l ... zL from the model (:meth:`pyro_vae.VAE.resample_below`):
+    row 0 is pure prior samples, the last row keeps every level.
+
+    Args:
+        x: images ``(N, C, H, W)`` on the VAE's device.
+    """
+    from torchvision.utils import save_image
+
+    vae.eval()
+    x = x[:images]
+    rows = []
+    for i in range(x.shape[0]):
+        for level in range(vae.levels + 2):
+            draws = vae.resample_below(x[i:i + 1], level, samples)[0].clamp(0, 1)
+            rows.append(torch.cat([x[i:i + 1], draws]))
+    save_image(torch.cat(rows).cpu(), path, nrow=samples + 1, padding=2, pad_value=1.0)
 
 
 def save_curves(metrics_path, path):

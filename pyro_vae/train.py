@@ -9,13 +9,17 @@ Two levels of convenience, both on top of ``vae.model`` and ``vae.guide``:
 
       DIR/config.json      the RunConfig, as JSON
       DIR/metrics.jsonl    one line per epoch: epoch, train_loss (nats per
-                           image, the negative ELBO averaged over the epoch's
-                           minibatches), test_elbo (nats per image, one
-                           sample of z per image), seconds (training time)
-      DIR/checkpoint.pt    module and optimizer state, epoch, step, RNG
-                           states, config and history (written atomically)
+                           image, the loss trained on averaged over the
+                           epoch's minibatches: the negative ELBO unless
+                           warm-up or free bits change it), test_elbo and
+                           test_kl_z0, test_kl_z1, ... (nats per image, one
+                           sample of z per image), kl_weight (the warm-up's
+                           weight at the epoch's last step), seconds
+      DIR/checkpoint.pt    module and optimizer state, epoch, step (which is
+                           also the KL warm-up's position), RNG states,
+                           config and history (written atomically)
       DIR/best.pt          with keep_best: the checkpoint of the best test ELBO
-      DIR/samples.png, reconstructions.png, curves.png   (see plots.py)
+      DIR/samples.png, reconstructions.png, levels.png, curves.png   (see plots.py)
 
 Checkpoints are written at the end of every epoch, every ``checkpoint_every``
 steps, and when SIGINT/SIGTERM stops training; resuming from any of them
@@ -43,7 +47,9 @@ from .evaluate import elbo_terms
 from .checkpoints import (CHECKPOINT_FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                           write_text_atomic)
 from .svi import NonFiniteStep, TorchOptimSVI
-from .vae import VAE
+from .chain import MEANFIELD_BOTTOM_UP
+from .objectives import FreeBitsELBO, KLWarmup
+from .vae import GUIDES, VAE
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "jit": JitTrace_ELBO}
 BINARIZE = ("dynamic", "fixed", "none")
@@ -61,6 +67,11 @@ class RunConfig:
     at the end of every epoch only; ``keep_best`` also keeps ``best.pt``, the
     checkpoint of the epoch with the best test ELBO.
 
+    ``latent_dims`` are the chain's level sizes, top (z0) to bottom; ``guide``
+    is ``"bottom-up"`` or ``"top-down"``; ``kl_warmup`` is the number of steps
+    of :class:`~pyro_vae.objectives.KLWarmup` (0: off); ``free_bits`` the KL
+    floor per level in nats (0: off, the plain ELBO).
+
     ``binarize``: ``"dynamic"`` redraws Bernoulli(x) for every training batch
     (a new binarisation each epoch) and binarises the test set once with a
     fixed seed; ``"fixed"`` binarises both once; ``"none"`` keeps grey values.
@@ -69,7 +80,8 @@ class RunConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     arch: str = "mlp"
-    latent_dim: int = 50
+    latent_dims: list = dataclasses.field(default_factory=lambda: [50])
+    guide: str = "bottom-up"
     hidden: int = 400
     likelihood: str = "bernoulli"
     gaussian_scale: float = 1.0
@@ -77,6 +89,8 @@ class RunConfig:
     elbo: str = "trace"
     num_particles: int = 1
     beta: float = 1.0
+    kl_warmup: int = 0
+    free_bits: float = 0.0
     epochs: int = 10
     batch_size: int = 256
     lr: float = 1e-3
@@ -88,7 +102,7 @@ class RunConfig:
     keep_best: bool = False
 
     # settings that change the model or its data; a resume must not change them
-    MODEL_KEYS = ("dataset", "arch", "latent_dim", "hidden", "likelihood", "gaussian_scale", "binarize")
+    MODEL_KEYS = ("dataset", "arch", "latent_dims", "guide", "hidden", "likelihood", "gaussian_scale", "binarize")
 
     def validate(self):
         """Raise :class:`InputError` naming the first bad setting."""
@@ -103,7 +117,24 @@ class RunConfig:
             raise InputError(f"unknown elbo {self.elbo!r}; choose one of: {', '.join(ELBOS)}")
         if self.binarize not in BINARIZE:
             raise InputError(f"unknown binarize {self.binarize!r}; choose one of: {', '.join(BINARIZE)}")
-        for key in ("latent_dim", "hidden", "epochs", "batch_size", "num_particles", "max_bad_steps"):
+        dims = self.latent_dims
+        if not (isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) and d >= 1 for d in dims)):
+            raise InputError(f"latent_dims must be a non-empty list of positive integers (top level first), "
+                             f"got {dims!r}; use e.g. --latent-dims 16,32,64")
+        self.latent_dims = list(dims)
+        if self.guide not in GUIDES:
+            raise InputError(f"unknown guide {self.guide!r}; choose one of: {', '.join(GUIDES)}")
+        if self.elbo == "meanfield" and self.guide == "bottom-up" and len(dims) > 1:
+            raise InputError(MEANFIELD_BOTTOM_UP)
+        if self.elbo == "jit" and (self.kl_warmup or self.free_bits):
+            raise InputError("--elbo jit compiles the loss once, so it cannot follow a KL warm-up or use free "
+                             "bits; use --elbo trace or meanfield")
+        if not (math.isfinite(self.free_bits) and self.free_bits >= 0):
+            raise InputError(f"free_bits must be a number of nats >= 0 (0: off), got {self.free_bits}; "
+                             "use e.g. --free-bits 0.5")
+        if int(self.kl_warmup) < 0:
+            raise InputError(f"kl_warmup must be a number of steps >= 0 (0: off), got {self.kl_warmup}")
+        for key in ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps"):
             if int(getattr(self, key)) < 1:
                 raise InputError(f"{key} must be a positive integer, got {getattr(self, key)}; "
                                  f"use --{key.replace('_', '-')} 1 or more")
@@ -124,6 +155,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        if "latent_dim" in d and "latent_dims" not in d:  # runs written before multilevel chains
+            d["latent_dims"] = [d.pop("latent_dim")]
         unknown = set(d) - known
         if unknown:
             raise InputError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
@@ -148,17 +182,26 @@ def build_vae(config, x_shape):
     """The :class:`VAE` that ``config`` (a :class:`RunConfig`) describes, for data of ``x_shape``."""
     likelihood = (likelihoods.Gaussian(config.gaussian_scale) if config.likelihood == "gaussian"
                   else likelihoods.build(config.likelihood))
-    encoder, decoder = nets.build(config.arch, x_shape, config.latent_dim,
+    encoder, decoder = nets.build(config.arch, x_shape, config.latent_dims[-1],
                                   out_channels=likelihood.channels, hidden=config.hidden)
-    return VAE(encoder, decoder, [config.latent_dim], likelihood=likelihood, beta=config.beta)
+    return VAE(encoder, decoder, config.latent_dims, likelihood=likelihood, beta=config.beta,
+               guide=config.guide, hidden=config.hidden)
 
 
-def make_elbo(name, num_particles=1):
-    """A Pyro ELBO by name (``trace``, ``meanfield``, ``jit``); particles are vectorised."""
+def make_elbo(name, num_particles=1, free_bits=0.0):
+    """A Pyro ELBO by name (``trace``, ``meanfield``, ``jit``); particles are vectorised.
+
+    With ``free_bits > 0``: a :class:`~pyro_vae.objectives.FreeBitsELBO`
+    (analytic KL per level for ``meanfield``; ``jit`` is refused).
+    """
     if name not in ELBOS:
         raise InputError(f"unknown elbo {name!r}; choose one of: {', '.join(ELBOS)}")
     kwargs = dict(num_particles=num_particles, vectorize_particles=num_particles > 1,
                   max_plate_nesting=1)  # the "data" plate
+    if free_bits:
+        if name == "jit":
+            raise InputError("free bits cannot be combined with the jit ELBO; use elbo='trace' or 'meanfield'")
+        return FreeBitsELBO(free_bits, analytic_kl=name == "meanfield", **kwargs)
     if name == "jit":
         kwargs["ignore_jit_warnings"] = True
     return ELBOS[name](**kwargs)
@@ -197,9 +240,17 @@ def _catch_stop_signals():
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _kl_weight_reset(vae):
+    try:
+        yield
+    finally:
+        vae.kl_weight = 1.0
+
+
 def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="trace", num_particles=1,
         seed=0, dynamic_binarize=False, grad_clip=None, max_bad_steps=10, checkpoint_every=0,
-        progress=True, log=print, checkpoint=None, state=None):
+        kl_warmup=0, free_bits=0.0, progress=True, log=print, checkpoint=None, state=None):
     """Train ``vae`` by SVI on ``vae.model`` and ``vae.guide`` with Adam
     (:class:`~pyro_vae.svi.TorchOptimSVI`: ``pyro.infer.SVI``'s step with one
     torch optimizer).
@@ -220,6 +271,12 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
             gradients were not finite (each such step is skipped: no update).
         checkpoint_every: also call ``checkpoint`` every this many steps (0: only
             at the end of each epoch and on SIGINT/SIGTERM).
+        kl_warmup: steps of :class:`~pyro_vae.objectives.KLWarmup`: before the
+            0-based step t, ``vae.kl_weight = min(1, (t + 1) / kl_warmup)``
+            (0: off). The position is the step count, so a resume continues it.
+        free_bits: KL floor per level in nats (0: off); trains on
+            :class:`~pyro_vae.objectives.FreeBitsELBO`, an objective that is
+            not a bound.
         progress: show a tqdm bar with the loss per data point.
         log: called with a one-line summary after each epoch (``None``: silent).
         checkpoint: ``checkpoint(state)`` is called with a resumable state dict
@@ -231,7 +288,9 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
 
     Returns:
         list of per-epoch metric dicts (``epoch``, ``train_loss``,
-        ``test_elbo``, ``seconds``), resumed epochs included.
+        ``test_elbo``, ``seconds``, ``kl_weight`` at the epoch's last step),
+        resumed epochs included. ``train_loss`` is the loss trained on (with
+        warm-up or free bits, not the negative ELBO).
 
     Raises:
         TrainingDiverged: ``max_bad_steps`` consecutive non-finite steps.
@@ -253,7 +312,13 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     batches = data_.Batches(x_train, batch_size, generator, dynamic_binarize=dynamic_binarize)
-    svi = TorchOptimSVI(vae.model, vae.guide, make_elbo(elbo, num_particles), lr, grad_clip=grad_clip)
+    if elbo == "jit" and kl_warmup:
+        raise InputError("the jit ELBO compiles the loss once, so it cannot follow a KL warm-up; "
+                         "use elbo='trace' or 'meanfield'")
+    warmup = KLWarmup(kl_warmup)
+    loss_fn = make_elbo(elbo, num_particles, free_bits)
+    vae.check_elbo(loss_fn)
+    svi = TorchOptimSVI(vae.model, vae.guide, loss_fn, lr, grad_clip=grad_clip)
     history, step, epoch, done = [], 0, 0, 0
     progress_in_epoch = {"total": 0.0, "seen": 0, "seconds": 0.0}
     if state is not None:
@@ -271,7 +336,7 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
                 "data_epoch_start": data_epoch_start, "rng": rng_state()}
 
     bad = 0
-    with _catch_stop_signals() as stop, pyro.validation_enabled(False):
+    with _catch_stop_signals() as stop, pyro.validation_enabled(False), _kl_weight_reset(vae):
         while epoch < epochs:
             vae.train()
             started = time.perf_counter() - progress_in_epoch["seconds"]
@@ -284,6 +349,7 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
             with tqdm(batch_iter, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", initial=done,
                       total=len(batches), disable=not progress, leave=False) as bar:
                 for xb in bar:
+                    vae.kl_weight = warmup(step)
                     step += 1
                     done += 1
                     try:
@@ -319,10 +385,12 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
             record = {"epoch": epoch,
                       "train_loss": (progress_in_epoch["total"] / progress_in_epoch["seen"]
                                      if progress_in_epoch["seen"] else math.nan),
-                      "seconds": time.perf_counter() - started}
+                      "seconds": time.perf_counter() - started, "kl_weight": vae.kl_weight}
             if x_test is not None:
                 vae.eval()
-                record["test_elbo"] = float(elbo_terms(vae, x_test, num_samples=1)["elbo"].mean())
+                terms = elbo_terms(vae, x_test, num_samples=1)
+                record["test_elbo"] = float(terms["elbo"].mean())
+                record.update({f"test_{key}": float(v.mean()) for key, v in terms.items() if key.startswith("kl_")})
             history.append(record)
             done, progress_in_epoch = 0, {"total": 0.0, "seen": 0, "seconds": 0.0}
             data_epoch_start = generator.get_state()
@@ -425,9 +493,10 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
                   elbo=config.elbo, num_particles=config.num_particles, seed=config.seed,
                   dynamic_binarize=config.binarize == "dynamic", grad_clip=config.grad_clip or None,
                   max_bad_steps=config.max_bad_steps, checkpoint_every=config.checkpoint_every,
-                  progress=progress, checkpoint=checkpoint, state=state)
+                  kl_warmup=config.kl_warmup, free_bits=config.free_bits, progress=progress, checkpoint=checkpoint, state=state)
     if pictures:
         plots.save_samples(vae, out / "samples.png")
         plots.save_reconstructions(vae, x_test, out / "reconstructions.png")
+        plots.save_levels(vae, x_test, out / "levels.png")
         plots.save_curves(out / "metrics.jsonl", out / "curves.png")
     return vae, history

@@ -1,96 +1,166 @@
-"""The latent chain: a VAE's Pyro ``model`` and ``guide``.
+"""The latent chain: a VAE's Pyro ``model`` and its two ``guide``s.
 
-Sites (one level, ``latent_dims=[D]``; ``B`` is the batch size, ``x_shape``
-the shape of one data point, e.g. ``(1, 28, 28)``)::
+Sites for ``latent_dims=[D0, ..., DL]`` (top to bottom; ``B`` is the batch
+size, ``x_shape`` the shape of one data point, e.g. ``(1, 28, 28)``)::
 
-    model:  "z0" ~ prior                 value (B, D),  event dims 1
-            "x"  ~ likelihood(decoder(z0)) value (B, *x_shape), event dims len(x_shape)
-    guide:  "z0" ~ q(z0 | encoder(x))    value (B, D),  event dims 1
+    model:  "z0" ~ prior                              value (B, D0), event dims 1
+            "zl" ~ p(zl | zl-1) = transitions[l-1]     value (B, Dl), event dims 1   (l = 1..L)
+            "x"  ~ likelihood(decoder(zL))            value (B, *x_shape), event dims len(x_shape)
+    guide:  "z0" ... "zL", each (B, Dl), event dims 1:
+      bottom-up (the seed's):  zL ~ q(zL | x) = posterior(encoder(x)),
+                               zl ~ q(zl | zl+1) = guide_transitions[l]     for l = L-1 .. 0
+      top-down (ladder):       d_L = encoder(x), d_l = ladder[l](d_l+1)     (deterministic, first)
+                               z0 ~ ladder_heads[0](d_0)       (posterior(d_0) when L = 0)
+                               zl ~ merge(head_l(d_l), p(zl | zl-1))      for l = 1 .. L
+                               where head_L = posterior and merge is the Ladder VAE's
+                               precision-weighted product of the two Gaussians.
 
 Every site sits inside ``pyro.plate("data", B)`` (dim -1), so under
 ``Trace_ELBO(num_particles=K, vectorize_particles=True)`` values gain a leading
-``K`` dim and everything still broadcasts.
+``K`` dim and everything still broadcasts. A one-level chain (``[D]``) has
+sites ``z0`` and ``x`` only, and both guides are then the same function.
 
-Indexing follows ``docs/DESIGN.md``: ``z0`` is the top level (the prior's);
-a chain of L+1 levels will add sites ``z1`` ... ``zL`` between ``z0`` and ``x``.
+Which ELBOs: ``Trace_ELBO`` (and ``JitTrace_ELBO``) with either guide.
+``TraceMeanField_ELBO`` (analytic KL per site) is valid with the top-down
+guide, whose levels are drawn in the model's order so each analytic
+KL(q(zl | zl-1, x) || p(zl | zl-1)) is taken at the same parent draw; with the
+bottom-up guide of a chain it is not, and it raises an :class:`InputError`
+(see :class:`pyro_vae.chain.BottomUpNormal`).
 """
 
 import contextlib
 
 import pyro
 import pyro.poutine as poutine
-from pyro.poutine.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import is_validation_enabled, site_is_subsample
 import torch
 from torch import nn
 
 from . import priors as priors_
+from .chain import GaussianNet, MEANFIELD_BOTTOM_UP, mark_bottom_up, mlp_features, precision_weighted
 from .errors import InputError
 from .likelihoods import Bernoulli
 from .posteriors import DiagonalGaussian
 
+GUIDES = ("bottom-up", "top-down")
+
 
 class VAE(nn.Module):
-    """A variational autoencoder whose ``model`` and ``guide`` are plain Pyro functions.
+    """A VAE over a latent chain z0 -> z1 -> ... -> zL -> x whose ``model`` and
+    ``guide`` are plain Pyro functions.
 
     Args:
         encoder: ``nn.Module`` mapping x ``(*batch, *x_shape)`` to features
             ``(*batch, F)``; ``F`` is read from ``encoder.out_features`` unless
-            a ``posterior`` is given.
-        decoder: ``nn.Module`` mapping z ``(*batch, D)`` to the likelihood's
+            a ``posterior`` is given (one level).
+        decoder: ``nn.Module`` mapping z_L ``(*batch, D_L)`` to the likelihood's
             parameters ``(*batch, k * x_shape[0], *x_shape[1:])``,
             ``k = likelihood.channels``.
-        latent_dims: sizes of the latent levels, top to bottom. Only one level
-            (``[D]``) is supported for now.
+        latent_dims: sizes of the latent levels, top (z0) to bottom (zL), e.g.
+            ``[16, 32, 64]``; ``[D]`` is the one-level VAE.
         prior: p(z0), a module from :mod:`pyro_vae.priors` (default standard normal).
         likelihood: p(x | decoder output), from :mod:`pyro_vae.likelihoods`
             (default Bernoulli).
-        posterior: q(z0 | features) head (default
-            :class:`~pyro_vae.posteriors.DiagonalGaussian` on ``F`` features).
+        posterior: the guide's head on the encoder's features ``(*batch, F)``
+            for the level nearest the data, zL (default
+            :class:`~pyro_vae.posteriors.DiagonalGaussian`). In the bottom-up
+            guide it is q(zL | x); in the top-down guide its Gaussian is merged
+            with p(zL | zL-1).
         x_shape: shape of one data point; read from ``encoder.x_shape`` or
             ``decoder.x_shape`` when not given. Needed to sample without data.
-        beta: weight of the KL term, applied as ``poutine.scale(scale=beta)``
-            on the latent sites in both model and guide (1 = the ELBO).
+        beta: weight of the KL term, applied as ``poutine.scale`` on the
+            latent sites in both model and guide (1 = the ELBO). The scale
+            used is ``beta * kl_weight``; ``kl_weight`` (default 1) is the
+            attribute a KL warm-up schedule sets at each step.
+        guide: ``"bottom-up"`` (the seed's, default) or ``"top-down"`` (ladder).
+        transitions: optional list of L modules, ``transitions[l-1]`` mapping
+            z_{l-1} ``(*batch, D_{l-1})`` to a Pyro distribution over z_l with
+            event shape ``(D_l,)`` (default :class:`~pyro_vae.chain.GaussianNet`;
+            the top-down guide needs ``Normal(...).to_event(1)``).
+        hidden: width of the chain's own networks (transitions, bottom-up
+            conditionals, ladder).
 
     Example::
 
-        vae = VAE(nets.MLPEncoder((1, 28, 28)), nets.MLPDecoder(50, (1, 28, 28)), [50])
+        vae = VAE(nets.MLPEncoder((1, 28, 28)), nets.MLPDecoder(64, (1, 28, 28)),
+                  [16, 32, 64], guide="top-down")
         svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), Trace_ELBO())
         svi.step(x)   # x: (B, 1, 28, 28) in [0, 1]
     """
 
     def __init__(self, encoder, decoder, latent_dims=(50,), prior=None, likelihood=None,
-                 posterior=None, x_shape=None, beta=1.0):
+                 posterior=None, x_shape=None, beta=1.0, guide="bottom-up", transitions=None, hidden=256):
         super().__init__()
         latent_dims = [int(d) for d in latent_dims]
         if not latent_dims or any(d <= 0 for d in latent_dims):
             raise InputError(f"latent_dims must be a non-empty list of positive sizes, got {latent_dims}; "
                              "pass e.g. latent_dims=[50]")
-        if len(latent_dims) > 1:
-            raise NotImplementedError("multilevel latent chains are not implemented yet; use one level, e.g. [50]")
         if not (isinstance(beta, (int, float)) and beta > 0):
             raise InputError(f"beta must be a number > 0 (poutine.scale needs a positive scale), got {beta!r}; "
                              "pass e.g. beta=1.0")
+        if guide not in GUIDES:
+            raise InputError(f"unknown guide {guide!r}; choose one of: {', '.join(GUIDES)}")
         self.latent_dims = latent_dims
+        self.guide_order = guide
         self.encoder = encoder
         self.decoder = decoder
         self.prior = (prior if prior is not None else priors_.StandardNormal()).setup(latent_dims[0])
         self.likelihood = likelihood if likelihood is not None else Bernoulli()
+        features = getattr(encoder, "out_features", None)
         if posterior is None:
-            features = getattr(encoder, "out_features", None)
             if not isinstance(features, int):
                 raise InputError(
                     "cannot tell the width of the encoder's output: give the encoder an integer "
                     "attribute out_features, or pass posterior=DiagonalGaussian(width, latent_dim)"
                 )
-            posterior = DiagonalGaussian(features, latent_dims[0])
+            posterior = DiagonalGaussian(features, latent_dims[-1])
         self.posterior = posterior
         x_shape = x_shape or getattr(encoder, "x_shape", None) or getattr(decoder, "x_shape", None)
         self.x_shape = tuple(x_shape) if x_shape is not None else None
         self.beta = float(beta)
+        self.kl_weight = 1.0
+
+        levels = len(latent_dims) - 1  # L; empty module lists for one level keep the foundation's parameters
+        if transitions is None:
+            transitions = [GaussianNet(latent_dims[i], latent_dims[i + 1], hidden) for i in range(levels)]
+        if len(transitions) != levels:
+            raise InputError(f"transitions must hold {levels} modules (one per level below z0), "
+                             f"got {len(transitions)}")
+        self.transitions = nn.ModuleList(transitions)
+        self.guide_transitions = nn.ModuleList()  # bottom-up: q(z_l | z_l+1), index l
+        self.ladder = nn.ModuleList()             # top-down: d_l = ladder[l](d_l+1), index l
+        self.ladder_heads = nn.ModuleList()       # top-down: Gaussian from d_l, index l < L
+        if levels and guide == "bottom-up":
+            self.guide_transitions.extend(GaussianNet(latent_dims[i + 1], latent_dims[i], hidden)
+                                          for i in range(levels))
+        elif levels:
+            if not isinstance(features, int):
+                raise InputError("the top-down guide needs the encoder's width: give the encoder an integer "
+                                 "attribute out_features")
+            self.ladder.extend(mlp_features(features if i == levels - 1 else hidden, hidden)
+                               for i in range(levels))
+            self.ladder_heads.extend(DiagonalGaussian(hidden, latent_dims[i]) for i in range(levels))
+
+    @property
+    def levels(self):
+        """L: the index of the level nearest the data (0 for a one-level VAE)."""
+        return len(self.latent_dims) - 1
+
+    def check_elbo(self, elbo):
+        """Raise :class:`InputError` if the Pyro ELBO object ``elbo`` is invalid with this guide.
+
+        ``TraceMeanField_ELBO`` (and subclasses) with the bottom-up guide of a
+        chain is refused; everything else passes.
+        """
+        from pyro.infer import TraceMeanField_ELBO
+
+        if isinstance(elbo, TraceMeanField_ELBO) and self.levels and self.guide_order == "bottom-up":
+            raise InputError(MEANFIELD_BOTTOM_UP)
 
     # ------------------------------------------------------------------ Pyro
     def model(self, x=None, batch_size=None):
-        """The generative model p(x | z0) p(z0).
+        """The generative model p(x | zL) p(zL | zL-1) ... p(z1 | z0) p(z0).
 
         Args:
             x: observed data ``(B, *x_shape)``, or ``None`` to sample x.
@@ -105,38 +175,103 @@ class VAE(nn.Module):
         with pyro.plate("data", n, device=device):
             with self._kl_scale():
                 z = pyro.sample("z0", self.prior())
+                for level, transition in enumerate(self.transitions, start=1):
+                    z = pyro.sample(f"z{level}", transition(z))
             out = self.decoder(z)
             return pyro.sample("x", self.likelihood(out, len(self.x_shape)), obs=x)
 
     def guide(self, x, batch_size=None):
-        """The recognition model q(z0 | x): encoder features, then the posterior head.
+        """The recognition model q(z0, ..., zL | x), bottom-up or top-down (see the module's doc).
 
         Args:
             x: data ``(B, *x_shape)``.
             batch_size: ignored (accepted so that model and guide take the same arguments).
 
         Returns:
-            z0: ``(B, D)`` (with extra leading dims under vectorised particles).
+            z0: ``(B, D0)`` (with extra leading dims under vectorised particles).
         """
         pyro.module("vae", self)
         n, device = self._batch(x, None)
         with pyro.plate("data", n, device=device):
-            q = self.posterior(self.encoder(x))
+            h = self.encoder(x)
+            if self.guide_order == "top-down" and self.levels:
+                return self._top_down(h)
+            return self._bottom_up(h)
+
+    def _bottom_up(self, h):
+        """zL ~ q(zL | h), then zl ~ q(zl | zl+1) for l = L-1 .. 0."""
+        q = self.posterior(h)
+        for level in reversed(range(self.levels + 1)):
+            if level < self.levels:
+                q = self.guide_transitions[level](z)
+            if level > 0:
+                q = mark_bottom_up(q)  # same numbers; refuses TraceMeanField_ELBO's analytic KL here
             with self._kl_scale():
-                return pyro.sample("z0", q)
+                z = pyro.sample(f"z{level}", q)
+        return z
+
+    def _top_down(self, h):
+        """Features d_L = h, d_l = ladder[l](d_l+1) upwards; then z0, z1, ..., zL downwards."""
+        d = [None] * self.levels + [h]
+        for level in reversed(range(self.levels)):
+            d[level] = self.ladder[level](d[level + 1])
+        z0 = z = None
+        for level in range(self.levels + 1):
+            head = self.posterior if level == self.levels else self.ladder_heads[level]
+            q = head(d[level])
+            if level > 0:
+                q = precision_weighted(q, self.transitions[level - 1](z))
+            with self._kl_scale():
+                z = pyro.sample(f"z{level}", q)
+            z0 = z if level == 0 else z0
+        return z0
 
     # ------------------------------------------------------------ helpers
     @torch.no_grad()
     def reconstruct(self, x):
-        """E[x | z] at the posterior mean z = E_q[z0 | x]; ``(B, *x_shape) -> (B, *x_shape)``."""
+        """E[x | zL] with every guide level at its mean given the mean above
+        (one level: z0 = E_q[z0 | x]); ``(B, *x_shape) -> (B, *x_shape)``."""
         self.check_data(x)
-        z = self.posterior(self.encoder(x)).mean
-        return self.likelihood.mean(self.decoder(z))
+        with pyro.validation_enabled(False), _AtMean():
+            trace = poutine.trace(self.guide).get_trace(x)
+        return self.likelihood.mean(self.decoder(trace.nodes[f"z{self.levels}"]["value"]))
 
     @torch.no_grad()
     def sample(self, n):
-        """E[x | z] for ``n`` draws z0 ~ p(z0): ``(n, *x_shape)`` on the module's device."""
-        z = self.prior().sample((n,))
+        """E[x | zL] for ``n`` draws of the whole chain from the model: ``(n, *x_shape)``."""
+        return self._generate(None, 0, n)
+
+    @torch.no_grad()
+    def resample_below(self, x, level, n=1):
+        """Keep the guide's z0 ... z_{level-1} for each data point and redraw the levels below from the model.
+
+        Shows what each level controls: ``level=0`` draws everything from the
+        prior; ``level=L+1`` keeps every guide level (a sampled reconstruction).
+
+        Args:
+            x: data ``(B, *x_shape)``.
+            level: the first level redrawn, ``0 <= level <= L + 1``.
+            n: draws per data point.
+
+        Returns:
+            E[x | zL] ``(B, n, *x_shape)``.
+        """
+        self.check_data(x)
+        if not 0 <= int(level) <= self.levels + 1:
+            raise InputError(f"level must be in 0..{self.levels + 1} for a chain of {self.levels + 1} levels, "
+                             f"got {level}")
+        level = int(level)
+        rows = x.repeat_interleave(n, dim=0)  # (B * n, *x_shape): x0, x0, ..., x1, ...
+        z = None
+        if level > 0:
+            with pyro.validation_enabled(False):
+                z = poutine.trace(self.guide).get_trace(rows).nodes[f"z{level - 1}"]["value"]
+        return self._generate(z, level, rows.shape[0]).reshape(x.shape[0], n, *self.x_shape)
+
+    def _generate(self, z, start, n):
+        """Draw z_start ... zL from the model (``z``: the draw of z_{start-1}, ``(n, D)``), then E[x | zL]."""
+        for level in range(start, self.levels + 1):
+            z = self.prior().sample((n,)) if level == 0 else self.transitions[level - 1](z).sample()
         return self.likelihood.mean(self.decoder(z))
 
     @property
@@ -183,4 +318,13 @@ class VAE(nn.Module):
         return x.shape[0], x.device
 
     def _kl_scale(self):
-        return contextlib.nullcontext() if self.beta == 1.0 else poutine.scale(scale=self.beta)
+        scale = self.beta * self.kl_weight
+        return contextlib.nullcontext() if scale == 1.0 else poutine.scale(scale=scale)
+
+
+class _AtMean(Messenger):
+    """Set every unobserved sample site's value to its distribution's mean."""
+
+    def _pyro_sample(self, msg):
+        if not msg["is_observed"] and msg["value"] is None and not site_is_subsample(msg):
+            msg["value"] = msg["fn"].mean

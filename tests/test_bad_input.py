@@ -286,7 +286,7 @@ CASES = [
         r"--device cuda was asked for, but PyTorch sees no CUDA GPU here \(torch\.cuda\.is_available\(\) is False\)",
         r"use --device cpu", needs_no_gpu=True),
     cli("latent-dim-0", lambda ws: _train(ws, "--latent-dim", "0"),
-        r"latent_dim must be a positive integer, got 0", r"use --latent-dim 1 or more"),
+        r"latent_dims must be a non-empty list of positive integers \(top level first\), got \[0\]", r"use e\.g\. --latent-dims 16,32,64"),
     cli("hidden-negative", lambda ws: _train(ws, "--hidden", "-5"),
         r"hidden must be a positive integer, got -5", r"use --hidden 1 or more"),
     cli("epochs-0", lambda ws: _train(ws, "--epochs", "0"),
@@ -352,7 +352,7 @@ def trained_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYRO_VAE_CACHE", str(base / "cache"))
         config = RunConfig(data_dir=str(make_idx_dir(base / "idx", n_train=64, n_test=16)), epochs=1,
-                           latent_dim=3, hidden=16, batch_size=32)
+                           latent_dims=[3], hidden=16, batch_size=32)
         train(config, base / "run", progress=False)
     return base / "run"
 

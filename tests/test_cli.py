@@ -137,7 +137,7 @@ def test_resume_continues_the_run(idx_dir, tmp_path, capsys):
     assert cli.main(["train", "--out", str(split), "--resume", "--epochs", "2", "--no-progress"]) == 0
     config, metrics = _check_run_dir(split, epochs=2)
     assert metrics[0] == first[0], "resuming rewrote the first epoch"
-    assert config["latent_dim"] == 8 and config["epochs"] == 2
+    assert config["latent_dims"] == [8] and config["epochs"] == 2
     # a resumed run continues exactly where it stopped (same RNG, Adam state, data order)
     for a, b in zip(_metrics(straight), metrics):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
@@ -149,7 +149,7 @@ def test_resume_continues_the_run(idx_dir, tmp_path, capsys):
     assert cli.main(["train", "--out", str(split), "--resume", "--epochs", "3", "--latent-dim", "9",
                      "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "latent_dim" in err and "8" in err and "9" in err
+    assert "latent_dims" in err and "[8]" in err and "[9]" in err
     assert (split / "checkpoint.pt").read_bytes() == ckpt
     assert (split / "metrics.jsonl").read_text() == lines
 
@@ -191,7 +191,7 @@ def test_occupied_out_is_refused_then_overwrite_replaces_it(idx_dir, tmp_path, c
                      "--overwrite", *QUICK]) == 0
     assert (occupied / "checkpoint.pt").read_bytes() != before
     config, _ = _check_run_dir(occupied, epochs=1)
-    assert config["latent_dim"] == pyro_vae.RunConfig().latent_dim
+    assert config["latent_dims"] == pyro_vae.RunConfig().latent_dims
 
 
 # ------------------------------------------------------- bad data, Python API

@@ -64,7 +64,7 @@ def test_fit_and_evaluate_on_the_gpu(images):
 
 
 def test_train_run_on_the_gpu_and_reload(idx_dir, tmp_path):
-    config = RunConfig(data_dir=str(idx_dir), hidden=64, latent_dim=4, batch_size=64, epochs=1, device="cuda")
+    config = RunConfig(data_dir=str(idx_dir), hidden=64, latent_dims=[4], batch_size=64, epochs=1, device="cuda")
     train(config, tmp_path / "run", progress=False)
     vae, _ = load_run(tmp_path / "run")
     assert vae.device.type == "cuda"

@@ -11,7 +11,7 @@ from pyro_vae.train import TrainingDiverged, load_checkpoint, load_run, train
 
 
 def small_config(idx_dir, **kw):
-    return RunConfig(**{"data_dir": str(idx_dir), "hidden": 64, "latent_dim": 4, "batch_size": 64, **kw})
+    return RunConfig(**{"data_dir": str(idx_dir), "hidden": 64, "latent_dims": [4], "batch_size": 64, **kw})
 
 
 def test_fit_lowers_the_loss_and_reports_per_image(images):
@@ -28,12 +28,12 @@ def test_fit_lowers_the_loss_and_reports_per_image(images):
 def test_train_writes_the_run_directory(idx_dir, tmp_path):
     out = tmp_path / "run"
     vae, history = train(small_config(idx_dir, epochs=2), out, progress=False)
-    assert json.loads((out / "config.json").read_text())["latent_dim"] == 4
+    assert json.loads((out / "config.json").read_text())["latent_dims"] == [4]
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2] and lines == history
     assert {"train_loss", "test_elbo", "seconds"} <= set(lines[0])
     ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 8 and ckpt["config"]["latent_dim"] == 4
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 8 and ckpt["config"]["latent_dims"] == [4]
     assert {"model", "optim", "rng", "history"} <= set(ckpt)
     assert not list(out.glob("*.tmp"))
     loaded, config = load_run(out)
@@ -98,8 +98,8 @@ def test_occupied_directory_and_bad_resume_are_refused(idx_dir, tmp_path):
     before = (out / "checkpoint.pt").read_bytes()
     with pytest.raises(InputError, match="--resume"):
         train(small_config(idx_dir, epochs=1), out, progress=False)
-    with pytest.raises(InputError, match="latent_dim"):
-        train(small_config(idx_dir, epochs=2, latent_dim=8), out, resume=True, progress=False)
+    with pytest.raises(InputError, match=r"latent_dims: run has \[4\], asked \[8\]"):
+        train(small_config(idx_dir, epochs=2, latent_dims=[8]), out, resume=True, progress=False)
     with pytest.raises(InputError, match="no checkpoint"):
         train(small_config(idx_dir, epochs=1), tmp_path / "empty", resume=True, progress=False)
     assert (out / "checkpoint.pt").read_bytes() == before
@@ -182,7 +182,7 @@ def test_gradient_clipping_bounds_the_update(images):
     (dict(elbo="renyi"), "unknown elbo"),
     (dict(binarize="sometimes"), "unknown binarize"),
     (dict(epochs=0), "epochs"),
-    (dict(latent_dim=0), "latent_dim"),
+    (dict(latent_dims=[0]), "latent_dim"),
     (dict(lr=-1.0), "lr"),
     (dict(batch_size=100000), "larger than the data"),
 ])

@@ -1,0 +1,116 @@
+"""Tools against posterior collapse: a KL warm-up schedule and the free-bits objective.
+
+* :class:`KLWarmup` gives the weight that :attr:`pyro_vae.VAE.kl_weight`
+  takes at each step; the VAE applies ``beta * kl_weight`` through
+  ``poutine.scale`` on every latent site of both model and guide, so the
+  loss at a step is ``-E_q[log p(x | zL)] + beta * kl_weight * KL`` (each
+  latent site's ``log q - log p`` scaled).
+* :class:`FreeBitsELBO` is ``Trace_ELBO`` with a KL floor per latent site
+  (per level). It is a training objective, **not** a bound on log p(x):
+  report the ELBO and the IW estimate from :mod:`pyro_vae.evaluate`.
+"""
+
+import math
+
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import torch_item
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import kl_divergence
+
+from .errors import InputError
+
+
+class KLWarmup:
+    """Linear KL warm-up: the weight at 0-based step ``t`` is ``min(1, (t + 1) / steps)``.
+
+    It starts at ``1 / steps`` (small and positive, as ``poutine.scale``
+    needs) and is 1 from step ``steps - 1`` on. ``steps=0`` means no warm-up
+    (always 1).
+
+    Example::
+
+        warmup = KLWarmup(5000)
+        for t, x in enumerate(batches):
+            vae.kl_weight = warmup(t)
+            svi.step(x)
+        vae.kl_weight = 1.0
+    """
+
+    def __init__(self, steps):
+        if int(steps) != steps or steps < 0:
+            raise InputError(f"KL warm-up steps must be an integer >= 0 (0: off), got {steps}")
+        self.steps = int(steps)
+
+    def __call__(self, step):
+        """The KL weight (a float in (0, 1]) for 0-based step ``step``."""
+        if self.steps == 0:
+            return 1.0
+        return min(1.0, (int(step) + 1) / self.steps)
+
+
+class FreeBitsELBO(Trace_ELBO):
+    """``Trace_ELBO`` with free bits per latent site (Kingma et al. 2016, IAF paper, eq. 15).
+
+    For each latent site (each level z_l) the minibatch-mean KL
+    ``k_l = mean over data points (and particles) of log q(z_l | .) - log p(z_l | .)``
+    enters the loss as ``max(free_bits, k_l)`` per data point, times the
+    site's scale (β, KL warm-up). Above the floor the loss is exactly
+    ``Trace_ELBO``'s; below it the level's KL is a constant, so nothing
+    pushes that level's KL further down. The observed sites enter as in the
+    ELBO. The loss is therefore a training objective, **not** a bound.
+
+    Args:
+        free_bits: the floor, in nats per data point per level (>= 0).
+        analytic_kl: use ``kl_divergence(q, p)`` per site where one is
+            registered (as ``TraceMeanField_ELBO`` does), else the sampled
+            ``log q - log p``.
+        **kwargs: passed to ``Trace_ELBO`` (``num_particles``,
+            ``vectorize_particles``, ``max_plate_nesting``, ...).
+
+    Latent sites must be reparameterised (every guide in :mod:`pyro_vae` is).
+    """
+
+    def __init__(self, free_bits, analytic_kl=False, **kwargs):
+        if not (isinstance(free_bits, (int, float)) and math.isfinite(free_bits) and free_bits >= 0):
+            raise InputError(f"free bits must be a number of nats >= 0, got {free_bits!r}")
+        super().__init__(**kwargs)
+        self.free_bits = float(free_bits)
+        self.analytic_kl = bool(analytic_kl)
+
+    def site_kls(self, model_trace, guide_trace):
+        """Per latent site: the unscaled KL per data point ``(*particles, B)`` and the site's scale."""
+        out = {}
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+                continue
+            q_site = guide_trace.nodes.get(name)
+            if q_site is None:
+                raise InputError(f"latent site {name!r} of the model has no match in the guide")
+            if not q_site["fn"].has_rsample:
+                raise InputError(f"free bits need reparameterised latent sites; {name!r} draws from "
+                                 f"{type(q_site['fn']).__name__}, which has no rsample")
+            kl = None
+            if self.analytic_kl:
+                try:
+                    kl = kl_divergence(q_site["fn"], site["fn"])
+                except NotImplementedError:
+                    pass
+            if kl is None:
+                kl = q_site["unscaled_log_prob"] - site["unscaled_log_prob"]
+            scale = q_site["scale"]
+            if torch.is_tensor(scale) and scale.numel() != 1:
+                raise InputError(f"free bits need one scale per site; {name!r} has a scale of shape "
+                                 f"{tuple(scale.shape)}")
+            out[name] = (kl, float(scale))
+        return out
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        objective = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and site["is_observed"]:
+                objective = objective + site["log_prob_sum"]
+        for name, (kl, scale) in self.site_kls(model_trace, guide_trace).items():
+            floored = torch.clamp(kl.mean(), min=self.free_bits) * kl.numel()
+            objective = objective - scale * floored
+        return -torch_item(objective), -objective
