@@ -39,7 +39,8 @@ class KLWarmup:
 
     def __init__(self, steps):
         if int(steps) != steps or steps < 0:
-            raise InputError(f"KL warm-up steps must be an integer >= 0 (0: off), got {steps}")
+            raise InputError(f"KL warm-up steps must be an integer >= 0 (0: off), got {steps}; "
+                             "pass e.g. KLWarmup(10000), or 0 for no warm-up")
         self.steps = int(steps)
 
     def __call__(self, step):
@@ -104,6 +105,11 @@ class FreeBitsELBO(Trace_ELBO):
                                  f"{tuple(scale.shape)}")
             out[name] = (kl, float(scale))
         return out
+
+    def loss(self, model, guide, *args, **kwargs):
+        """The free-bits loss (a float), averaged over particles (``Trace_ELBO.loss`` would give the ELBO)."""
+        with torch.no_grad():
+            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         objective = 0.0

@@ -133,7 +133,8 @@ class RunConfig:
             raise InputError(f"free_bits must be a number of nats >= 0 (0: off), got {self.free_bits}; "
                              "use e.g. --free-bits 0.5")
         if int(self.kl_warmup) < 0:
-            raise InputError(f"kl_warmup must be a number of steps >= 0 (0: off), got {self.kl_warmup}")
+            raise InputError(f"kl_warmup must be a number of steps >= 0 (0: off), got {self.kl_warmup}; "
+                             "use e.g. --kl-warmup 10000, or 0 for no warm-up")
         for key in ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps"):
             if int(getattr(self, key)) < 1:
                 raise InputError(f"{key} must be a positive integer, got {getattr(self, key)}; "

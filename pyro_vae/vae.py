@@ -125,8 +125,9 @@ class VAE(nn.Module):
         if transitions is None:
             transitions = [GaussianNet(latent_dims[i], latent_dims[i + 1], hidden) for i in range(levels)]
         if len(transitions) != levels:
-            raise InputError(f"transitions must hold {levels} modules (one per level below z0), "
-                             f"got {len(transitions)}")
+            raise InputError(f"transitions must hold {levels} module{'s' if levels != 1 else ''} (one per level "
+                             f"below z0, len(latent_dims) - 1), got {len(transitions)}; pass one module per level "
+                             "below z0, or transitions=None for the default GaussianNet transitions")
         self.transitions = nn.ModuleList(transitions)
         self.guide_transitions = nn.ModuleList()  # bottom-up: q(z_l | z_l+1), index l
         self.ladder = nn.ModuleList()             # top-down: d_l = ladder[l](d_l+1), index l
@@ -150,12 +151,14 @@ class VAE(nn.Module):
     def check_elbo(self, elbo):
         """Raise :class:`InputError` if the Pyro ELBO object ``elbo`` is invalid with this guide.
 
-        ``TraceMeanField_ELBO`` (and subclasses) with the bottom-up guide of a
-        chain is refused; everything else passes.
+        ``TraceMeanField_ELBO`` (and subclasses) or any ELBO with
+        ``analytic_kl`` set (:class:`~pyro_vae.objectives.FreeBitsELBO`) with
+        the bottom-up guide of a chain is refused; everything else passes.
         """
         from pyro.infer import TraceMeanField_ELBO
 
-        if isinstance(elbo, TraceMeanField_ELBO) and self.levels and self.guide_order == "bottom-up":
+        analytic = isinstance(elbo, TraceMeanField_ELBO) or getattr(elbo, "analytic_kl", False)
+        if analytic and self.levels and self.guide_order == "bottom-up":
             raise InputError(MEANFIELD_BOTTOM_UP)
 
     # ------------------------------------------------------------------ Pyro

@@ -16,11 +16,13 @@ import torch
 
 import pyro_vae
 from pyro_vae import cli
+from pyro_vae.checkpoints import load_checkpoint
 
 from conftest import needs_fashion_mnist
 
 CLI = [sys.executable, "-m", "pyro_vae.cli"]
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "samples.png", "reconstructions.png", "curves.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "samples.png", "reconstructions.png", "levels.png",
+             "curves.png")
 QUICK = ["--no-progress", "--batch-size", "64"]
 
 
@@ -55,7 +57,7 @@ def _check_run_dir(run_dir, epochs):
     for name in RUN_FILES:
         assert (run_dir / name).is_file(), f"{name} missing from {run_dir}"
         assert (run_dir / name).stat().st_size > 0, f"{name} is empty"
-    for name in ("samples.png", "reconstructions.png", "curves.png"):
+    for name in ("samples.png", "reconstructions.png", "levels.png", "curves.png"):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
     metrics = _metrics(run_dir)
     assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1))
@@ -74,7 +76,7 @@ def test_train_help_lists_every_flag(capsys):
         assert flag in text, f"{flag} missing from train --help"
     for flag in ("--dataset", "--epochs", "--out", "--arch", "--latent-dim", "--likelihood", "--elbo",
                  "--device", "--seed", "--resume", "--overwrite", "--data-dir", "--batch-size", "--binarize",
-                 "--no-progress"):
+                 "--no-progress", "--latent-dims", "--guide", "--kl-warmup", "--free-bits"):
         assert flag in flags, f"the parser has no {flag}"
         assert flag in text
 
@@ -152,6 +154,58 @@ def test_resume_continues_the_run(idx_dir, tmp_path, capsys):
     assert "latent_dims" in err and "[8]" in err and "[9]" in err
     assert (split / "checkpoint.pt").read_bytes() == ckpt
     assert (split / "metrics.jsonl").read_text() == lines
+
+
+def test_chain_train_then_evaluate(idx_dir, tmp_path):
+    """A two-level top-down chain with KL warm-up and free bits, from the command line to eval.json."""
+    out, warmup, batch_size, epochs = tmp_path / "chain", 5, 256, 2
+    assert cli.main(["train", "--data-dir", str(idx_dir), "--out", str(out), "--epochs", str(epochs),
+                     "--latent-dims", "4,8", "--guide", "top-down", "--kl-warmup", str(warmup),
+                     "--free-bits", "0.1", "--hidden", "16", "--batch-size", str(batch_size), "--no-progress"]) == 0
+    config, metrics = _check_run_dir(out, epochs=epochs)
+    assert config["latent_dims"] == [4, 8] and config["guide"] == "top-down"
+    assert config["kl_warmup"] == warmup and config["free_bits"] == 0.1
+    # 512 training images in batches of 256: 2 steps an epoch, so the warm-up (5 steps) spans both epochs
+    steps = math.ceil(512 / batch_size)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == epochs * steps
+    for m in metrics:
+        t = m["epoch"] * steps - 1  # the 0-based count of the epoch's last step
+        assert m["kl_weight"] == min(1.0, (t + 1) / warmup), m
+        assert math.isfinite(m["test_kl_z0"]) and math.isfinite(m["test_kl_z1"]) and "test_kl_z2" not in m
+    assert [m["kl_weight"] for m in metrics] == [0.4, 0.8]
+
+    # plots.save_levels: 4 images x (L + 2) rows of 1 + 8 tiles (28 x 28), make_grid padding 2
+    from PIL import Image
+
+    images, samples, levels, tile, pad = 4, 8, 2, 28, 2
+    with Image.open(out / "levels.png") as png:
+        assert png.size == ((samples + 1) * (tile + pad) + pad, images * (levels + 1) * (tile + pad) + pad)
+
+    assert cli.main(["evaluate", str(out), "--iw-samples", "5", "--limit", "50", "--no-progress"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["n"] == 50 and summary["latent_dims"] == [4, 8]
+    assert 0 <= summary["active_units_z0"] <= 4 and 0 <= summary["active_units_z1"] <= 8
+    assert isinstance(summary["active_units_z0"], int) and isinstance(summary["active_units_z1"], int)
+    assert "kl_z2" not in summary and "active_units_z2" not in summary
+    assert all(math.isfinite(summary[k]) for k in ("elbo", "reconstruction", "kl", "kl_z0", "kl_z1",
+                                                    "iw_log_likelihood"))
+    assert summary["kl_z0"] + summary["kl_z1"] == pytest.approx(summary["kl"], abs=1e-4)
+    assert summary["elbo"] == pytest.approx(summary["reconstruction"] - summary["kl"], abs=1e-2)
+
+
+def test_resume_of_a_chain_with_another_guide_is_refused(idx_dir, tmp_path, capsys):
+    out = tmp_path / "chain"
+    assert cli.main(["train", "--out", str(out), "--data-dir", str(idx_dir), "--epochs", "1", "--latent-dims", "3,4",
+                     "--guide", "top-down", "--hidden", "16", *QUICK]) == 0
+    ckpt, lines = (out / "checkpoint.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--epochs", "2", "--guide", "bottom-up",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "guide: run has 'top-down', asked 'bottom-up'" in err, err
+    assert "latent_dims" not in err, err  # only the setting that differs is named
+    assert (out / "checkpoint.pt").read_bytes() == ckpt
+    assert (out / "metrics.jsonl").read_text() == lines
 
 
 def test_resume_without_a_run(tmp_path, idx_dir, capsys):

@@ -70,3 +70,25 @@ def test_train_run_on_the_gpu_and_reload(idx_dir, tmp_path):
     assert vae.device.type == "cuda"
     cpu_vae, _ = load_run(tmp_path / "run", device="cpu")
     assert cpu_vae.device.type == "cpu"
+
+
+@pytest.mark.parametrize("guide", ["bottom-up", "top-down"])
+def test_a_chain_on_the_gpu(guide, images, tmp_path):
+    from pyro_vae import plots
+
+    pyro.set_rng_seed(0)
+    vae = VAE(*nets.build("mlp", (1, 28, 28), 6, hidden=64), [3, 4, 6], guide=guide, hidden=32).to(CUDA)
+    x = images.to(CUDA)
+    guide_tr = poutine.trace(vae.guide).get_trace(x[:8])
+    model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x[:8])
+    for trace in (guide_tr, model_tr):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample":
+                assert all(t.device.type == "cuda" for t in tensors_of(site)), name
+    history = fit(vae, x, x[:32], epochs=2, batch_size=32, dynamic_binarize=True, kl_warmup=3,
+                  free_bits=0.1, progress=False, log=None)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    summary = evaluate.evaluate(vae, x[:16], iw_samples=20, progress=False)
+    assert {"kl_z0", "kl_z1", "kl_z2", "active_units_z2"} <= set(summary)
+    assert vae.resample_below(x[:2], 1, 3).device.type == "cuda"
+    plots.save_levels(vae, x, tmp_path / "levels.png")

@@ -22,7 +22,23 @@ def test_tutorial_example_prints_test_elbo_per_epoch(extra, tmp_path, cli_env):
     assert all(e < 0 for e in elbos) and elbos[1] > elbos[0]
 
 
-def test_example_uses_only_the_public_api():
-    text = (EXAMPLES / "vae.py").read_text()
+@pytest.mark.parametrize("name", ["vae.py", "hierarchical.py"])
+def test_example_uses_only_the_public_api(name):
+    text = (EXAMPLES / name).read_text()
     assert "from pyro_vae import" in text
     assert "pyro_vae." not in text.replace("from pyro_vae import", "")
+
+
+def test_hierarchical_example_prints_per_level_kl_and_iw_for_each_guide(tmp_path, cli_env):
+    idx_dir = make_idx_dir(tmp_path / "idx", n_train=512, n_test=64)
+    result = subprocess.run([sys.executable, str(EXAMPLES / "hierarchical.py"), "-n", "2", "--warmup-epochs", "1",
+                             "--iw-samples", "20", "--data-dir", str(idx_dir)],
+                            capture_output=True, text=True, env=cli_env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for guide in ("bottom-up", "top-down"):
+        losses = [float(l.rsplit(":", 1)[1]) for l in result.stdout.splitlines()
+                  if l.startswith(f"[{guide} epoch")]
+        assert len(losses) == 2
+        (summary,) = [l for l in result.stdout.splitlines() if l.startswith(f"{guide}: test ELBO")]
+        assert "IW log p(x) (K=20)" in summary
+        assert "z0: KL" in summary and "/16 active" in summary and "z1: KL" in summary and "/50 active" in summary

@@ -18,3 +18,17 @@ def test_readme_snippet_trains():
     exec(compile(code, "README.md", "exec"), scope)
     x = scope["x_test"][:500].bernoulli()
     assert scope["svi"].evaluate_loss(x) / 500 < 400  # trained: an untrained net scores about 550
+
+
+@needs_fashion_mnist
+def test_readme_chain_snippet_trains_with_warmup():
+    first, chain = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[:2]
+    pyro.clear_param_store()
+    scope = {}
+    exec(compile(first.split("vae = VAE(")[0], "README.md", "exec"), scope)  # the imports and the data
+    scope["batches"] = list(scope["data"].Batches(scope["x_train"][:2048], 256, scope["torch"].Generator(),
+                                                  dynamic_binarize=True))
+    exec(compile(chain, "README.md", "exec"), scope)
+    vae = scope["vae"]
+    assert vae.latent_dims == [16, 50] and vae.guide_order == "top-down"
+    assert vae.kl_weight == 8 / 2350  # the warm-up's weight at the last of the 8 steps

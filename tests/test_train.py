@@ -54,6 +54,80 @@ def test_resume_continues_exactly(idx_dir, tmp_path):
     assert [r["test_elbo"] for r in a] == [r["test_elbo"] for r in history]
 
 
+def _without_seconds(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_resume_of_a_top_down_chain_mid_warmup_continues_exactly(idx_dir, tmp_path):
+    """A two-level top-down chain whose KL warm-up (12 steps) spans the resume (8 steps an epoch):
+    2 epochs in one go and 1 + 1 after a resume give bitwise equal parameters and history."""
+    chain = dict(latent_dims=[3, 4], guide="top-down", kl_warmup=12, hidden=16)
+    straight, expected = train(small_config(idx_dir, epochs=2, **chain), tmp_path / "a", progress=False,
+                               pictures=False)
+    train(small_config(idx_dir, epochs=1, **chain), tmp_path / "b", progress=False, pictures=False)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 8
+    resumed, history = train(small_config(idx_dir, epochs=2, **chain), tmp_path / "b", resume=True,
+                             progress=False, pictures=False)
+    assert [r["kl_weight"] for r in expected] == [8 / 12, 1.0]
+    assert list(straight.state_dict()) == list(resumed.state_dict())
+    assert any(name.startswith("transitions.") for name in straight.state_dict())
+    assert any(name.startswith("ladder.") for name in straight.state_dict())
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert {"test_kl_z0", "test_kl_z1", "kl_weight"} <= set(history[-1])
+    assert _without_seconds(history) == _without_seconds(expected)
+    a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert _without_seconds(a) == _without_seconds(b) == _without_seconds(expected)
+    assert resumed.kl_weight == 1.0  # fit leaves the VAE at the full KL
+
+
+def _legacy(config):
+    """A config dict as runs before multilevel chains wrote it: ``latent_dim``, no guide, warm-up or free bits."""
+    old = dict(config)
+    (old["latent_dim"],) = old.pop("latent_dims")
+    for key in ("guide", "kl_warmup", "free_bits"):
+        del old[key]
+    return old
+
+
+def test_a_legacy_latent_dim_config_is_one_level():
+    old = _legacy(RunConfig(latent_dims=[7]).to_dict())
+    assert old["latent_dim"] == 7 and "latent_dims" not in old
+    kept = dict(old)
+    config = RunConfig.from_dict(old)
+    assert old == kept, "from_dict changed its argument"
+    assert config.latent_dims == [7] and config.validate().latent_dims == [7]
+    assert (config.guide, config.kl_warmup, config.free_bits) == ("bottom-up", 0, 0.0)
+    with pytest.raises(InputError, match="unknown configuration keys: latent_dimz"):
+        RunConfig.from_dict({**old, "latent_dimz": 3})
+
+
+def test_a_run_written_before_chains_still_loads_and_resumes(idx_dir, tmp_path):
+    out = tmp_path / "old"
+    vae, _ = train(small_config(idx_dir, epochs=1, hidden=16), out, progress=False, pictures=False)
+    # rewrite the run as the one-level code wrote it: latent_dim in checkpoint.pt and config.json,
+    # epoch records without the chain's metrics
+    path = out / "checkpoint.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["config"] = _legacy(payload["config"])
+    payload["history"] = [{k: v for k, v in r.items() if k in ("epoch", "train_loss", "test_elbo", "seconds")}
+                          for r in payload["history"]]
+    torch.save(payload, path)
+    (out / "config.json").write_text(json.dumps(payload["config"], indent=2) + "\n")
+    assert "latent_dims" not in load_checkpoint(path)["config"]
+
+    loaded, config = load_run(out)
+    assert config.latent_dims == [4] and loaded.latent_dims == [4] and loaded.levels == 0
+    assert list(loaded.state_dict()) == list(vae.state_dict())
+    for (name, a), b in zip(vae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    # and it resumes with today's settings (latent_dims=[4] is the run's latent_dim=4)
+    _, history = train(small_config(idx_dir, epochs=2, hidden=16), out, resume=True, progress=False, pictures=False)
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert load_checkpoint(path)["config"]["latent_dims"] == [4]
+
+
 def test_sigint_mid_epoch_saves_a_checkpoint_that_resumes_exactly(idx_dir, tmp_path, monkeypatch):
     import os
     import signal
