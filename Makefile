@@ -34,7 +34,7 @@ data:
 demo: setup data
 	$(BIN)/pyro-vae train --dataset fashion-mnist --arch mlp --epochs $(DEMO_EPOCHS) --out $(DEMO) --overwrite
 	$(BIN)/pyro-vae evaluate $(DEMO) --iw-samples $(DEMO_IW)
-	@echo "Pictures and metrics are in $(DEMO)/: samples.png reconstructions.png curves.png metrics.jsonl eval.json"
+	@echo "Pictures and metrics are in $(DEMO)/: samples.png reconstructions.png levels.png curves.png metrics.jsonl eval.json"
 
 test: setup data
 	$(BIN)/python -m pytest -q
