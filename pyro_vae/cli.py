@@ -35,6 +35,8 @@ def _parser():
                    help="sizes of the latent levels, top (z0) to bottom, e.g. 16,32,64; one number is "
                         f"the one-level VAE (default {','.join(map(str, DEFAULTS.latent_dims))})")
     t.add_argument("--guide", help=f"bottom-up or top-down (default {DEFAULTS.guide})")
+    t.add_argument("--prior", help="p(z0): standard, learned, mog:K, vamp:K or flow:K "
+                                   f"(default {DEFAULTS.prior})")
     t.add_argument("--hidden", type=int, help=f"MLP hidden width, also of the chain's networks "
                                               f"(default {DEFAULTS.hidden})")
     t.add_argument("--likelihood", help=f"bernoulli or gaussian (default {DEFAULTS.likelihood})")

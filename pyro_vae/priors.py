@@ -1,21 +1,38 @@
 """Priors p(z0) over the top latent level.
 
 A prior is an ``nn.Module`` that :class:`pyro_vae.VAE` builds for the top
-level's size with ``setup(dim)`` and then calls with no argument to get a Pyro
-distribution with ``event_shape == (dim,)`` and ``batch_shape == ()``; the
-model's ``pyro.plate("data", ...)`` broadcasts it over the batch. Its tensors
-are buffers or parameters, so they follow ``vae.to(device)``.
+level's size with ``setup(dim, vae)`` and then calls with no argument to get a
+Pyro distribution with ``event_shape == (dim,)`` and ``batch_shape == ()``;
+the model's ``pyro.plate("data", ...)`` broadcasts it over the batch. Its
+tensors are buffers or parameters, so they follow ``vae.to(device)`` and
+learnable ones are trained by SVI with the rest (``pyro.module`` registers
+the whole VAE).
+
+Analytic KL: only :class:`StandardNormal` and :class:`LearnedNormal` have one
+to the Gaussian guides. With the others ``TraceMeanField_ELBO`` falls back,
+per site, to the sampled ``log q - log p`` (Pyro's own fallback when
+``kl_divergence`` is not registered), which is still an unbiased ELBO.
+
+A user's own prior: any Pyro distribution with event shape ``(dim,)``, or
+any callable (an ``nn.Module`` too, whose parameters are then trained)
+returning one; :func:`build` wraps it.
 """
 
+import math
+
 import pyro.distributions as dist
+from pyro.distributions.torch_distribution import TorchDistributionMixin
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from .errors import InputError
 
 
 class StandardNormal(nn.Module):
     """p(z0) = N(0, I): the seed's prior. Has an analytic KL to Gaussian guides."""
 
-    def setup(self, dim):
+    def setup(self, dim, vae=None):
         """Make the ``(dim,)`` mean and scale buffers; returns ``self``."""
         self.register_buffer("loc", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
@@ -24,3 +41,167 @@ class StandardNormal(nn.Module):
     def forward(self):
         """``Normal(0, 1).to_event(1)`` with event shape ``(dim,)``."""
         return dist.Normal(self.loc, self.scale).to_event(1)
+
+
+class LearnedNormal(nn.Module):
+    """p(z0) = N(mu, diag(sigma^2)) with learnable ``mu`` (init 0) and
+    ``sigma = softplus(raw)`` (init 1). Has an analytic KL to Gaussian guides."""
+
+    def setup(self, dim, vae=None):
+        self.loc = nn.Parameter(torch.zeros(dim))
+        self.raw_scale = nn.Parameter(torch.full((dim,), math.log(math.expm1(1.0))))
+        return self
+
+    def forward(self):
+        return dist.Normal(self.loc, F.softplus(self.raw_scale)).to_event(1)
+
+
+class MixtureOfGaussians(nn.Module):
+    """p(z0) = sum_k w_k N(mu_k, diag(sigma_k^2)) with learnable weights (softmax of
+    logits, init uniform), means (init N(0, 1)) and scales (softplus, init 1),
+    as ``pyro.distributions.MixtureSameFamily``.
+
+    Args:
+        k: number of components.
+    """
+
+    def __init__(self, k=10):
+        super().__init__()
+        if int(k) < 1:
+            raise InputError(f"MixtureOfGaussians needs k >= 1 components, got {k}; use e.g. k=10")
+        self.k = int(k)
+
+    def setup(self, dim, vae=None):
+        self.logits = nn.Parameter(torch.zeros(self.k))
+        self.locs = nn.Parameter(torch.randn(self.k, dim))
+        self.raw_scales = nn.Parameter(torch.full((self.k, dim), math.log(math.expm1(1.0))))
+        return self
+
+    def forward(self):
+        components = dist.Normal(self.locs, F.softplus(self.raw_scales)).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+
+
+class VampPrior(nn.Module):
+    """The VampPrior (Tomczak & Welling 2018): p(z0) = (1/k) sum_k q(z0 | u_k), a
+    mixture of the guide's own posteriors at ``k`` learnable pseudo-inputs u_k.
+
+    The pseudo-inputs have the data's shape and live in [0, 1]
+    (``sigmoid`` of a learnable tensor, initialised around 0.5 with small noise).
+    q(z0 | u) must be available in closed form: a one-level VAE or the
+    top-down guide (where z0 is drawn first); the bottom-up guide of a chain
+    draws z0 last, given z1, and is refused.
+
+    Args:
+        k: number of pseudo-inputs.
+    """
+
+    def __init__(self, k=500):
+        super().__init__()
+        if int(k) < 1:
+            raise InputError(f"VampPrior needs k >= 1 pseudo-inputs, got {k}; use e.g. k=500")
+        self.k = int(k)
+
+    def setup(self, dim, vae=None):
+        if vae is None or vae.x_shape is None:
+            raise InputError("VampPrior needs the VAE's data shape: pass x_shape=... to VAE")
+        if vae.levels and vae.guide_order == "bottom-up":
+            raise InputError("VampPrior needs q(z0 | x) in closed form, but the bottom-up guide of a chain draws "
+                             "z0 last, given z1; use guide='top-down' (--guide top-down) or another prior")
+        self.pseudo_inputs = nn.Parameter(0.1 * torch.randn(self.k, *vae.x_shape))
+        self._q_top = vae.q_top  # a bound method, not a submodule: no cycle in the module tree
+        return self
+
+    def forward(self):
+        q = self._q_top(torch.sigmoid(self.pseudo_inputs))  # batch (k,), event (dim,)
+        weights = dist.Categorical(logits=torch.zeros(self.k, device=self.pseudo_inputs.device))
+        return dist.MixtureSameFamily(weights, q)
+
+
+class FlowPrior(nn.Module):
+    """p(z0): a standard normal pushed through ``k`` affine autoregressive flows
+    (``pyro.distributions.transforms.affine_autoregressive``), used in the
+    inverse (MAF) direction so that scoring z0, which every ELBO step does, is
+    one parallel pass; sampling (only for pictures) is sequential.
+
+    Args:
+        k: number of flow steps.
+        hidden: widths of each flow's autoregressive network.
+    """
+
+    def __init__(self, k=2, hidden=(64,)):
+        super().__init__()
+        if int(k) < 1:
+            raise InputError(f"FlowPrior needs k >= 1 flow steps, got {k}; use e.g. k=2")
+        self.k, self.hidden = int(k), [int(h) for h in hidden]
+
+    def setup(self, dim, vae=None):
+        if dim < 2:
+            raise InputError(f"FlowPrior needs a top level of 2 or more dimensions, got {dim}")
+        self.register_buffer("loc", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        self.flows = nn.ModuleList(dist.transforms.affine_autoregressive(dim, hidden_dims=self.hidden)
+                                   for _ in range(self.k))
+        return self
+
+    def forward(self):
+        base = dist.Normal(self.loc, self.scale).to_event(1)
+        return dist.TransformedDistribution(base, [flow.inv for flow in self.flows])
+
+
+class UserPrior(nn.Module):
+    """Wraps a user's Pyro distribution or callable (see :func:`build`)."""
+
+    def __init__(self, prior):
+        super().__init__()
+        self.prior = prior  # an nn.Module is registered as a submodule, so its parameters train
+
+    def setup(self, dim, vae=None):
+        self.dim = dim
+        d = self()
+        if not isinstance(d, TorchDistributionMixin):
+            raise InputError(f"the prior must be a Pyro distribution or return one, got {type(d).__name__}; "
+                             "use pyro.distributions (e.g. dist.Normal(loc, scale).to_event(1))")
+        if tuple(d.event_shape) != (dim,) or tuple(d.batch_shape) != ():
+            raise InputError(f"the prior must have event shape ({dim},) and batch shape (), got event shape "
+                             f"{tuple(d.event_shape)} and batch shape {tuple(d.batch_shape)}; "
+                             "use .to_event(1) on a distribution over a vector of the top level's size")
+        return self
+
+    def forward(self):
+        if isinstance(self.prior, TorchDistributionMixin):  # a distribution is callable too: it samples
+            return self.prior
+        return self.prior()
+
+
+def wrap(prior):
+    """A prior module, not yet set up: ``prior`` itself if it has ``setup``,
+    :class:`StandardNormal` for ``None``, else a :class:`UserPrior` around a
+    Pyro distribution or a callable returning one."""
+    if prior is None:
+        prior = StandardNormal()
+    if not hasattr(prior, "setup"):
+        if not (isinstance(prior, TorchDistributionMixin) or callable(prior)):
+            raise InputError(f"prior must be a pyro_vae.priors module, a Pyro distribution or a callable "
+                             f"returning one, got {type(prior).__name__}; pass e.g. priors.MixtureOfGaussians(10) "
+                             "or dist.Normal(torch.zeros(D), 1.0).to_event(1)")
+        prior = UserPrior(prior)
+    return prior
+
+
+PRIORS = ("standard", "learned", "mog:K", "vamp:K", "flow:K")
+
+
+def from_name(name):
+    """A prior from its command-line name: ``standard``, ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``."""
+    kind, _, k = str(name).partition(":")
+    simple = {"standard": StandardNormal, "learned": LearnedNormal}
+    counted = {"mog": MixtureOfGaussians, "vamp": VampPrior, "flow": FlowPrior}
+    if kind in simple and not k:
+        return simple[kind]()
+    if kind in counted:
+        try:
+            return counted[kind](int(k) if k else {"mog": 10, "vamp": 500, "flow": 2}[kind])
+        except ValueError:
+            pass
+    raise InputError(f"unknown prior {name!r}; choose one of: {', '.join(PRIORS)} (K a positive integer)")

@@ -41,7 +41,7 @@ import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from . import data as data_
-from . import likelihoods, nets, plots
+from . import likelihoods, nets, plots, priors
 from .errors import InputError
 from .evaluate import elbo_terms
 from .checkpoints import (CHECKPOINT_FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
@@ -67,6 +67,8 @@ class RunConfig:
     at the end of every epoch only; ``keep_best`` also keeps ``best.pt``, the
     checkpoint of the epoch with the best test ELBO.
 
+    ``prior`` is a :func:`pyro_vae.priors.from_name` name (``standard``,
+    ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``).
     ``latent_dims`` are the chain's level sizes, top (z0) to bottom; ``guide``
     is ``"bottom-up"`` or ``"top-down"``; ``kl_warmup`` is the number of steps
     of :class:`~pyro_vae.objectives.KLWarmup` (0: off); ``free_bits`` the KL
@@ -82,6 +84,7 @@ class RunConfig:
     arch: str = "mlp"
     latent_dims: list = dataclasses.field(default_factory=lambda: [50])
     guide: str = "bottom-up"
+    prior: str = "standard"
     hidden: int = 400
     likelihood: str = "bernoulli"
     gaussian_scale: float = 1.0
@@ -102,7 +105,7 @@ class RunConfig:
     keep_best: bool = False
 
     # settings that change the model or its data; a resume must not change them
-    MODEL_KEYS = ("dataset", "arch", "latent_dims", "guide", "hidden", "likelihood", "gaussian_scale", "binarize")
+    MODEL_KEYS = ("dataset", "arch", "latent_dims", "guide", "prior", "hidden", "likelihood", "gaussian_scale", "binarize")
 
     def validate(self):
         """Raise :class:`InputError` naming the first bad setting."""
@@ -122,6 +125,10 @@ class RunConfig:
             raise InputError(f"latent_dims must be a non-empty list of positive integers (top level first), "
                              f"got {dims!r}; use e.g. --latent-dims 16,32,64")
         self.latent_dims = list(dims)
+        priors.from_name(self.prior)
+        if self.prior.startswith("vamp") and self.guide == "bottom-up" and len(dims) > 1:
+            raise InputError("the VampPrior needs q(z0 | x) in closed form, which the bottom-up guide of a chain "
+                             "does not have; use --guide top-down or another --prior")
         if self.guide not in GUIDES:
             raise InputError(f"unknown guide {self.guide!r}; choose one of: {', '.join(GUIDES)}")
         if self.elbo == "meanfield" and self.guide == "bottom-up" and len(dims) > 1:
@@ -186,6 +193,7 @@ def build_vae(config, x_shape):
     encoder, decoder = nets.build(config.arch, x_shape, config.latent_dims[-1],
                                   out_channels=likelihood.channels, hidden=config.hidden)
     return VAE(encoder, decoder, config.latent_dims, likelihood=likelihood, beta=config.beta,
+               prior=priors.from_name(config.prior),
                guide=config.guide, hidden=config.hidden)
 
 

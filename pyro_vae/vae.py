@@ -59,7 +59,9 @@ class VAE(nn.Module):
             ``k = likelihood.channels``.
         latent_dims: sizes of the latent levels, top (z0) to bottom (zL), e.g.
             ``[16, 32, 64]``; ``[D]`` is the one-level VAE.
-        prior: p(z0), a module from :mod:`pyro_vae.priors` (default standard normal).
+        prior: p(z0): a module from :mod:`pyro_vae.priors` (default standard
+            normal), a Pyro distribution with event shape ``(D0,)``, or a
+            callable (an ``nn.Module`` too) returning one.
         likelihood: p(x | decoder output), from :mod:`pyro_vae.likelihoods`
             (default Bernoulli).
         posterior: the guide's head on the encoder's features ``(*batch, F)``
@@ -105,7 +107,7 @@ class VAE(nn.Module):
         self.guide_order = guide
         self.encoder = encoder
         self.decoder = decoder
-        self.prior = (prior if prior is not None else priors_.StandardNormal()).setup(latent_dims[0])
+        self.prior = priors_.wrap(prior)  # set up at the end, once the guide's networks exist
         self.likelihood = likelihood if likelihood is not None else Bernoulli()
         features = getattr(encoder, "out_features", None)
         if posterior is None:
@@ -142,6 +144,22 @@ class VAE(nn.Module):
             self.ladder.extend(mlp_features(features if i == levels - 1 else hidden, hidden)
                                for i in range(levels))
             self.ladder_heads.extend(DiagonalGaussian(hidden, latent_dims[i]) for i in range(levels))
+        self.prior.setup(latent_dims[0], self)
+
+    def q_top(self, x):
+        """q(z0 | x) as a distribution, batch ``x.shape[:-len(x_shape)]``, event ``(D0,)``: a one-level
+        VAE's posterior or the top-down guide's first level (used by :class:`~pyro_vae.priors.VampPrior`).
+
+        Raises:
+            InputError: for the bottom-up guide of a chain, where q(z0 | x) has no closed form.
+        """
+        if self.levels and self.guide_order == "bottom-up":
+            raise InputError("q(z0 | x) has no closed form with the bottom-up guide of a chain (z0 is drawn "
+                             "last, given z1); use guide='top-down'")
+        d = self.encoder(x)
+        for level in reversed(range(self.levels)):
+            d = self.ladder[level](d)
+        return (self.ladder_heads[0] if self.levels else self.posterior)(d)
 
     @property
     def levels(self):
