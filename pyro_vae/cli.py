@@ -73,6 +73,7 @@ def _parser():
     e.add_argument("--elbo-samples", type=int, default=10, help="draws of z per image for the ELBO (default 10)")
     e.add_argument("--device", help="cpu or cuda (default: the run's)")
     e.add_argument("--limit", type=int, help="evaluate only the first N test images")
+    e.add_argument("--seed", type=int, default=0, help="random seed of the Monte Carlo draws (default 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("sample", help="write a grid of prior samples")
@@ -117,6 +118,9 @@ def _evaluate(args):
         if args.limit < 1:
             raise InputError(f"--limit must be positive, got {args.limit}")
         x_test = x_test[:args.limit]
+    import pyro
+
+    pyro.set_rng_seed(args.seed)  # the same run and settings give the same eval.json
     summary = evaluate(vae, x_test, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
                        progress=not args.no_progress)
     summary.update(dataset=config.dataset, binarize=config.binarize)

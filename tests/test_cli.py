@@ -86,7 +86,7 @@ def test_evaluate_help_lists_every_flag(capsys):
     flags = _flags("evaluate")
     for flag in flags:
         assert flag in text, f"{flag} missing from evaluate --help"
-    for flag in ("--iw-samples", "--limit", "--no-progress", "--device"):
+    for flag in ("--iw-samples", "--limit", "--no-progress", "--device", "--seed"):
         assert flag in flags and flag in text
     assert "run_dir" in text
 
@@ -109,6 +109,11 @@ def test_train_then_evaluate(idx_dir, tmp_path, capsys):
     assert summary["elbo"] < 0 and summary["kl"] >= 0
     assert summary["elbo"] == pytest.approx(summary["reconstruction"] - summary["kl"], abs=1e-2)
     assert summary["iw_log_likelihood"] >= summary["elbo"] - 1.0
+    # seeded: the same run and settings give the same numbers; another --seed gives other draws
+    assert cli.main(["evaluate", str(out), "--iw-samples", "5", "--no-progress"]) == 0
+    assert json.loads((out / "eval.json").read_text()) == summary
+    assert cli.main(["evaluate", str(out), "--iw-samples", "5", "--no-progress", "--seed", "1"]) == 0
+    assert json.loads((out / "eval.json").read_text())["elbo"] != summary["elbo"]
 
 
 @pytest.mark.parametrize("extra", [
