@@ -39,7 +39,8 @@ def _parser():
                                    f"(default {DEFAULTS.prior})")
     t.add_argument("--hidden", type=int, help=f"MLP hidden width, also of the chain's networks "
                                               f"(default {DEFAULTS.hidden})")
-    t.add_argument("--likelihood", help=f"bernoulli or gaussian (default {DEFAULTS.likelihood})")
+    t.add_argument("--likelihood", help="bernoulli, cbernoulli, gaussian[:fixed|learned|pixel], laplace, beta, "
+                                        f"dlogistic[:K], poisson, nb or zinb (default {DEFAULTS.likelihood})")
     t.add_argument("--gaussian-scale", type=float,
                    help=f"fixed std of the gaussian likelihood (default {DEFAULTS.gaussian_scale})")
     t.add_argument("--binarize", help=f"dynamic, fixed or none (default {DEFAULTS.binarize})")

@@ -7,6 +7,8 @@ A likelihood is an ``nn.Module`` with
 * ``forward(out, event_dims)``: the Pyro distribution over x, with the last
   ``event_dims`` dims declared as event dims by ``.to_event``;
 * ``mean(out)``: E[x | out], for pictures of samples and reconstructions;
+* ``event_dims``: ``len(x_shape)``, set by :class:`pyro_vae.VAE` (likelihoods
+  with ``channels > 1`` split the decoder's output along the data's first dim);
 * ``check(x)``: raises :class:`~pyro_vae.errors.InputError` if ``x`` lies
   outside the distribution's support.
 """
@@ -14,13 +16,25 @@ A likelihood is an ``nn.Module`` with
 import math
 
 import pyro.distributions as dist
+from pyro.distributions.torch_distribution import TorchDistributionMixin
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import InputError
 
 
-class Bernoulli(nn.Module):
+class Likelihood(nn.Module):
+    """Base class: ``channels = 1`` and image data (``event_dims = 3``) until the VAE says otherwise."""
+
+    channels = 1
+    event_dims = 3
+
+    def check(self, x):
+        pass
+
+
+class Bernoulli(Likelihood):
     """p(x | z) = prod_i Bernoulli(x_i; sigmoid(logit_i)).
 
     For binarised images. Grey values in [0, 1] are also accepted, as in
@@ -45,40 +59,318 @@ class Bernoulli(nn.Module):
             )
 
 
-class Gaussian(nn.Module):
-    """p(x | z) = prod_i N(x_i; mu_i, scale^2) with a fixed ``scale``.
+class Gaussian(Likelihood):
+    """p(x | z) = prod_i N(x_i; mu_i, sigma_i^2).
 
-    The seed's "mean squared error" term. For D data values,
-    ``log p(x | z) = -||x - mu||^2 / (2 scale^2) - D log(scale) - (D/2) log(2 pi)``,
+    ``mode="fixed"`` (the seed's "mean squared error"): sigma = ``scale``. For
+    D data values ``log p(x | z) = -||x - mu||^2 / (2 scale^2) - D log(scale) - (D/2) log(2 pi)``,
     so ``-log p = SSE / (2 scale^2) + const``: with ``scale = 1/sqrt(2)`` the
     negative log-likelihood is the summed squared error plus ``(D/2) log(pi)``,
     and MSE (the mean over values) equals ``(-log p - const) * 2 scale^2 / D``.
+    ``mode="learned"``: one global sigma = softplus(raw), initialised at ``scale``
+    and trained with the rest. ``mode="pixel"``: the decoder predicts
+    sigma_i = softplus(.) + 1e-3 for every value (``channels = 2``: means first).
     """
 
-    channels = 1
+    MODES = ("fixed", "learned", "pixel")
 
-    def __init__(self, scale=1.0):
+    def __init__(self, scale=1.0, mode="fixed"):
         super().__init__()
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise InputError(f"the Gaussian likelihood's scale must be a positive number, got {scale!r}; "
                              "pass a float > 0, e.g. Gaussian(scale=1.0) (--gaussian-scale 1.0 on the command line)")
-        self.scale = float(scale)
+        if mode not in self.MODES:
+            raise InputError(f"unknown Gaussian mode {mode!r}; choose one of: {', '.join(self.MODES)}")
+        self.scale, self.mode = float(scale), mode
+        self.channels = 2 if mode == "pixel" else 1
+        if mode == "learned":
+            self.raw_scale = nn.Parameter(torch.tensor(math.log(math.expm1(self.scale))))
 
     def forward(self, out, event_dims):
-        return dist.Normal(out, self.scale).to_event(event_dims)
+        loc, scale = self._parts(out)
+        return dist.Normal(loc, scale).to_event(event_dims)
+
+    def _parts(self, out):
+        if self.mode == "pixel":
+            loc, raw = _split(out, 2, self.event_dims)
+            return loc, F.softplus(raw) + 1e-3
+        if self.mode == "learned":
+            return out, F.softplus(self.raw_scale)
+        return out, self.scale
 
     def mean(self, out):
-        return out
+        return self._parts(out)[0]
 
     def check(self, x):
         pass  # any finite value is in the support; finiteness is checked for every likelihood
 
 
-LIKELIHOODS = {"bernoulli": Bernoulli, "gaussian": Gaussian}
+def _in_unit_interval(name, x, closed=True, fix="rescale the data to [0, 1]"):
+    inside = ((x >= 0) & (x <= 1)) if closed else ((x > 0) & (x < 1))
+    if not bool(inside.all()):
+        bad = x[~inside]
+        raise InputError(f"the {name} likelihood needs data in {'[0, 1]' if closed else '(0, 1)'}; got "
+                         f"{bad.numel()} values outside, e.g. {bad.flatten()[:3].tolist()}; {fix}")
+
+
+def _counts(name, x):
+    if not bool((x >= 0).all()):
+        bad = x[x < 0]
+        raise InputError(f"the {name} likelihood needs counts >= 0; got {bad.numel()} negative values, "
+                         f"e.g. {bad.flatten()[:3].tolist()}; pass raw counts, not normalised or log data")
+    if not bool((x == x.round()).all()):
+        bad = x[x != x.round()]
+        raise InputError(f"the {name} likelihood needs whole-number counts; got {bad.numel()} non-integers, "
+                         f"e.g. {bad.flatten()[:3].tolist()}; pass raw counts (as floats), not normalised data")
+
+
+class ContinuousBernoulli(Likelihood):
+    """p(x | z) = prod_i CB(x_i; sigmoid(logit_i)) (Loaiza-Ganem & Cunningham 2019): the
+    normalised density on [0, 1] for grey values that are not binary."""
+
+    def forward(self, out, event_dims):
+        return dist.ContinuousBernoulli(logits=out).to_event(event_dims)
+
+    def mean(self, out):
+        return dist.ContinuousBernoulli(logits=out).mean
+
+    def check(self, x):
+        _in_unit_interval("ContinuousBernoulli", x)
+
+
+class Laplace(Likelihood):
+    """p(x | z) = prod_i Laplace(x_i; mu_i, b_i), b_i = softplus(.) + 1e-3 from the decoder
+    (``channels = 2``: locations first): an L1 reconstruction term with a learned scale."""
+
+    channels = 2
+
+    def forward(self, out, event_dims):
+        loc, raw = _split(out, 2, self.event_dims)
+        return dist.Laplace(loc, F.softplus(raw) + 1e-3).to_event(event_dims)
+
+    def mean(self, out):
+        return _split(out, 2, self.event_dims)[0]
+
+
+class Beta(Likelihood):
+    """p(x | z) = prod_i Beta(x_i; a_i, b_i), a, b = softplus(.) + 1e-3 from the decoder
+    (``channels = 2``). Data must lie strictly inside (0, 1)."""
+
+    channels = 2
+
+    def _dist(self, out):
+        a, b = _split(out, 2, self.event_dims)
+        return dist.Beta(F.softplus(a) + 1e-3, F.softplus(b) + 1e-3)
+
+    def forward(self, out, event_dims):
+        return self._dist(out).to_event(event_dims)
+
+    def mean(self, out):
+        return self._dist(out).mean
+
+    def check(self, x):
+        _in_unit_interval("Beta", x, closed=False, fix="squeeze it inside, e.g. x.clamp(1e-3, 1 - 1e-3)")
+
+
+class DiscretizedLogisticMixture(dist.TorchDistribution):
+    """A mixture of ``K`` logistics discretised to the ``2**bits`` values ``i / (2**bits - 1)`` of [0, 1]
+    (PixelCNN++, IAF, NVAE): each value's mass is the logistic CDF over its bin, the two end bins
+    taking the tails. Parameters ``(*batch, K)``; values ``(*batch)`` on the grid."""
+
+    arg_constraints = {}
+    support = dist.constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, logits, loc, log_scale, bits=8, validate_args=None):
+        self.logits, self.loc, self.log_scale, self.bits = logits, loc, log_scale.clamp(min=-7.0), bits
+        super().__init__(logits.shape[:-1], validate_args=False)
+
+    def log_prob(self, x):
+        half = 0.5 / (2 ** self.bits - 1)
+        x = x.unsqueeze(-1)
+        inv_scale = torch.exp(-self.log_scale)
+        upper = torch.where(x >= 1 - half, torch.full_like(x, math.inf), (x + half - self.loc) * inv_scale)
+        lower = torch.where(x <= half, torch.full_like(x, -math.inf), (x - half - self.loc) * inv_scale)
+        # log(sigmoid(upper) - sigmoid(lower)) without cancellation: from the CDF left of the mean and
+        # from the survival function right of it (the end bins are then log CDF and log survival exactly)
+        tiny = torch.finfo(x.dtype).tiny
+
+        def log_difference(big, small):  # log(exp(big) - exp(small)), small <= big
+            return big + torch.log(-torch.expm1((small - big).clamp(max=-tiny)))
+
+        left = log_difference(F.logsigmoid(upper), F.logsigmoid(lower))
+        right = log_difference(F.logsigmoid(-lower), F.logsigmoid(-upper))
+        log_mass = torch.where(x < self.loc, left, right)
+        return torch.logsumexp(torch.log_softmax(self.logits, -1) + log_mass, -1)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            shape = torch.Size(sample_shape) + self.batch_shape
+            k = dist.Categorical(logits=self.logits).sample(sample_shape)
+            pick = lambda t: t.expand(shape + t.shape[-1:]).gather(-1, k.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+            u = torch.rand(shape, device=self.loc.device, dtype=self.loc.dtype).clamp(1e-5, 1 - 1e-5)
+            x = pick(self.loc) + torch.exp(pick(self.log_scale)) * (torch.log(u) - torch.log1p(-u))
+            levels = 2 ** self.bits - 1
+            return (x.clamp(0, 1) * levels).round() / levels
+
+    @property
+    def mean(self):
+        return (torch.softmax(self.logits, -1) * self.loc).sum(-1).clamp(0, 1)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape)
+        return DiscretizedLogisticMixture(self.logits.expand(shape + self.logits.shape[-1:]),
+                                          self.loc.expand(shape + self.loc.shape[-1:]),
+                                          self.log_scale.expand(shape + self.log_scale.shape[-1:]), self.bits)
+
+
+class DiscretizedLogistic(Likelihood):
+    """p(x | z) = prod_i of a ``k``-component discretised logistic mixture over the 256 values of
+    an 8-bit pixel (``x`` in [0, 1] on the grid i/255). ``channels = 3k``: mixture logits, means
+    and log-scales per value (``k = 1``: a single discretised logistic)."""
+
+    def __init__(self, k=1, bits=8):
+        super().__init__()
+        if int(k) < 1:
+            raise InputError(f"DiscretizedLogistic needs k >= 1 components, got {k}; use e.g. k=5")
+        self.k, self.bits = int(k), int(bits)
+        self.channels = 3 * self.k
+
+    def _dist(self, out):
+        logits, loc, log_scale = (t.unflatten(out.dim() - self.event_dims, (self.k, -1)).movedim(
+            out.dim() - self.event_dims, -1) for t in _split(out, 3, self.event_dims))
+        return DiscretizedLogisticMixture(logits, torch.sigmoid(loc), log_scale, self.bits)
+
+    def forward(self, out, event_dims):
+        return self._dist(out).to_event(event_dims)
+
+    def mean(self, out):
+        return self._dist(out).mean
+
+    def check(self, x):
+        _in_unit_interval("DiscretizedLogistic", x, fix="pass 8-bit images divided by 255")
+        levels = 2 ** self.bits - 1
+        off = (x * levels - (x * levels).round()).abs() > 1e-3
+        if bool(off.any()):
+            raise InputError(f"the DiscretizedLogistic likelihood needs values on the grid i/{levels}; got "
+                             f"{int(off.sum())} values off it, e.g. {x[off].flatten()[:3].tolist()}; pass "
+                             f"{self.bits}-bit images divided by {levels} (not dynamically binarised or "
+                             "normalised data)")
+
+
+class Poisson(Likelihood):
+    """p(x | z) = prod_i Poisson(x_i; softplus(.) + 1e-6) for counts."""
+
+    def forward(self, out, event_dims):
+        return dist.Poisson(F.softplus(out) + 1e-6).to_event(event_dims)
+
+    def mean(self, out):
+        return F.softplus(out) + 1e-6
+
+    def check(self, x):
+        _counts("Poisson", x)
+
+
+class NegativeBinomial(Likelihood):
+    """p(x | z) = prod_i NB(x_i; r_i, logits_i), r = softplus(.) + 1e-4 (``channels = 2``:
+    logits first, then the dispersion), mean r * exp(logits)."""
+
+    channels = 2
+
+    def _parts(self, out):
+        logits, raw = _split(out, 2, self.event_dims)
+        return F.softplus(raw) + 1e-4, logits
+
+    def forward(self, out, event_dims):
+        r, logits = self._parts(out)
+        return dist.NegativeBinomial(total_count=r, logits=logits).to_event(event_dims)
+
+    def mean(self, out):
+        r, logits = self._parts(out)
+        return r * torch.exp(logits)
+
+    def check(self, x):
+        _counts("NegativeBinomial", x)
+
+
+class ZeroInflatedNegativeBinomial(NegativeBinomial):
+    """The NB above with a zero-inflation gate pi_i = sigmoid(.) (``channels = 3``: logits,
+    dispersion, gate logits), as scVI uses for gene counts; mean (1 - pi) r exp(logits)."""
+
+    channels = 3
+
+    def _parts(self, out):
+        logits, raw, gate = _split(out, 3, self.event_dims)
+        return F.softplus(raw) + 1e-4, logits, gate
+
+    def forward(self, out, event_dims):
+        r, logits, gate = self._parts(out)
+        return dist.ZeroInflatedNegativeBinomial(total_count=r, logits=logits, gate_logits=gate).to_event(event_dims)
+
+    def mean(self, out):
+        r, logits, gate = self._parts(out)
+        return torch.sigmoid(-gate) * r * torch.exp(logits)
+
+    def check(self, x):
+        _counts("ZeroInflatedNegativeBinomial", x)
+
+
+class UserLikelihood(Likelihood):
+    """Wraps a user's callable ``fn(decoder_out) -> Pyro distribution`` (batch shape of x
+    element-wise, or already with the data's event dims). ``mean`` is the distribution's
+    ``mean``; the data are checked against its ``support``."""
+
+    def __init__(self, fn, channels=1):
+        super().__init__()
+        self.fn, self.channels = fn, int(channels)
+
+    def forward(self, out, event_dims):
+        d = self.fn(out)
+        if not isinstance(d, TorchDistributionMixin):
+            raise InputError(f"the likelihood callable must return a Pyro distribution, got {type(d).__name__}; "
+                             "use pyro.distributions")
+        return d.to_event(event_dims - len(d.event_shape)) if len(d.event_shape) < event_dims else d
+
+    def mean(self, out):
+        return self.fn(out).mean
+
+
+def _split(out, k, event_dims):
+    """Split the decoder's output ``(*batch, k*C, *rest)`` into ``k`` tensors ``(*batch, C, *rest)``
+    along the data's first dim (``event_dims`` = ``len(x_shape)`` from the right)."""
+    return out.chunk(k, dim=out.dim() - event_dims)
+
+
+LIKELIHOODS = ("bernoulli", "cbernoulli", "gaussian[:fixed|learned|pixel]", "laplace", "beta", "dlogistic[:K]",
+               "poisson", "nb", "zinb")
+
+
+def from_name(name, gaussian_scale=1.0):
+    """A likelihood from its command-line name (see ``LIKELIHOODS``)."""
+    kind, _, arg = str(name).partition(":")
+    simple = {"bernoulli": Bernoulli, "cbernoulli": ContinuousBernoulli, "laplace": Laplace, "beta": Beta,
+              "poisson": Poisson, "nb": NegativeBinomial, "zinb": ZeroInflatedNegativeBinomial}
+    if kind in simple and not arg:
+        return simple[kind]()
+    if kind == "gaussian" and arg in ("", *Gaussian.MODES):
+        return Gaussian(gaussian_scale, mode=arg or "fixed")
+    if kind == "dlogistic" and (not arg or arg.isdigit()):
+        return DiscretizedLogistic(int(arg) if arg else 1)
+    raise InputError(f"unknown likelihood {name!r}; choose one of: {', '.join(LIKELIHOODS)}")
 
 
 def build(name, **kwargs):
-    """The likelihood called ``name`` (``"bernoulli"`` or ``"gaussian"``)."""
-    if name not in LIKELIHOODS:
-        raise InputError(f"unknown likelihood {name!r}; choose one of: {', '.join(LIKELIHOODS)}")
-    return LIKELIHOODS[name](**kwargs)
+    """The likelihood called ``name`` (kept for old callers; see :func:`from_name`)."""
+    return from_name(name, **kwargs)
+
+
+def wrap(likelihood):
+    """A likelihood module: ``likelihood`` itself if it has ``channels``, else a :class:`UserLikelihood`."""
+    if likelihood is None:
+        return Bernoulli()
+    if hasattr(likelihood, "channels") and hasattr(likelihood, "mean"):
+        return likelihood
+    if not callable(likelihood):
+        raise InputError(f"likelihood must be a pyro_vae.likelihoods module or a callable returning a Pyro "
+                         f"distribution, got {type(likelihood).__name__}; pass e.g. likelihoods.Bernoulli()")
+    return UserLikelihood(likelihood)

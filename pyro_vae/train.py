@@ -113,9 +113,7 @@ class RunConfig:
             raise InputError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(data_.DATASETS)}")
         if self.arch not in nets.ARCHS:
             raise InputError(f"unknown arch {self.arch!r}; choose one of: {', '.join(nets.ARCHS)}")
-        if self.likelihood not in likelihoods.LIKELIHOODS:
-            raise InputError(f"unknown likelihood {self.likelihood!r}; choose one of: "
-                             f"{', '.join(likelihoods.LIKELIHOODS)}")
+        likelihoods.from_name(self.likelihood, self.gaussian_scale)
         if self.elbo not in ELBOS:
             raise InputError(f"unknown elbo {self.elbo!r}; choose one of: {', '.join(ELBOS)}")
         if self.binarize not in BINARIZE:
@@ -188,8 +186,7 @@ def resolve_device(name):
 
 def build_vae(config, x_shape):
     """The :class:`VAE` that ``config`` (a :class:`RunConfig`) describes, for data of ``x_shape``."""
-    likelihood = (likelihoods.Gaussian(config.gaussian_scale) if config.likelihood == "gaussian"
-                  else likelihoods.build(config.likelihood))
+    likelihood = likelihoods.from_name(config.likelihood, config.gaussian_scale)
     encoder, decoder = nets.build(config.arch, x_shape, config.latent_dims[-1],
                                   out_channels=likelihood.channels, hidden=config.hidden)
     return VAE(encoder, decoder, config.latent_dims, likelihood=likelihood, beta=config.beta,

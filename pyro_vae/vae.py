@@ -40,7 +40,7 @@ from torch import nn
 from . import priors as priors_
 from .chain import GaussianNet, MEANFIELD_BOTTOM_UP, mark_bottom_up, mlp_features, precision_weighted
 from .errors import InputError
-from .likelihoods import Bernoulli
+from . import likelihoods as likelihoods_
 from .posteriors import DiagonalGaussian
 
 GUIDES = ("bottom-up", "top-down")
@@ -108,7 +108,7 @@ class VAE(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.prior = priors_.wrap(prior)  # set up at the end, once the guide's networks exist
-        self.likelihood = likelihood if likelihood is not None else Bernoulli()
+        self.likelihood = likelihoods_.wrap(likelihood)
         features = getattr(encoder, "out_features", None)
         if posterior is None:
             if not isinstance(features, int):
@@ -120,6 +120,8 @@ class VAE(nn.Module):
         self.posterior = posterior
         x_shape = x_shape or getattr(encoder, "x_shape", None) or getattr(decoder, "x_shape", None)
         self.x_shape = tuple(x_shape) if x_shape is not None else None
+        if self.x_shape is not None and isinstance(self.likelihood, nn.Module):
+            self.likelihood.event_dims = len(self.x_shape)
         self.beta = float(beta)
         self.kl_weight = 1.0
 

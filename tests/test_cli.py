@@ -118,15 +118,19 @@ def test_train_then_evaluate(idx_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [
     ["--arch", "conv", "--likelihood", "gaussian", "--binarize", "none", "--elbo", "meanfield"],
+    ["--arch", "conv", "--likelihood", "dlogistic:2", "--binarize", "none", "--prior", "mog:3"],
+    ["--likelihood", "gaussian:pixel", "--binarize", "none", "--prior", "vamp:4", "--latent-dims", "3,8",
+     "--guide", "top-down"],
     pytest.param(["--elbo", "jit"], marks=pytest.mark.filterwarnings("ignore:.*torch.jit.trace.*:FutureWarning")),
-], ids=["conv-gaussian-meanfield", "jit"])
+], ids=["conv-gaussian-meanfield", "conv-dlogistic-mog", "pixel-gaussian-vamp-chain", "jit"])
 def test_train_variants(idx_dir, tmp_path, extra):
     out = tmp_path / "run"
     assert cli.main(["train", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out),
                      "--latent-dim", "8", *QUICK, *extra]) == 0
     config, _ = _check_run_dir(out, epochs=1)
     for flag, value in zip(extra[::2], extra[1::2]):
-        assert config[flag.lstrip("-").replace("-", "_")] == value
+        expected = [int(v) for v in value.split(",")] if flag == "--latent-dims" else value
+        assert config[flag.lstrip("-").replace("-", "_")] == expected
     assert cli.main(["evaluate", str(out), "--iw-samples", "3", "--elbo-samples", "2", "--no-progress"]) == 0
     summary = json.loads((out / "eval.json").read_text())
     assert all(math.isfinite(summary[k]) for k in ("elbo", "reconstruction", "kl", "iw_log_likelihood"))

@@ -251,7 +251,7 @@ def test_gradient_clipping_bounds_the_update(images):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(arch="resnet"), "unknown arch"),
-    (dict(likelihood="poisson"), "unknown likelihood"),
+    (dict(likelihood="gamma"), "unknown likelihood"),
     (dict(dataset="cifar"), "unknown dataset"),
     (dict(elbo="renyi"), "unknown elbo"),
     (dict(binarize="sometimes"), "unknown binarize"),

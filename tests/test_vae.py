@@ -132,7 +132,7 @@ def test_bad_construction_gets_a_clear_error():
     with pytest.raises(InputError, match="unknown arch"):
         nets.build("resnet", X_SHAPE, 4)
     with pytest.raises(InputError, match="unknown likelihood"):
-        likelihoods.build("poisson")
+        likelihoods.build("gamma")
     with pytest.raises(InputError, match="scale"):
         likelihoods.Gaussian(scale=0.0)
     with pytest.raises(InputError, match="beta"):
