@@ -22,7 +22,7 @@ def test_tutorial_example_prints_test_elbo_per_epoch(extra, tmp_path, cli_env):
     assert all(e < 0 for e in elbos) and elbos[1] > elbos[0]
 
 
-@pytest.mark.parametrize("name", ["vae.py", "hierarchical.py"])
+@pytest.mark.parametrize("name", ["vae.py", "hierarchical.py", "swap_prior.py"])
 def test_example_uses_only_the_public_api(name):
     text = (EXAMPLES / name).read_text()
     assert "from pyro_vae import" in text
@@ -42,3 +42,16 @@ def test_hierarchical_example_prints_per_level_kl_and_iw_for_each_guide(tmp_path
         (summary,) = [l for l in result.stdout.splitlines() if l.startswith(f"{guide}: test ELBO")]
         assert "IW log p(x) (K=20)" in summary
         assert "z0: KL" in summary and "/16 active" in summary and "z1: KL" in summary and "/50 active" in summary
+
+
+def test_swap_prior_example_prints_elbo_and_iw_for_each_prior(tmp_path, cli_env):
+    idx_dir = make_idx_dir(tmp_path / "idx", n_train=512, n_test=64)
+    result = subprocess.run([sys.executable, str(EXAMPLES / "swap_prior.py"), "-n", "2", "--iw-samples", "20",
+                             "--pseudo-inputs", "8", "--components", "3", "--data-dir", str(idx_dir)],
+                            capture_output=True, text=True, env=cli_env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("standard normal", "mixture of Gaussians", "VampPrior"):
+        (line,) = [l for l in result.stdout.splitlines() if l.startswith(f"{name}: test ELBO")]
+        elbo = float(line.split("test ELBO")[1].split()[0])
+        iw = float(line.split("(K=20)")[1].split()[0])
+        assert elbo < 0 and iw > elbo - 1
