@@ -31,7 +31,7 @@ class Likelihood(nn.Module):
     event_dims = 3
 
     def check(self, x):
-        pass
+        pass  # any finite value is in the support; finiteness is checked for every likelihood
 
 
 class Bernoulli(Likelihood):
@@ -41,8 +41,6 @@ class Bernoulli(Likelihood):
     Pyro's VAE tutorial: the log-density is then minus the binary cross-entropy
     (not a normalised density for non-binary x).
     """
-
-    channels = 1
 
     def forward(self, out, event_dims):
         return dist.Bernoulli(logits=out, validate_args=False).to_event(event_dims)
@@ -100,9 +98,6 @@ class Gaussian(Likelihood):
 
     def mean(self, out):
         return self._parts(out)[0]
-
-    def check(self, x):
-        pass  # any finite value is in the support; finiteness is checked for every likelihood
 
 
 def _in_unit_interval(name, x, closed=True, fix="rescale the data to [0, 1]"):

@@ -158,10 +158,7 @@ class VAE(nn.Module):
         if self.levels and self.guide_order == "bottom-up":
             raise InputError("q(z0 | x) has no closed form with the bottom-up guide of a chain (z0 is drawn "
                              "last, given z1); use guide='top-down'")
-        d = self.encoder(x)
-        for level in reversed(range(self.levels)):
-            d = self.ladder[level](d)
-        return (self.ladder_heads[0] if self.levels else self.posterior)(d)
+        return self._ladder_head(0)(self._ladder_features(self.encoder(x))[0])
 
     @property
     def levels(self):
@@ -223,10 +220,9 @@ class VAE(nn.Module):
 
     def _bottom_up(self, h):
         """zL ~ q(zL | h), then zl ~ q(zl | zl+1) for l = L-1 .. 0."""
-        q = self.posterior(h)
+        z = None
         for level in reversed(range(self.levels + 1)):
-            if level < self.levels:
-                q = self.guide_transitions[level](z)
+            q = self.posterior(h) if z is None else self.guide_transitions[level](z)
             if level > 0:
                 q = mark_bottom_up(q)  # same numbers; refuses TraceMeanField_ELBO's analytic KL here
             with self._kl_scale():
@@ -235,19 +231,26 @@ class VAE(nn.Module):
 
     def _top_down(self, h):
         """Features d_L = h, d_l = ladder[l](d_l+1) upwards; then z0, z1, ..., zL downwards."""
-        d = [None] * self.levels + [h]
-        for level in reversed(range(self.levels)):
-            d[level] = self.ladder[level](d[level + 1])
-        z0 = z = None
+        d = self._ladder_features(h)
+        z = []
         for level in range(self.levels + 1):
-            head = self.posterior if level == self.levels else self.ladder_heads[level]
-            q = head(d[level])
+            q = self._ladder_head(level)(d[level])
             if level > 0:
-                q = precision_weighted(q, self.transitions[level - 1](z))
+                q = precision_weighted(q, self.transitions[level - 1](z[-1]))
             with self._kl_scale():
-                z = pyro.sample(f"z{level}", q)
-            z0 = z if level == 0 else z0
-        return z0
+                z.append(pyro.sample(f"z{level}", q))
+        return z[0]
+
+    def _ladder_features(self, h):
+        """The top-down guide's deterministic path: ``[d_0, ..., d_L]`` with d_L = h, d_l = ladder[l](d_l+1)."""
+        d = [h]
+        for level in reversed(range(self.levels)):
+            d.insert(0, self.ladder[level](d[0]))
+        return d
+
+    def _ladder_head(self, level):
+        """The top-down guide's Gaussian head on d_level: ``posterior`` for zL, ``ladder_heads[level]`` above."""
+        return self.posterior if level == self.levels else self.ladder_heads[level]
 
     # ------------------------------------------------------------ helpers
     @torch.no_grad()

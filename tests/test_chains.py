@@ -7,13 +7,14 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_vae import VAE, InputError, evaluate, fit, likelihoods, nets
 from pyro_vae.objectives import FreeBitsELBO, KLWarmup
+from conftest import ELBOS, check_svi_lowers_the_loss
 
 X_SHAPE = (1, 28, 28)
 DEPTHS = [[4], [3, 5], [2, 3, 4], [2, 3, 4, 5]]  # L = 0, 1, 2, 3
@@ -75,24 +76,13 @@ def test_vectorised_particles(dims, guide, images):
     assert torch.isfinite(torch.tensor(loss))
 
 
-ELBOS = {"trace": lambda: Trace_ELBO(),
-         "meanfield": lambda: TraceMeanField_ELBO(),
-         "jit": lambda: JitTrace_ELBO(ignore_jit_warnings=True),
-         "vectorized": lambda: Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)}
-
-
 @pytest.mark.parametrize("guide, elbo", [(g, e) for g in GUIDES for e in ELBOS
                                          if (g, e) != ("bottom-up", "meanfield")])  # refused: tested below
 @pytest.mark.parametrize("dims", DEPTHS[1:], ids=lambda d: f"L{len(d) - 1}")
 def test_svi_lowers_the_loss(dims, guide, elbo, images):
     pyro.set_rng_seed(1)
     vae = make_chain(dims, guide)
-    svi = SVI(vae.model, vae.guide, Adam({"lr": 3e-3}), loss=ELBOS[elbo]())
-    x = images[:64]
-    losses = [svi.step(x) for _ in range(40)]
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert torch.isfinite(torch.tensor(losses)).all()
-    assert last < first - 0.05 * abs(first), (first, last)
+    check_svi_lowers_the_loss(vae, elbo, images[:64])
 
 
 def test_conv_networks_work_in_a_chain(images):

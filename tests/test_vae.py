@@ -4,11 +4,12 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 from pyro.poutine.util import site_is_subsample
 
 from pyro_vae import VAE, InputError, likelihoods, nets
+from conftest import ELBOS, check_svi_lowers_the_loss
 
 X_SHAPE = (1, 28, 28)
 
@@ -58,26 +59,13 @@ def test_model_runs_alone_and_under_predictive(images):
     assert recon.shape == (5, *X_SHAPE) and recon.min() >= 0 and recon.max() <= 1
 
 
-def _elbo(name):
-    return {"trace": lambda: Trace_ELBO(),
-            "meanfield": lambda: TraceMeanField_ELBO(),
-            "jit": lambda: JitTrace_ELBO(ignore_jit_warnings=True),
-            "vectorized": lambda: Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1),
-            }[name]()
-
-
-@pytest.mark.parametrize("elbo", ["trace", "meanfield", "jit", "vectorized"])
+@pytest.mark.parametrize("elbo", list(ELBOS))
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 def test_svi_lowers_the_loss(arch, likelihood, elbo, images):
     pyro.set_rng_seed(1)
     vae = make_vae(arch, likelihood)
-    svi = SVI(vae.model, vae.guide, Adam({"lr": 3e-3}), loss=_elbo(elbo))
-    x = images[:64]
-    losses = [svi.step(x) for _ in range(40)]
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert torch.isfinite(torch.tensor(losses)).all()
-    assert last < first - 0.05 * abs(first), (first, last)
+    check_svi_lowers_the_loss(vae, elbo, images[:64])
 
 
 def test_beta_scales_the_kl_term_in_model_and_guide(images):
