@@ -40,13 +40,14 @@ class GaussianNet(nn.Module):
         return self.head(self.trunk(z))
 
 
-def gaussian_parts(d, who):
-    """``(loc, scale)`` of a ``Normal(...).to_event(1)``; a clear error for any other distribution."""
+def gaussian_parts(d, who, why="the top-down guide merges Gaussians", fix=" or use guide='bottom-up'"):
+    """``(loc, scale)`` of a ``Normal(...).to_event(1)``; for any other distribution an
+    :class:`InputError` that says ``why`` a Gaussian is needed, what ``who`` returned, and the ``fix``."""
     base = getattr(d, "base_dist", None)
     if not isinstance(base, dist.Normal) or getattr(d, "reinterpreted_batch_ndims", None) != 1:
-        raise InputError(f"the top-down guide merges Gaussians, but {who} returned {type(d).__name__}"
+        raise InputError(f"{why}, but {who} returned {type(d).__name__}"
                          f"({type(base).__name__ if base is not None else ''}); return "
-                         "dist.Normal(loc, scale).to_event(1) or use guide='bottom-up'")
+                         f"dist.Normal(loc, scale).to_event(1){fix}")
     return base.loc, base.scale
 
 

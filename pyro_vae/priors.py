@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .chain import gaussian_parts
 from .errors import InputError
 
 
@@ -56,10 +57,58 @@ class LearnedNormal(nn.Module):
         return dist.Normal(self.loc, F.softplus(self.raw_scale)).to_event(1)
 
 
+class DiagonalNormalMixture(dist.MixtureSameFamily):
+    """``MixtureSameFamily`` of k diagonal ``Normal(loc, scale).to_event(1)``
+    components (``loc``, ``scale``: ``(k, D)``) whose ``log_prob`` needs no
+    ``(*batch, k, D)`` tensor.
+
+    Each component's log-density is a quadratic in z, so for z ``(*batch, D)``
+    all k of them come from two matrix products,
+    ``-(z^2 @ P^T - 2 z @ (mu P)^T + sum(mu^2 P)) / 2 - sum(log sigma) - D log(2 pi) / 2``
+    with ``P = sigma^-2``, done in float64 so that the cancellation
+    between large terms (small sigma) costs no accuracy. Same values as
+    ``MixtureSameFamily.log_prob`` (tested to 1e-5 nats), at a fraction of
+    the memory: what makes a 500-component VampPrior affordable for the IW
+    estimate's millions of particles. Sampling is ``MixtureSameFamily``'s.
+    """
+
+    def __init__(self, mixture_distribution, component_distribution, validate_args=None):
+        super().__init__(mixture_distribution, component_distribution, validate_args)
+        base = component_distribution.base_dist
+        # the unbatched parameters, kept through the plate's .expand so the products stay (k, D)-sized
+        self._parameters = (mixture_distribution.logits, base.loc, base.scale) if base.loc.dim() == 2 else None
+
+    def expand(self, batch_shape, _instance=None):
+        new = super().expand(batch_shape, _instance or DiagonalNormalMixture.__new__(DiagonalNormalMixture))
+        new._parameters = self._parameters
+        return new
+
+    def log_prob(self, z):
+        """``(*batch, D) -> (*batch)``, the mixture's log-density in z's dtype."""
+        if self._parameters is None:  # built with a batch shape of its own
+            return super().log_prob(z)
+        if self._validate_args:
+            self._validate_sample(z)
+        logits, loc, scale = (t.double() for t in self._parameters)  # (k,), (k, D), (k, D)
+        precision = scale.pow(-2)
+        z64 = z.double()
+        quadratic = (z64 * z64) @ precision.T - 2 * z64 @ (loc * precision).T + (loc * loc * precision).sum(-1)
+        log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)  # (k,)
+        log_p = torch.logsumexp(-0.5 * quadratic - log_norm + torch.log_softmax(logits, -1), -1).to(z.dtype)
+        return log_p.expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))
+
+
+def diagonal_normal_mixture(logits, loc, scale):
+    """A :class:`DiagonalNormalMixture` with weights ``softmax(logits)`` ``(k,)`` and
+    components ``Normal(loc, scale).to_event(1)``, ``loc`` and ``scale`` ``(k, D)``;
+    batch shape ``()``, event shape ``(D,)``."""
+    return DiagonalNormalMixture(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+
+
 class MixtureOfGaussians(nn.Module):
     """p(z0) = sum_k w_k N(mu_k, diag(sigma_k^2)) with learnable weights (softmax of
     logits, init uniform), means (init N(0, 1)) and scales (softplus, init 1),
-    as ``pyro.distributions.MixtureSameFamily``.
+    a :class:`DiagonalNormalMixture` (a ``pyro.distributions.MixtureSameFamily``).
 
     Args:
         k: number of components.
@@ -78,8 +127,7 @@ class MixtureOfGaussians(nn.Module):
         return self
 
     def forward(self):
-        components = dist.Normal(self.locs, F.softplus(self.raw_scales)).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        return diagonal_normal_mixture(self.logits, self.locs, F.softplus(self.raw_scales))
 
 
 class VampPrior(nn.Module):
@@ -114,8 +162,9 @@ class VampPrior(nn.Module):
 
     def forward(self):
         q = self._q_top(torch.sigmoid(self.pseudo_inputs))  # batch (k,), event (dim,)
-        weights = dist.Categorical(logits=torch.zeros(self.k, device=self.pseudo_inputs.device))
-        return dist.MixtureSameFamily(weights, q)
+        loc, scale = gaussian_parts(q, "the guide's head for z0", why="the VampPrior is a mixture of Gaussian "
+                                    "posteriors q(z0 | u_k)", fix=" or use another prior")
+        return diagonal_normal_mixture(loc.new_zeros(self.k), loc, scale)
 
 
 class FlowPrior(nn.Module):

@@ -70,6 +70,25 @@ def test_mixture_of_gaussians_is_a_hand_computed_log_sum_exp():
     assert torch.allclose(prior().log_prob(z), torch.logsumexp(log_w + per_component, -1), atol=1e-6)
 
 
+def test_diagonal_normal_mixture_scores_like_mixture_same_family_without_the_big_tensor():
+    """Two matrix products in float64 give MixtureSameFamily's numbers, also for narrow components
+    (sigma down to 1e-3, where the expanded quadratic cancels large terms) and through the plate's expand."""
+    torch.manual_seed(0)
+    logits, loc = torch.randn(50), 2 * torch.randn(50, 8)
+    scale = 1e-3 + 0.05 * torch.rand(50, 8)
+    fast = priors.diagonal_normal_mixture(logits, loc, scale)
+    reference = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    near = loc[:10] + scale[:10] * torch.randn(10, 8)  # where the narrow components matter
+    far = torch.randn(3, 4, 8)
+    for z in (near, far):
+        assert torch.allclose(fast.log_prob(z), reference.log_prob(z), rtol=1e-6, atol=1e-4)
+    expanded = fast.expand((3, 4))  # what pyro.plate does to the prior
+    assert expanded.batch_shape == (3, 4) and expanded.log_prob(far).shape == (3, 4)
+    assert torch.allclose(expanded.log_prob(far), reference.log_prob(far), rtol=1e-6, atol=1e-4)
+    assert expanded.log_prob(far[0, 0]).shape == (3, 4)
+    assert expanded.sample().shape == (3, 4, 8) and fast.sample((5,)).shape == (5, 8)
+
+
 @pytest.mark.parametrize("dims, guide", [((4,), "bottom-up"), ((3, 4), "top-down")], ids=["one-level", "chain"])
 def test_vamp_prior_is_the_mean_of_the_guides_posteriors_at_the_pseudo_inputs(dims, guide):
     torch.manual_seed(0)
