@@ -11,7 +11,7 @@ from torch.distributions.kl import register_kl
 
 from .errors import InputError
 from .nets import _check_width
-from .posteriors import DiagonalGaussian
+from .posteriors import DiagonalGaussian, build
 
 
 def mlp_features(in_features, hidden):
@@ -20,21 +20,21 @@ def mlp_features(in_features, hidden):
 
 
 class GaussianNet(nn.Module):
-    """A conditional diagonal Gaussian ``(*batch, in_features) -> Normal(loc, scale).to_event(1)``
-    over ``(latent_dim,)``: two softplus layers of width ``hidden``, then a
-    :class:`~pyro_vae.posteriors.DiagonalGaussian` head (mean head and
-    softplus scale head).
+    """A conditional distribution ``(*batch, in_features) -> q`` over ``(latent_dim,)``: two
+    softplus layers of width ``hidden``, then a posterior head built by ``head`` (default
+    :class:`~pyro_vae.posteriors.DiagonalGaussian`: mean head and softplus scale head,
+    giving ``Normal(loc, scale).to_event(1)``).
 
-    Used for the model's p(z_l | z_{l-1}) and the bottom-up guide's
-    q(z_{l-1} | z_l).
+    Used for the model's p(z_l | z_{l-1}) (always Gaussian) and the bottom-up
+    guide's q(z_{l-1} | z_l) (the VAE's posterior family, e.g. an IAF).
     """
 
-    def __init__(self, in_features, latent_dim, hidden=256):
+    def __init__(self, in_features, latent_dim, hidden=256, head=DiagonalGaussian):
         super().__init__()
         self.in_features = _check_width("in_features", in_features)
         self.latent_dim = _check_width("latent_dim", latent_dim)
         self.trunk = mlp_features(self.in_features, _check_width("hidden", hidden))
-        self.head = DiagonalGaussian(hidden, self.latent_dim)
+        self.head = build(head, hidden, self.latent_dim)
 
     def forward(self, z):
         return self.head(self.trunk(z))

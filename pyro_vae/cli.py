@@ -37,6 +37,8 @@ def _parser():
     t.add_argument("--guide", help=f"bottom-up or top-down (default {DEFAULTS.guide})")
     t.add_argument("--prior", help="p(z0): standard, learned, mog:K, vamp:K or flow:K "
                                    f"(default {DEFAULTS.prior})")
+    t.add_argument("--posterior", help="the guide's family at every level: gaussian or iaf:K (K flow steps) "
+                                       f"(default {DEFAULTS.posterior})")
     t.add_argument("--hidden", type=int, help=f"MLP hidden width, also of the chain's networks "
                                               f"(default {DEFAULTS.hidden})")
     t.add_argument("--likelihood", help="bernoulli, cbernoulli, gaussian[:fixed|learned|pixel], laplace, beta, "

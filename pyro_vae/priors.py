@@ -156,6 +156,10 @@ class VampPrior(nn.Module):
         if vae.levels and vae.guide_order == "bottom-up":
             raise InputError("VampPrior needs q(z0 | x) in closed form, but the bottom-up guide of a chain draws "
                              "z0 last, given z1; use guide='top-down' (--guide top-down) or another prior")
+        if hasattr(vae._ladder_head(0), "flow"):
+            raise InputError("the VampPrior is a mixture of Gaussian posteriors q(z0 | u_k), but the guide's head for "
+                             "z0 is a flow (an IAF posterior); use the gaussian posterior (--posterior gaussian) "
+                             "or another prior")
         self.pseudo_inputs = nn.Parameter(0.1 * torch.randn(self.k, *vae.x_shape))
         self._q_top = vae.q_top  # a bound method, not a submodule: no cycle in the module tree
         return self

@@ -41,7 +41,7 @@ import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from . import data as data_
-from . import likelihoods, nets, plots, priors
+from . import likelihoods, nets, plots, posteriors, priors
 from .errors import InputError
 from .evaluate import elbo_terms
 from .checkpoints import (CHECKPOINT_FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
@@ -68,7 +68,9 @@ class RunConfig:
     checkpoint of the epoch with the best test ELBO.
 
     ``prior`` is a :func:`pyro_vae.priors.from_name` name (``standard``,
-    ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``).
+    ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``); ``posterior`` a
+    :func:`pyro_vae.posteriors.from_name` name (``gaussian``, ``iaf:K``), the
+    guide's family at every level.
     ``latent_dims`` are the chain's level sizes, top (z0) to bottom; ``guide``
     is ``"bottom-up"`` or ``"top-down"``; ``kl_warmup`` is the number of steps
     of :class:`~pyro_vae.objectives.KLWarmup` (0: off); ``free_bits`` the KL
@@ -85,6 +87,7 @@ class RunConfig:
     latent_dims: list = dataclasses.field(default_factory=lambda: [50])
     guide: str = "bottom-up"
     prior: str = "standard"
+    posterior: str = "gaussian"
     hidden: int = 400
     likelihood: str = "bernoulli"
     gaussian_scale: float = 1.0
@@ -105,7 +108,8 @@ class RunConfig:
     keep_best: bool = False
 
     # settings that change the model or its data; a resume must not change them
-    MODEL_KEYS = ("dataset", "arch", "latent_dims", "guide", "prior", "hidden", "likelihood", "gaussian_scale", "binarize")
+    MODEL_KEYS = ("dataset", "arch", "latent_dims", "guide", "prior", "posterior",
+                  "hidden", "likelihood", "gaussian_scale", "binarize")
 
     def validate(self):
         """Raise :class:`InputError` naming the first bad setting."""
@@ -127,6 +131,10 @@ class RunConfig:
         if self.prior.startswith("vamp") and self.guide == "bottom-up" and len(dims) > 1:
             raise InputError("the VampPrior needs q(z0 | x) in closed form, which the bottom-up guide of a chain "
                              "does not have; use --guide top-down or another --prior")
+        posteriors.from_name(self.posterior)
+        if self.prior.startswith("vamp") and self.posterior != "gaussian":
+            raise InputError("the VampPrior is a mixture of Gaussian posteriors q(z0 | u_k), but an IAF posterior "
+                             "makes q(z0 | x) a flow; use --posterior gaussian or another --prior")
         if self.guide not in GUIDES:
             raise InputError(f"unknown guide {self.guide!r}; choose one of: {', '.join(GUIDES)}")
         if self.elbo == "meanfield" and self.guide == "bottom-up" and len(dims) > 1:
@@ -190,7 +198,7 @@ def build_vae(config, x_shape):
     encoder, decoder = nets.build(config.arch, x_shape, config.latent_dims[-1],
                                   out_channels=likelihood.channels, hidden=config.hidden)
     return VAE(encoder, decoder, config.latent_dims, likelihood=likelihood, beta=config.beta,
-               prior=priors.from_name(config.prior),
+               prior=priors.from_name(config.prior), posterior=posteriors.from_name(config.posterior),
                guide=config.guide, hidden=config.hidden)
 
 

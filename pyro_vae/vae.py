@@ -14,6 +14,9 @@ size, ``x_shape`` the shape of one data point, e.g. ``(1, 28, 28)``)::
                                zl ~ merge(head_l(d_l), p(zl | zl-1))      for l = 1 .. L
                                where head_L = posterior and merge is the Ladder VAE's
                                precision-weighted product of the two Gaussians.
+      Every head comes from the posterior family (default diagonal Gaussian). With a
+      flow family (``posteriors.iaf(k)``) each q above is pushed through the head's
+      flow conditioned on the same features; top-down, after the merge.
 
 Every site sits inside ``pyro.plate("data", B)`` (dim -1), so under
 ``Trace_ELBO(num_particles=K, vectorize_particles=True)`` values gain a leading
@@ -41,7 +44,7 @@ from . import priors as priors_
 from .chain import GaussianNet, MEANFIELD_BOTTOM_UP, mark_bottom_up, mlp_features, precision_weighted
 from .errors import InputError
 from . import likelihoods as likelihoods_
-from .posteriors import DiagonalGaussian
+from . import posteriors as posteriors_
 
 GUIDES = ("bottom-up", "top-down")
 
@@ -64,11 +67,16 @@ class VAE(nn.Module):
             callable (an ``nn.Module`` too) returning one.
         likelihood: p(x | decoder output), from :mod:`pyro_vae.likelihoods`
             (default Bernoulli).
-        posterior: the guide's head on the encoder's features ``(*batch, F)``
-            for the level nearest the data, zL (default
-            :class:`~pyro_vae.posteriors.DiagonalGaussian`). In the bottom-up
-            guide it is q(zL | x); in the top-down guide its Gaussian is merged
-            with p(zL | zL-1).
+        posterior: the guide's posterior family, used at every level: a
+            callable ``(in_features, latent_dim) -> head`` such as
+            :class:`~pyro_vae.posteriors.DiagonalGaussian` (default) or
+            :func:`pyro_vae.posteriors.iaf` ``(k)`` (see
+            :mod:`pyro_vae.posteriors`). Or one head module (an ``nn.Module``
+            instance) for the level nearest the data only, zL, on the encoder's
+            features ``(*batch, F)``; other levels then stay Gaussian. In the
+            bottom-up guide the head at zL is q(zL | x); in the top-down guide
+            its Gaussian is merged with p(zL | zL-1), then its flow (if any)
+            applied.
         x_shape: shape of one data point; read from ``encoder.x_shape`` or
             ``decoder.x_shape`` when not given. Needed to sample without data.
         beta: weight of the KL term, applied as ``poutine.scale`` on the
@@ -110,13 +118,14 @@ class VAE(nn.Module):
         self.prior = priors_.wrap(prior)  # set up at the end, once the guide's networks exist
         self.likelihood = likelihoods_.wrap(likelihood)
         features = getattr(encoder, "out_features", None)
-        if posterior is None:
+        family = posteriors_.DiagonalGaussian if posterior is None or isinstance(posterior, nn.Module) else posterior
+        if not isinstance(posterior, nn.Module):
             if not isinstance(features, int):
                 raise InputError(
                     "cannot tell the width of the encoder's output: give the encoder an integer "
                     "attribute out_features, or pass posterior=DiagonalGaussian(width, latent_dim)"
                 )
-            posterior = DiagonalGaussian(features, latent_dims[-1])
+            posterior = posteriors_.build(family, features, latent_dims[-1])
         self.posterior = posterior
         x_shape = x_shape or getattr(encoder, "x_shape", None) or getattr(decoder, "x_shape", None)
         self.x_shape = tuple(x_shape) if x_shape is not None else None
@@ -137,7 +146,7 @@ class VAE(nn.Module):
         self.ladder = nn.ModuleList()             # top-down: d_l = ladder[l](d_l+1), index l
         self.ladder_heads = nn.ModuleList()       # top-down: Gaussian from d_l, index l < L
         if levels and guide == "bottom-up":
-            self.guide_transitions.extend(GaussianNet(latent_dims[i + 1], latent_dims[i], hidden)
+            self.guide_transitions.extend(GaussianNet(latent_dims[i + 1], latent_dims[i], hidden, head=family)
                                           for i in range(levels))
         elif levels:
             if not isinstance(features, int):
@@ -145,7 +154,7 @@ class VAE(nn.Module):
                                  "attribute out_features")
             self.ladder.extend(mlp_features(features if i == levels - 1 else hidden, hidden)
                                for i in range(levels))
-            self.ladder_heads.extend(DiagonalGaussian(hidden, latent_dims[i]) for i in range(levels))
+            self.ladder_heads.extend(posteriors_.build(family, hidden, latent_dims[i]) for i in range(levels))
         self.prior.setup(latent_dims[0], self)
 
     def q_top(self, x):
@@ -234,9 +243,12 @@ class VAE(nn.Module):
         d = self._ladder_features(h)
         z = []
         for level in range(self.levels + 1):
-            q = self._ladder_head(level)(d[level])
+            head = self._ladder_head(level)
+            q = getattr(head, "gaussian", head)(d[level])  # a flow head's Gaussian half, else the whole head
             if level > 0:
                 q = precision_weighted(q, self.transitions[level - 1](z[-1]))
+            if hasattr(head, "flow"):
+                q = head.flow(q, d[level])  # the flow goes after the merge
             with self._kl_scale():
                 z.append(pyro.sample(f"z{level}", q))
         return z[0]
@@ -249,7 +261,7 @@ class VAE(nn.Module):
         return d
 
     def _ladder_head(self, level):
-        """The top-down guide's Gaussian head on d_level: ``posterior`` for zL, ``ladder_heads[level]`` above."""
+        """The top-down guide's head on d_level: ``posterior`` for zL, ``ladder_heads[level]`` above."""
         return self.posterior if level == self.levels else self.ladder_heads[level]
 
     # ------------------------------------------------------------ helpers
@@ -349,8 +361,9 @@ class VAE(nn.Module):
 
 
 class _AtMean(Messenger):
-    """Set every unobserved sample site's value to its distribution's mean."""
+    """Set every unobserved sample site's value to its distribution's mean
+    (:func:`pyro_vae.posteriors.location`: for a flow, the image of its base's mean)."""
 
     def _pyro_sample(self, msg):
         if not msg["is_observed"] and msg["value"] is None and not site_is_subsample(msg):
-            msg["value"] = msg["fn"].mean
+            msg["value"] = posteriors_.location(msg["fn"])

@@ -121,8 +121,11 @@ def test_train_then_evaluate(idx_dir, tmp_path, capsys):
     ["--arch", "conv", "--likelihood", "dlogistic:2", "--binarize", "none", "--prior", "mog:3"],
     ["--likelihood", "gaussian:pixel", "--binarize", "none", "--prior", "vamp:4", "--latent-dims", "3,8",
      "--guide", "top-down"],
+    ["--posterior", "iaf:2", "--latent-dims", "3,8", "--guide", "top-down", "--elbo", "meanfield"],
+    ["--posterior", "iaf:1", "--latent-dims", "3,8", "--prior", "flow:1"],
     pytest.param(["--elbo", "jit"], marks=pytest.mark.filterwarnings("ignore:.*torch.jit.trace.*:FutureWarning")),
-], ids=["conv-gaussian-meanfield", "conv-dlogistic-mog", "pixel-gaussian-vamp-chain", "jit"])
+], ids=["conv-gaussian-meanfield", "conv-dlogistic-mog", "pixel-gaussian-vamp-chain", "iaf-top-down-meanfield",
+        "iaf-bottom-up-flow-prior", "jit"])
 def test_train_variants(idx_dir, tmp_path, extra):
     out = tmp_path / "run"
     assert cli.main(["train", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out),
