@@ -44,13 +44,17 @@ def test_hierarchical_example_prints_per_level_kl_and_iw_for_each_guide(tmp_path
         assert "z0: KL" in summary and "/16 active" in summary and "z1: KL" in summary and "/50 active" in summary
 
 
-def test_swap_prior_example_prints_elbo_and_iw_for_each_prior(tmp_path, cli_env):
+@pytest.mark.parametrize("compare, names", [
+    ("priors", ("standard normal", "mixture of Gaussians", "VampPrior")),
+    ("posteriors", ("Gaussian posterior", "IAF posterior")),
+])
+def test_swap_prior_example_prints_elbo_and_iw_for_each_model(tmp_path, cli_env, compare, names):
     idx_dir = make_idx_dir(tmp_path / "idx", n_train=512, n_test=64)
     result = subprocess.run([sys.executable, str(EXAMPLES / "swap_prior.py"), "-n", "2", "--iw-samples", "20",
-                             "--pseudo-inputs", "8", "--components", "3", "--data-dir", str(idx_dir)],
-                            capture_output=True, text=True, env=cli_env, timeout=300)
+                             "--pseudo-inputs", "8", "--components", "3", "--data-dir", str(idx_dir),
+                             "--compare", compare], capture_output=True, text=True, env=cli_env, timeout=300)
     assert result.returncode == 0, result.stderr
-    for name in ("standard normal", "mixture of Gaussians", "VampPrior"):
+    for name in names:
         (line,) = [l for l in result.stdout.splitlines() if l.startswith(f"{name}: test ELBO")]
         elbo = float(line.split("test ELBO")[1].split()[0])
         iw = float(line.split("(K=20)")[1].split()[0])
