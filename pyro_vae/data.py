@@ -1,4 +1,5 @@
-"""Data: Fashion-MNIST / MNIST through torchvision, binarisation, on-device batches.
+"""Data: Fashion-MNIST / MNIST through torchvision, count matrices from files,
+binarisation, on-device batches.
 
 Images come back as float tensors in [0, 1] of shape ``(N, 1, 28, 28)``.
 Fashion-MNIST is looked for, in order, in
@@ -11,12 +12,21 @@ Fashion-MNIST is looked for, in order, in
 The files are read by torchvision's own dataset class
 (:class:`torchvision.datasets.FashionMNIST`); gzipped files are unpacked
 once into the cache (``$PYRO_VAE_CACHE`` or ``~/.cache/pyro_vae``).
+
+Count data (cells x genes, documents x words) come from ``.npz``, ``.csv``
+or Matrix Market ``.mtx`` files (:func:`read_counts`, as a
+``scipy.sparse`` matrix; :func:`load_counts`, as a dense tensor).
+:class:`Batches` takes either, and densifies a sparse matrix one batch at a
+time, so a matrix too large to hold densely still trains.
 """
 
+import csv
+import gzip
 import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -171,22 +181,159 @@ def _to_float(images):
     return images.unsqueeze(1).float().div_(255.0)
 
 
+# ------------------------------------------------------------------ count matrices
+COUNT_FORMATS = (".npz", ".csv", ".csv.gz", ".mtx", ".mtx.gz")
+
+
+def _csv_matrix(path):
+    """A CSV of numbers; a header row and a first column of names are skipped if present."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
+        rows = [row for row in csv.reader(f) if row]
+    if not rows:
+        raise InputError(f"{path} holds no rows; a count matrix needs one row per cell or document")
+
+    def numbers(row):
+        try:
+            return [float(v) for v in row]
+        except ValueError:
+            return None
+
+    if numbers(rows[0]) is None and len(rows) > 1 and numbers(rows[0][1:]) is None:
+        rows = rows[1:]  # a header of names
+    if rows and numbers(rows[0]) is None and numbers(rows[0][1:]) is not None:
+        rows = [row[1:] for row in rows]  # a first column of row names
+    widths = {len(row) for row in rows}
+    if len(widths) != 1:
+        raise InputError(f"{path}: rows have different numbers of columns ({sorted(widths)[:5]}); "
+                         "every row must hold one count per gene or word")
+    values = []
+    for i, row in enumerate(rows):
+        parsed = numbers(row)
+        if parsed is None:
+            bad = next(v for v in row if numbers([v]) is None)
+            raise InputError(f"{path}: row {i + 1} holds {bad!r}, which is not a number; a count matrix "
+                             "holds numbers, with at most one header row and one column of names")
+        values.append(parsed)
+    return np.asarray(values, dtype=np.float64)
+
+
+def _npz_matrix(path):
+    import scipy.sparse
+
+    with np.load(path, allow_pickle=False) as f:
+        keys = list(f.keys())
+        if {"format", "shape", "data"} <= set(keys):  # written by scipy.sparse.save_npz
+            return scipy.sparse.load_npz(path)
+        for key in ("counts", "X", "x", "arr_0"):
+            if key in keys:
+                return f[key]
+        if len(keys) == 1:
+            return f[keys[0]]
+    raise InputError(f"{path} holds arrays {keys}; name the count matrix 'counts' (np.savez(path, counts=m)) "
+                     "or save it with scipy.sparse.save_npz")
+
+
+def read_counts(path, transpose=False):
+    """Read a count matrix: rows are observations (cells, documents), columns features (genes, words).
+
+    Formats: ``.npz`` (``scipy.sparse.save_npz``, or ``numpy.savez`` with an
+    array named ``counts``), ``.csv`` (optionally gzipped; a header row and
+    a first column of names are skipped), Matrix Market ``.mtx`` (optionally
+    gzipped; 10x Genomics writes genes x cells, so pass ``transpose=True``).
+
+    Args:
+        path: the file.
+        transpose: read the file's columns as observations.
+
+    Returns:
+        ``scipy.sparse.csr_matrix`` of shape ``(N, G)``, float32.
+
+    Raises:
+        InputError: for a missing file, an unknown format, or values that
+            are not counts (negative, non-integer, NaN/inf), naming the file,
+            the position and the value.
+    """
+    import scipy.io
+    import scipy.sparse
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"count file {path} does not exist; pass a {', '.join(COUNT_FORMATS)} file")
+    name = path.name.lower()
+    try:
+        if name.endswith((".csv", ".csv.gz")):
+            m = _csv_matrix(path)
+        elif name.endswith(".npz"):
+            m = _npz_matrix(path)
+        elif name.endswith((".mtx", ".mtx.gz")):
+            m = scipy.io.mmread(str(path))
+        else:
+            raise InputError(f"unknown count-file format {path.name!r}; use one of {', '.join(COUNT_FORMATS)}")
+    except InputError:
+        raise
+    except Exception as err:  # zipfile, gzip, scipy.io and numpy raise assorted types for broken files
+        raise InputError(f"could not read the count file {path}: {_describe(err)}") from err
+    if not scipy.sparse.issparse(m) and np.ndim(m) != 2:
+        raise InputError(f"{path} holds an array of shape {np.shape(m)}; a count matrix has 2 dims "
+                         "(observations x features)")
+    m = scipy.sparse.csr_matrix(m, dtype=np.float64)
+    if 0 in m.shape:
+        raise InputError(f"{path} holds a matrix of shape {m.shape}; a count matrix needs at least one row "
+                         "and one column")
+    if transpose:
+        m = m.T.tocsr()
+    _check_counts(m, path)
+    return m.astype(np.float32)
+
+
+def _check_counts(m, path):
+    data = m.data
+    problems = [("not finite", ~np.isfinite(data)), ("negative", data < 0),
+                ("not an integer", np.isfinite(data) & (data != np.round(data)))]
+    for what, bad in problems:
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            row = int(np.searchsorted(m.indptr, k, side="right") - 1)
+            raise InputError(f"{path} is not a count matrix: the value at row {row}, column {m.indices[k]} is "
+                             f"{data[k]!r} ({what}; {int(bad.sum())} such values); counts are integers >= 0")
+
+
+def load_counts(path, transpose=False, max_dense=2 ** 28):
+    """:func:`read_counts` as a dense float32 tensor ``(N, G)`` on the CPU.
+
+    Args:
+        max_dense: the most entries N * G to densify (default 2^28, 1 GiB);
+            larger matrices raise, pointing to :func:`read_counts` and
+            :class:`Batches`, which densify one batch at a time.
+    """
+    m = read_counts(path, transpose)
+    if m.shape[0] * m.shape[1] > max_dense:
+        raise InputError(f"{path} is {m.shape[0]} x {m.shape[1]}, more than {max_dense} entries to hold densely; "
+                         "use data.read_counts(path) and data.Batches(matrix, batch_size, generator), which "
+                         "densify one batch at a time")
+    return torch.from_numpy(m.toarray())
+
+
 def binarize(x, generator=None):
     """Bernoulli(x) draws: ``(N, ...) in [0, 1] -> (N, ...)`` of 0./1., same device and dtype."""
     return torch.bernoulli(x, generator=generator)
 
 
 class Batches:
-    """Shuffled minibatches drawn from a tensor that already lives on the training device.
+    """Shuffled minibatches drawn from a tensor that already lives on the training device,
+    or from a ``scipy.sparse`` matrix (e.g. from :func:`read_counts`).
 
-    Indexing, shuffling and (dynamic) binarisation all run on ``x.device``;
-    there is no per-item Python work and no DataLoader.
+    For a tensor, indexing, shuffling and (dynamic) binarisation all run on
+    ``x.device``; there is no per-item Python work and no DataLoader. A
+    sparse matrix stays on the CPU: each batch's rows are densified there
+    (float32) and moved to ``generator.device``.
 
     Args:
-        x: data ``(N, *x_shape)``.
+        x: data ``(N, *x_shape)``, or a ``scipy.sparse`` matrix ``(N, G)``.
         batch_size: data points per batch (the last batch may be smaller).
-        generator: ``torch.Generator`` on ``x.device`` driving shuffling and
-            binarisation (seeded by the caller, saved in checkpoints).
+        generator: ``torch.Generator`` on the training device driving
+            shuffling and binarisation (seeded by the caller, saved in checkpoints).
         dynamic_binarize: draw Bernoulli(x) afresh every time a batch is made,
             i.e. a new binarisation every epoch.
         shuffle: permute the data every epoch.
@@ -201,7 +348,9 @@ class Batches:
         if int(batch_size) > x.shape[0]:
             raise InputError(f"batch size {batch_size} is larger than the data ({x.shape[0]} points); "
                              "choose a smaller batch size")
-        self.x = x
+        self.sparse = not torch.is_tensor(x) and hasattr(x, "tocsr")
+        self.x = x.tocsr() if self.sparse else x
+        self.device = generator.device if self.sparse else x.device
         self.batch_size = int(batch_size)
         self.generator = generator
         self.dynamic_binarize = dynamic_binarize
@@ -212,8 +361,12 @@ class Batches:
 
     def __iter__(self):
         n = self.x.shape[0]
-        order = (torch.randperm(n, generator=self.generator, device=self.x.device) if self.shuffle
-                 else torch.arange(n, device=self.x.device))
+        order = (torch.randperm(n, generator=self.generator, device=self.device) if self.shuffle
+                 else torch.arange(n, device=self.device))
         for idx in order.split(self.batch_size):
-            xb = self.x[idx]
+            if self.sparse:
+                rows = self.x[idx.cpu().numpy()].toarray()
+                xb = torch.from_numpy(rows).to(self.device, torch.float32)
+            else:
+                xb = self.x[idx]
             yield binarize(xb, self.generator) if self.dynamic_binarize else xb
