@@ -92,3 +92,43 @@ def test_a_chain_on_the_gpu(guide, images, tmp_path):
     assert {"kl_z0", "kl_z1", "kl_z2", "active_units_z2"} <= set(summary)
     assert vae.resample_below(x[:2], 1, 3).device.type == "cuda"
     plots.save_levels(vae, x, tmp_path / "levels.png")
+
+
+@pytest.mark.parametrize("prior, posterior", [("mog:3", "iaf:2"), ("vamp:5", "gaussian"), ("flow:2", "iaf:1"),
+                                              ("learned", "gaussian")])
+@pytest.mark.parametrize("guide", ["bottom-up", "top-down"])
+def test_priors_and_posteriors_on_the_gpu(prior, posterior, guide, images):
+    from pyro_vae import posteriors, priors
+
+    if prior.startswith("vamp") and guide == "bottom-up":
+        dims = [6]  # the VampPrior needs q(z0 | x) in closed form: one level with the bottom-up guide
+    else:
+        dims = [3, 6]
+    pyro.set_rng_seed(0)
+    vae = VAE(*nets.build("mlp", (1, 28, 28), 6, hidden=64), dims, guide=guide, hidden=32,
+              prior=priors.from_name(prior), posterior=posteriors.from_name(posterior)).to(CUDA)
+    x = images.to(CUDA)
+    history = fit(vae, x, x[:32], epochs=2, batch_size=32, dynamic_binarize=True, progress=False, log=None)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    summary = evaluate.evaluate(vae, x[:16], iw_samples=20, progress=False)
+    assert summary["iw_log_likelihood"] > summary["elbo"] - 1.0
+    assert vae.reconstruct(x[:4]).device.type == "cuda" and vae.sample(3).device.type == "cuda"
+
+
+@pytest.mark.parametrize("name", ["poisson", "nb", "zinb"])
+def test_count_likelihoods_and_sparse_batches_on_the_gpu(name):
+    import scipy.sparse
+
+    from pyro_vae import data
+
+    counts = torch.distributions.Poisson(torch.full((64, 20), 3.0)).sample()
+    lik = likelihoods.from_name(name)
+    vae = VAE(nets.MLPEncoder((20,), hidden=(32,)), nets.MLPDecoder(4, (20,), hidden=(32,), out_channels=lik.channels),
+              [4], likelihood=lik).to(CUDA)
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    batches = data.Batches(scipy.sparse.csr_matrix(counts.numpy()), 16, generator)
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), Trace_ELBO())
+    losses = [sum(svi.step(xb) for xb in batches) for _ in range(10)]
+    assert all(xb.device.type == "cuda" for xb in batches)
+    assert losses[-1] < losses[0]
+    assert evaluate.iw_log_likelihood(vae, counts.to(CUDA), num_samples=10).device.type == "cuda"
