@@ -3,10 +3,11 @@ built with the library's own VAE and a user's linear transitions (shared by seve
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 from torch import nn
 
-from pyro_vae import VAE, likelihoods
+from pyro_vae import VAE, evaluate, fit, likelihoods
 
 D_X, S_X = 4, 0.5
 
@@ -85,3 +86,23 @@ def exact_top_down_guide(mean, cov, blocks):
                 z = pyro.sample(f"z{level}", conditional(level, given))
 
     return guide
+
+
+def check_trained_guide_approaches_the_exact_log_px(dims, guide, posterior=None):
+    """Train the library's own guide (of ``posterior`` family) on data of the linear-Gaussian chain, the
+    model fixed: ELBO < IW(K=10) < IW(K=2000) ~= the exact log p(x) (to 0.05 nats). Returns the VAE."""
+    vae, mean, cov, blocks = linear_gaussian_chain(dims, guide, posterior)
+    vae.decoder.requires_grad_(False)
+    marginal = torch.distributions.MultivariateNormal(mean[blocks[-1]], cov[blocks[-1], blocks[-1]])
+    torch.manual_seed(1)
+    x = marginal.sample((256,))
+    exact = marginal.log_prob(x).mean().item()
+    pyro.set_rng_seed(0)
+    with pytest.warns(UserWarning, match="requires_grad=False"):  # the fixed decoder is not a Pyro param
+        fit(vae, x, epochs=60, batch_size=64, lr=1e-2, progress=False, log=None)
+    elbo = evaluate.elbo_terms(vae, x, num_samples=50)["elbo"].mean().item()
+    iw10 = evaluate.iw_log_likelihood(vae, x, num_samples=10).mean().item()
+    iw = evaluate.iw_log_likelihood(vae, x, num_samples=2000).mean().item()
+    assert elbo < iw10 < iw + 0.01
+    assert abs(iw - exact) < 0.05, (elbo, iw10, iw, exact)
+    return vae

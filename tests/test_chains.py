@@ -15,7 +15,7 @@ from torch import nn
 from pyro_vae import VAE, InputError, evaluate, fit, likelihoods, nets
 from pyro_vae.objectives import FreeBitsELBO, KLWarmup
 from conftest import ELBOS, check_svi_lowers_the_loss
-from linear_gaussian import exact_top_down_guide, linear_gaussian_chain
+from linear_gaussian import check_trained_guide_approaches_the_exact_log_px, exact_top_down_guide, linear_gaussian_chain
 
 X_SHAPE = (1, 28, 28)
 DEPTHS = [[4], [3, 5], [2, 3, 4], [2, 3, 4, 5]]  # L = 0, 1, 2, 3
@@ -175,21 +175,7 @@ def test_iw_estimate_is_exact_on_a_linear_gaussian_chain(dims):
 def test_iw_estimate_of_a_trained_chain_guide_approaches_the_exact_log_px(guide):
     """The library's own guides, trained on a two-level linear-Gaussian chain (model fixed):
     ELBO < IW(K=10) < IW(K=2000) ~= exact log p(x)."""
-    dims = [2, 3, 2]
-    vae, mean, cov, blocks = linear_gaussian_chain(dims, guide)
-    vae.decoder.requires_grad_(False)
-    marginal = torch.distributions.MultivariateNormal(mean[blocks[-1]], cov[blocks[-1], blocks[-1]])
-    torch.manual_seed(1)
-    x = marginal.sample((256,))
-    exact = marginal.log_prob(x).mean().item()
-    pyro.set_rng_seed(0)
-    with pytest.warns(UserWarning, match="requires_grad=False"):  # the fixed decoder is not a Pyro param
-        fit(vae, x, epochs=60, batch_size=64, lr=1e-2, progress=False, log=None)
-    elbo = evaluate.elbo_terms(vae, x, num_samples=50)["elbo"].mean().item()
-    iw10 = evaluate.iw_log_likelihood(vae, x, num_samples=10).mean().item()
-    iw = evaluate.iw_log_likelihood(vae, x, num_samples=2000).mean().item()
-    assert elbo < iw10 < iw + 0.01
-    assert abs(iw - exact) < 0.05, (elbo, iw10, iw, exact)
+    check_trained_guide_approaches_the_exact_log_px([2, 3, 2], guide)
 
 
 # ------------------------------------------------ warm-up and free bits
