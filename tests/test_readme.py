@@ -32,3 +32,15 @@ def test_readme_chain_snippet_trains_with_warmup():
     vae = scope["vae"]
     assert vae.latent_dims == [16, 50] and vae.guide_order == "top-down"
     assert vae.kl_weight == 8 / 2350  # the warm-up's weight at the last of the 8 steps
+
+
+def test_readme_swap_snippet_builds_and_steps():
+    first, _, swap = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[:3]
+    pyro.clear_param_store()
+    scope = {}
+    exec(compile(first.split("x_train, _, x_test, _")[0], "README.md", "exec"), scope)  # the imports only
+    exec(compile(swap, "README.md", "exec"), scope)
+    vae, torch = scope["vae"], scope["torch"]
+    assert type(vae.prior).__name__ == "MixtureOfGaussians" and type(vae.posterior).__name__ == "IAF"
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.isfinite(torch.tensor(scope["svi"].step(x)))
