@@ -24,6 +24,7 @@ from pyro.poutine.util import site_is_subsample
 import torch
 
 from .errors import InputError
+from .posteriors import location
 
 
 def _log_densities(vae, x, k):
@@ -144,8 +145,11 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
 
     ``E_q[z_l | x]`` is the mean of the guide's distribution at that site,
     averaged over ``num_samples`` draws of the levels the guide samples
-    before it (exact for the first level the guide draws). Sites whose
-    distribution has no ``mean`` use the average of the draws instead.
+    before it (exact for the first level the guide draws). For a flow (an
+    IAF posterior), which has no closed-form mean, it is
+    :func:`~pyro_vae.posteriors.location`, the image of its base Gaussian's
+    mean: averaging a few draws instead would add their variance, and count
+    collapsed units as active. Sites with neither use the average of the draws.
 
     Args:
         vae: a :class:`pyro_vae.VAE`.
@@ -168,7 +172,7 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
                 if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
                     continue
                 try:
-                    mean = site["fn"].mean
+                    mean = location(site["fn"])
                 except NotImplementedError:
                     mean = site["value"]
                 means.setdefault(name, []).append(mean.expand(site["value"].shape).mean(0))

@@ -204,3 +204,21 @@ def test_bad_families_get_clear_errors():
 
         vae = make_vae([3, 4], "top-down", LaplaceHead)
         vae.guide(torch.rand(2, *X_SHAPE).round())
+
+
+def test_active_units_with_an_iaf_ignore_the_spread_of_its_draws(images):
+    """A collapsed IAF posterior (its Gaussian's mean and every flow output constant in x) has no active
+    unit, though the average of 10 draws would vary by about sigma^2 / 10 = 0.1 > 0.01 across images."""
+    vae = make_vae([4], "bottom-up", posteriors.iaf(2))
+    with torch.no_grad():
+        vae.posterior.gaussian.mean_head.weight.zero_()
+        vae.posterior.gaussian.scale_head.weight.zero_()
+        vae.posterior.gaussian.scale_head.bias.fill_(0.55)  # sigma = softplus(0.55) ~= 1
+        for flow in vae.posterior.flows:
+            flow.nn.layers[-1].weight.zero_()  # m and s of each step: constants
+    x = images[:200]
+    count, variances = evaluate.active_units(vae, x)["z0"]
+    assert count == 0 and float(variances.max()) < 1e-10
+    q = vae.posterior(vae.encoder(x))
+    draws = q.sample((10,)).mean(0)
+    assert int((draws.var(0, unbiased=False) > 0.01).sum()) >= 3  # what counting draws would have said
