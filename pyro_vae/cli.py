@@ -27,9 +27,14 @@ def _parser():
                        description="Train a VAE by SVI; writes config.json, metrics.jsonl, checkpoint.pt, "
                                    "samples.png, reconstructions.png and curves.png into --out.")
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--dataset", help=f"fashion-mnist or mnist (default {DEFAULTS.dataset})")
+    t.add_argument("--dataset", help="fashion-mnist, mnist, or counts (a count matrix in --data-file) "
+                                     f"(default {DEFAULTS.dataset})")
     t.add_argument("--data-dir", help="directory holding the IDX files (looked at before Debian's "
                                       "package and torchvision's download)")
+    t.add_argument("--data-file", help="with --dataset counts: a cells x genes (documents x words) count matrix, "
+                                       ".npz, .csv(.gz) or .mtx(.gz)")
+    t.add_argument("--transpose", action="store_true", default=None,
+                   help="with --data-file: the file is genes x cells, as 10x Genomics .mtx files are")
     t.add_argument("--arch", help=f"mlp or conv (default {DEFAULTS.arch})")
     t.add_argument("--latent-dims", "--latent-dim", type=_sizes, metavar="D0[,D1,...]",
                    help="sizes of the latent levels, top (z0) to bottom, e.g. 16,32,64; one number is "
@@ -88,7 +93,7 @@ def _parser():
 
 
 def _train(args):
-    from .train import load_checkpoint, train
+    from .train import is_image, load_checkpoint, train
 
     if args.resume and args.overwrite:
         raise InputError("--resume and --overwrite exclude each other; pass --resume to continue the run in "
@@ -104,9 +109,11 @@ def _train(args):
                          progress=not args.no_progress)
     out = Path(args.out)
     last = history[-1]
+    unit = "image" if is_image(vae) else "data point"
     print(f"trained {last['epoch']} epochs: train loss {last['train_loss']:.2f}, "
-          f"test ELBO {last['test_elbo']:.2f} nats/image")
-    print(f"wrote {out}/: config.json metrics.jsonl checkpoint.pt samples.png reconstructions.png levels.png curves.png")
+          f"test ELBO {last['test_elbo']:.2f} nats/{unit}")
+    pictures = "samples.png reconstructions.png levels.png curves.png" if is_image(vae) else "curves.png"
+    print(f"wrote {out}/: config.json metrics.jsonl checkpoint.pt {pictures}")
 
 
 def _evaluate(args):
@@ -137,9 +144,12 @@ def _sample(args):
     import pyro
 
     from . import plots
-    from .train import load_run
+    from .train import is_image, load_run
 
-    vae, _ = load_run(args.run_dir)
+    vae, config = load_run(args.run_dir)
+    if not is_image(vae):
+        raise InputError(f"{args.run_dir} was trained on {config.dataset} data of shape {vae.x_shape}, not images; "
+                         "draw samples in Python with vae.sample(n) or pyro.infer.Predictive(vae.model, ...)")
     if args.n < 1:
         raise InputError(f"--n must be positive, got {args.n}")
     pyro.set_rng_seed(args.seed)

@@ -296,7 +296,7 @@ def _check_counts(m, path):
             k = int(np.flatnonzero(bad)[0])
             row = int(np.searchsorted(m.indptr, k, side="right") - 1)
             raise InputError(f"{path} is not a count matrix: the value at row {row}, column {m.indices[k]} is "
-                             f"{data[k]!r} ({what}; {int(bad.sum())} such values); counts are integers >= 0")
+                             f"{float(data[k])!r} ({what}; {int(bad.sum())} such values); counts are integers >= 0")
 
 
 def load_counts(path, transpose=False, max_dense=2 ** 28):

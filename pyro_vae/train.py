@@ -76,6 +76,11 @@ class RunConfig:
     of :class:`~pyro_vae.objectives.KLWarmup` (0: off); ``free_bits`` the KL
     floor per level in nats (0: off, the plain ELBO).
 
+    ``dataset`` ``"counts"`` trains on the count matrix in ``data_file``
+    (:func:`pyro_vae.data.load_counts`; ``transpose`` for genes x cells
+    files), the last 10% of a seeded shuffle of its rows held out as the
+    test set; it needs ``binarize="none"`` and the MLP.
+
     ``binarize``: ``"dynamic"`` redraws Bernoulli(x) for every training batch
     (a new binarisation each epoch) and binarises the test set once with a
     fixed seed; ``"fixed"`` binarises both once; ``"none"`` keeps grey values.
@@ -83,6 +88,8 @@ class RunConfig:
 
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
+    data_file: str | None = None
+    transpose: bool = False
     arch: str = "mlp"
     latent_dims: list = dataclasses.field(default_factory=lambda: [50])
     guide: str = "bottom-up"
@@ -108,13 +115,25 @@ class RunConfig:
     keep_best: bool = False
 
     # settings that change the model or its data; a resume must not change them
-    MODEL_KEYS = ("dataset", "arch", "latent_dims", "guide", "prior", "posterior",
+    MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",
                   "hidden", "likelihood", "gaussian_scale", "binarize")
 
     def validate(self):
         """Raise :class:`InputError` naming the first bad setting."""
-        if self.dataset not in data_.DATASETS:
-            raise InputError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(data_.DATASETS)}")
+        if self.dataset not in DATASETS:
+            raise InputError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        if self.dataset == "counts":
+            if not self.data_file:
+                raise InputError("--dataset counts needs the count matrix: pass --data-file PATH "
+                                 f"({', '.join(data_.COUNT_FORMATS)})")
+            if self.binarize != "none":
+                raise InputError(f"count data are not binarised, but binarize is {self.binarize!r}; "
+                                 "pass --binarize none with --dataset counts")
+            if self.arch != "mlp":
+                raise InputError("--dataset counts holds vectors, which the conv networks cannot read; use --arch mlp")
+        elif self.data_file or self.transpose:
+            raise InputError("--data-file and --transpose are for --dataset counts; images are found with "
+                             "--data-dir")
         if self.arch not in nets.ARCHS:
             raise InputError(f"unknown arch {self.arch!r}; choose one of: {', '.join(nets.ARCHS)}")
         likelihoods.from_name(self.likelihood, self.gaussian_scale)
@@ -418,8 +437,23 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
 
 
 # -------------------------------------------------------------------- runs
+DATASETS = (*data_.DATASETS, "counts")
+
+
+def is_image(vae):
+    """Whether the VAE's data are images ``(C, H, W)``, which the picture files show."""
+    return vae.x_shape is not None and len(vae.x_shape) == 3
+
+
 def load_data(config, device):
     """``(x_train, x_test)`` for a :class:`RunConfig`, binarised as it says, on ``device``."""
+    if config.dataset == "counts":
+        x = data_.load_counts(config.data_file, config.transpose)
+        if x.shape[0] < 2:
+            raise InputError(f"{config.data_file} holds {x.shape[0]} row; training and a test set need 2 or more")
+        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed + 1))
+        n_test = max(1, x.shape[0] // 10)
+        return x[order[n_test:]].to(device), x[order[:n_test]].to(device)
     x_train, _, x_test, _ = data_.load_images(config.dataset, config.data_dir)
     if config.binarize != "none":
         g = torch.Generator().manual_seed(config.seed + 1)
@@ -449,8 +483,8 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
         out_dir: the run directory (created if needed).
         resume: continue the run in ``out_dir`` up to ``config.epochs``.
         overwrite: replace another run's files in ``out_dir``.
-        pictures: write ``samples.png``, ``reconstructions.png`` and
-            ``curves.png`` at the end.
+        pictures: write ``curves.png`` at the end and, for images,
+            ``samples.png``, ``reconstructions.png`` and ``levels.png``.
 
     Returns:
         ``(vae, history)``.
@@ -509,8 +543,9 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
                   max_bad_steps=config.max_bad_steps, checkpoint_every=config.checkpoint_every,
                   kl_warmup=config.kl_warmup, free_bits=config.free_bits, progress=progress, checkpoint=checkpoint, state=state)
     if pictures:
-        plots.save_samples(vae, out / "samples.png")
-        plots.save_reconstructions(vae, x_test, out / "reconstructions.png")
-        plots.save_levels(vae, x_test, out / "levels.png")
+        if is_image(vae):
+            plots.save_samples(vae, out / "samples.png")
+            plots.save_reconstructions(vae, x_test, out / "reconstructions.png")
+            plots.save_levels(vae, x_test, out / "levels.png")
         plots.save_curves(out / "metrics.jsonl", out / "curves.png")
     return vae, history

@@ -73,6 +73,14 @@ class Workspace:
         self.absent.append(path)
         return str(path)
 
+    def counts(self, rows, name="counts.npz"):
+        """A count file (``numpy.savez(..., counts=rows)``) that must be left as it was."""
+        import numpy as np
+
+        path = self.root / name
+        np.savez(path, counts=np.asarray(rows, dtype=float))
+        return self.keep(path)
+
     def idx(self, name="idx", edit=None, **kw):
         """A Fashion-MNIST-format folder (``conftest.make_idx_dir``), after ``edit(folder)``."""
         path = make_idx_dir(self.root / name, **kw)
@@ -305,6 +313,22 @@ CASES = [
         r"unknown prior 'gamma'", r"choose one of: standard, learned, mog:K, vamp:K, flow:K"),
     cli("vamp-prior-with-bottom-up-chain", lambda ws: _train(ws, "--prior", "vamp:3", "--latent-dims", "3,4"),
         r"VampPrior needs q\(z0 \| x\) in closed form", r"use --guide top-down or another --prior"),
+    cli("counts-without-data-file", lambda ws: ["train", "--out", ws.fresh(), "--dataset", "counts",
+                                                "--binarize", "none", "--no-progress"],
+        r"--dataset counts needs the count matrix", r"pass --data-file PATH \(\.npz, \.csv"),
+    cli("counts-binarised", lambda ws: ["train", "--out", ws.fresh(), "--dataset", "counts", "--data-file",
+                                        ws.counts([[1, 2], [3, 4]]), "--no-progress"],
+        r"count data are not binarised, but binarize is 'dynamic'", r"pass --binarize none with --dataset counts"),
+    cli("counts-conv", lambda ws: ["train", "--out", ws.fresh(), "--dataset", "counts", "--data-file",
+                                   ws.counts([[1, 2], [3, 4]]), "--binarize", "none", "--arch", "conv", "--no-progress"],
+        r"--dataset counts holds vectors, which the conv networks cannot read", r"use --arch mlp"),
+    cli("data-file-with-images", lambda ws: _train(ws, "--data-file", ws.counts([[1, 2], [3, 4]])),
+        r"--data-file and --transpose are for --dataset counts", r"images are found with --data-dir"),
+    cli("negative-counts", lambda ws: ["train", "--out", ws.fresh(), "--dataset", "counts", "--data-file",
+                                       ws.counts([[1, 2], [3, -4]]), "--binarize", "none", "--likelihood", "nb",
+                                       "--no-progress"],
+        r"counts\.npz is not a count matrix: the value at row 1, column 1 is -4\.0 \(negative; 1 such values\)",
+        r"counts are integers >= 0"),
     cli("unknown-posterior", lambda ws: _train(ws, "--posterior", "iaf:0"),
         r"unknown posterior 'iaf:0'", r"choose one of: gaussian, iaf:K \(K a positive integer\)"),
     cli("vamp-prior-with-iaf-posterior", lambda ws: _train(ws, "--prior", "vamp:3", "--posterior", "iaf:2"),

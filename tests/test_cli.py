@@ -139,6 +139,36 @@ def test_train_variants(idx_dir, tmp_path, extra):
     assert all(math.isfinite(summary[k]) for k in ("elbo", "reconstruction", "kl", "iw_log_likelihood"))
 
 
+def test_train_evaluate_and_resume_on_a_count_file(tmp_path, capsys):
+    """--dataset counts: a 10x-style genes x cells .mtx file, an NB likelihood, a chain with the IAF posterior."""
+    import scipy.io
+    import scipy.sparse
+
+    torch.manual_seed(0)
+    cells = torch.distributions.NegativeBinomial(3.0, logits=torch.randn(30) * 0.5).sample((200,))  # (200, 30)
+    path = tmp_path / "matrix.mtx"
+    scipy.io.mmwrite(str(path), scipy.sparse.coo_matrix(cells.numpy().T))
+    out = tmp_path / "run"
+    common = ["--dataset", "counts", "--data-file", str(path), "--transpose", "--binarize", "none",
+              "--likelihood", "nb", "--latent-dims", "2,4", "--posterior", "iaf:1", "--hidden", "32"]
+    assert cli.main(["train", "--out", str(out), "--epochs", "2", *common, *QUICK]) == 0
+    printed = capsys.readouterr().out
+    assert "nats/data point" in printed and "checkpoint.pt curves.png" in printed
+    metrics = _metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2] and metrics[1]["train_loss"] < metrics[0]["train_loss"]
+    assert (out / "curves.png").is_file() and not (out / "samples.png").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "counts" and config["data_file"] == str(path) and config["transpose"] is True
+    assert cli.main(["evaluate", str(out), "--iw-samples", "5", "--no-progress"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["n"] == 20 and summary["latent_dims"] == [2, 4]  # 10% of the 200 cells held out
+    assert summary["iw_log_likelihood"] >= summary["elbo"] - 1.0
+    assert cli.main(["train", "--out", str(out), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    assert [m["epoch"] for m in _metrics(out)] == [1, 2, 3]
+    assert cli.main(["sample", str(out)]) == 2
+    assert "not images; draw samples in Python with vae.sample(n)" in capsys.readouterr().err
+
+
 def test_resume_continues_the_run(idx_dir, tmp_path, capsys):
     common = ["--data-dir", str(idx_dir), "--latent-dim", "8", "--hidden", "64", *QUICK]
     straight, split = tmp_path / "straight", tmp_path / "split"
