@@ -25,7 +25,7 @@ def _parser():
 
     t = sub.add_parser("train", help="train a VAE by SVI and write a run directory",
                        description="Train a VAE by SVI; writes config.json, metrics.jsonl, checkpoint.pt, "
-                                   "samples.png, reconstructions.png and curves.png into --out.")
+                                   "curves.png and, for images, samples.png, reconstructions.png and levels.png into --out.")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--dataset", help="fashion-mnist, mnist, or counts (a count matrix in --data-file) "
                                      f"(default {DEFAULTS.dataset})")
