@@ -78,8 +78,7 @@ class IAF(nn.Module):
 
     def __init__(self, in_features, latent_dim, k=2, hidden=None, min_scale=1e-4):
         super().__init__()
-        if int(k) < 1:
-            raise InputError(f"the IAF posterior needs k >= 1 flow steps, got {k}; use e.g. k=2 (--posterior iaf:2)")
+        k = _flow_steps(k)
         if int(latent_dim) < 2:
             raise InputError(f"the IAF posterior needs a latent level of 2 or more dimensions, got {latent_dim}; "
                              "use the gaussian posterior for a 1-dimensional level")
@@ -90,7 +89,7 @@ class IAF(nn.Module):
         self.flows = nn.ModuleList(
             conditional_affine_autoregressive(int(latent_dim), self.gaussian.in_features,
                                               None if hidden is None else [int(w) for w in hidden], stable=True)
-            for _ in range(int(k)))
+            for _ in range(k))
 
     def flow(self, q, h):
         """``q`` (over z, ``Normal(...).to_event(1)``) pushed through the k steps conditioned on h
@@ -104,9 +103,14 @@ class IAF(nn.Module):
 
 def iaf(k=2, hidden=None):
     """The family of :class:`IAF` heads with ``k`` steps: ``iaf(k)(in_features, latent_dim) -> IAF``."""
+    return functools.partial(IAF, k=_flow_steps(k), hidden=hidden)
+
+
+def _flow_steps(k):
+    """``int(k)``, or an :class:`InputError` unless it is at least 1."""
     if int(k) < 1:
         raise InputError(f"the IAF posterior needs k >= 1 flow steps, got {k}; use e.g. k=2 (--posterior iaf:2)")
-    return functools.partial(IAF, k=int(k), hidden=hidden)
+    return int(k)
 
 
 def location(q):
@@ -135,10 +139,11 @@ def from_name(name):
         return DiagonalGaussian
     if kind == "iaf":
         try:
-            if int(k or 2) >= 1:
-                return iaf(int(k or 2))
+            steps = int(k or 2)
         except ValueError:
-            pass
+            steps = 0
+        if steps >= 1:
+            return iaf(steps)
     raise InputError(f"unknown posterior {name!r}; choose one of: {', '.join(POSTERIORS)} (K a positive integer)")
 
 
