@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import InputError
+from .config import PRESETS
 from .train import ELBOS, RunConfig, TrainingDiverged, TrainingInterrupted
 
 DEFAULTS = RunConfig()
@@ -70,7 +71,18 @@ def _parser():
     t.add_argument("--checkpoint-every", type=int,
                    help="also write checkpoint.pt every this many steps (default 0: at epoch ends)")
     t.add_argument("--keep-best", action="store_true", default=None,
-                   help="also keep best.pt, the checkpoint with the best test ELBO")
+                   help="also keep best.pt, the checkpoint with the best validation ELBO (test ELBO without "
+                        "--val-size)")
+    t.add_argument("--val-size", type=int, metavar="N",
+                   help="hold out the last N training points for validation, evaluated every epoch; early "
+                        "stopping and best.pt then read it, and the test set waits for evaluate (default 0: none)")
+    t.add_argument("--patience", type=int, metavar="EPOCHS",
+                   help="with --val-size: stop after this many epochs without a better validation ELBO "
+                        "(default 0: off)")
+    t.add_argument("--kl-warmup-epochs", type=int, metavar="EPOCHS",
+                   help="KL warm-up over this many epochs (instead of --kl-warmup STEPS) (default 0: off)")
+    t.add_argument("--preset", help="named settings, under any flag given: " + "; ".join(
+        f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in PRESETS.items()))
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -81,6 +93,8 @@ def _parser():
     e.add_argument("--elbo-samples", type=int, default=10, help="draws of z per image for the ELBO (default 10)")
     e.add_argument("--device", help="cpu or cuda (default: the run's)")
     e.add_argument("--limit", type=int, help="evaluate only the first N test images")
+    e.add_argument("--checkpoint", help="best (best.pt, the best validation epoch) or last (checkpoint.pt) "
+                                        "(default: best where the run has a validation split and kept best.pt)")
     e.add_argument("--seed", type=int, default=0, help="random seed of the Monte Carlo draws (default 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -100,6 +114,8 @@ def _train(args):
                          "--out, or --overwrite to replace it")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(args, f.name, None) is not None}
+    if args.preset and not args.resume:  # a resumed run keeps the settings it was started with
+        given = {**RunConfig.from_preset(args.preset).to_dict(), **given}
     if args.resume:
         base = load_checkpoint(Path(args.out) / "checkpoint.pt")["config"]
         config = RunConfig.from_dict({**base, **given})
@@ -110,17 +126,27 @@ def _train(args):
     out = Path(args.out)
     last = history[-1]
     unit = "image" if is_image(vae) else "data point"
+    held_out, key = ("validation", "val_elbo") if "val_elbo" in last else ("test", "test_elbo")
     print(f"trained {last['epoch']} epochs: train loss {last['train_loss']:.2f}, "
-          f"test ELBO {last['test_elbo']:.2f} nats/{unit}")
+          f"{held_out} ELBO {last[key]:.2f} nats/{unit}")
     pictures = "samples.png reconstructions.png levels.png curves.png" if is_image(vae) else "curves.png"
     print(f"wrote {out}/: config.json metrics.jsonl checkpoint.pt {pictures}")
 
 
 def _evaluate(args):
+    from .checkpoints import load_checkpoint, write_text_atomic
     from .evaluate import evaluate
     from .train import load_data, load_run
 
-    vae, config = load_run(args.run_dir, device=args.device)
+    if args.checkpoint not in (None, "best", "last"):
+        raise InputError(f"--checkpoint must be best or last, got {args.checkpoint!r}")
+    run_dir = Path(args.run_dir)
+    config = RunConfig.from_dict(load_checkpoint(run_dir / "checkpoint.pt")["config"])
+    # default: the best validation epoch where the run kept one (never an epoch chosen on the test set)
+    best = args.checkpoint == "best" or (args.checkpoint is None and config.val_size and config.keep_best
+                                         and (run_dir / "best.pt").exists())
+    name = "best.pt" if best else "checkpoint.pt"
+    vae, config = load_run(run_dir, device=args.device, checkpoint=name)
     if args.iw_samples < 0 or args.elbo_samples < 1:
         raise InputError("--iw-samples must be >= 0 and --elbo-samples >= 1")
     _, x_test = load_data(config, vae.device)
@@ -133,9 +159,10 @@ def _evaluate(args):
     pyro.set_rng_seed(args.seed)  # the same run and settings give the same eval.json
     summary = evaluate(vae, x_test, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
                        progress=not args.no_progress)
-    summary.update(dataset=config.dataset, binarize=config.binarize)
-    path = Path(args.run_dir) / "eval.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary.update(dataset=config.dataset, binarize=config.binarize, checkpoint=name,
+                   epoch=int(load_checkpoint(run_dir / name)["epoch"]))
+    path = run_dir / "eval.json"
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"wrote {path}")
 

@@ -338,7 +338,10 @@ class Batches:
             i.e. a new binarisation every epoch.
         shuffle: permute the data every epoch.
 
-    Iterating yields tensors ``(batch_size, *x_shape)``.
+    Iterating yields tensors ``(batch_size, *x_shape)``. As the batch source
+    of :class:`~pyro_vae.loop.Loop` it also has :meth:`epoch` (resume inside
+    an epoch) and ``state_dict``/``load_state_dict`` (the generator's state at
+    the start of the current epoch, or of the next one between epochs).
     """
 
     def __init__(self, x, batch_size, generator, dynamic_binarize=False, shuffle=True):
@@ -355,11 +358,31 @@ class Batches:
         self.generator = generator
         self.dynamic_binarize = dynamic_binarize
         self.shuffle = shuffle
+        self._epoch_start = None
 
     def __len__(self):
         return -(-self.x.shape[0] // self.batch_size)
 
+    def epoch(self, skip=0):
+        """An iterator over one epoch's batches after the first ``skip`` (redrawn, so the order and the
+        binarisation are those of an epoch never interrupted)."""
+        batches = iter(self)
+        for _ in range(skip):
+            next(batches)
+        return batches
+
+    def state_dict(self):
+        """``{"epoch_start": generator state}``: where the current (or, between epochs, the next) epoch began."""
+        start = self._epoch_start if self._epoch_start is not None else self.generator.get_state()
+        return {"epoch_start": start}
+
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict`: the next :meth:`epoch` draws the order saved there."""
+        self.generator.set_state(state["epoch_start"])
+        self._epoch_start = None
+
     def __iter__(self):
+        self._epoch_start = self.generator.get_state()
         n = self.x.shape[0]
         order = (torch.randperm(n, generator=self.generator, device=self.device) if self.shuffle
                  else torch.arange(n, device=self.device))
@@ -370,3 +393,4 @@ class Batches:
             else:
                 xb = self.x[idx]
             yield binarize(xb, self.generator) if self.dynamic_binarize else xb
+        self._epoch_start = None

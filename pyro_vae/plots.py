@@ -54,7 +54,8 @@ def save_levels(vae, x, path, images=4, samples=8):
 
 
 def save_curves(metrics_path, path):
-    """Plot train loss and test negative ELBO (nats per image) per epoch from ``metrics.jsonl``."""
+    """Plot train loss and the validation and test negative ELBO, where recorded (nats per image), per
+    epoch from ``metrics.jsonl``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,8 +65,9 @@ def save_curves(metrics_path, path):
     epochs = [r["epoch"] for r in records]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train loss (-ELBO)")
-    if all("test_elbo" in r for r in records):
-        ax.plot(epochs, [-r["test_elbo"] for r in records], "s-", label="test -ELBO")
+    for key, marker, label in (("val_elbo", "^-", "validation -ELBO"), ("test_elbo", "s-", "test -ELBO")):
+        if all(key in r for r in records):
+            ax.plot(epochs, [-r[key] for r in records], marker, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per image")
     ax.grid(alpha=0.3)

@@ -1,0 +1,316 @@
+"""The parts around the training loop (:class:`~pyro_vae.loop.Loop`).
+
+A part subclasses :class:`Callback` and overrides the hooks it needs; each
+hook gets the loop (``loop.vae``, ``loop.epoch``, ``loop.step``,
+``loop.record``, ``loop.should_stop``, ...). A part with state returns it
+from :meth:`Callback.state_dict` (tensors and plain values) and takes it back
+in :meth:`Callback.load_state_dict`: the checkpoint holds it, so a resume is
+bitwise exact with any set of parts.
+
+Built in (what :func:`pyro_vae.fit` assembles from its keywords):
+
+====================  ======================================================
+:class:`KLWeight`     sets ``vae.kl_weight`` from a schedule before each step
+:class:`EpochStats`   ``train_loss``, ``seconds``, ``kl_weight`` of each epoch
+:class:`Evaluation`   ``test_elbo`` and ``test_kl_*`` on held-out data
+:class:`EarlyStopping` stops when a metric has not improved for ``patience``
+:class:`ProgressBar`  a tqdm bar per epoch
+:class:`EpochLog`     one line per epoch
+:class:`Checkpoint`   hands the loop's state to ``save`` every N steps, every
+                      epoch, on SIGINT/SIGTERM and after an early stop
+:class:`KeepBest`     hands the state to ``save`` when a metric is the best yet
+====================  ======================================================
+"""
+
+import math
+import time
+
+from .errors import InputError
+from .evaluate import elbo_terms
+
+
+class Callback:
+    """A part of the training loop; every hook does nothing unless overridden.
+
+    Hooks, in the order the loop calls them (see :mod:`pyro_vae.loop`):
+    ``on_fit_start(loop)``, ``on_epoch_start(loop)``,
+    ``on_step_start(loop, batch)``, ``on_step_end(loop, batch, loss)`` (``loss``
+    the step's loss in nats for the batch, ``None`` if the non-finite guard
+    skipped it), ``on_epoch_end(loop)`` (``loop.record`` is the epoch's record,
+    already in ``loop.history``: add metrics to it), ``on_interrupt(loop,
+    signum)``, ``on_fit_end(loop)``, ``on_exception(loop, error)``.
+    """
+
+    @property
+    def state_key(self):
+        """The name of this part's state in a checkpoint (the class name; override for two of a kind)."""
+        return type(self).__qualname__
+
+    def state_dict(self):
+        """This part's state to keep in a checkpoint, or ``None`` for a part without state."""
+        return None
+
+    def load_state_dict(self, state):
+        """Take back what :meth:`state_dict` returned."""
+
+    def on_fit_start(self, loop):
+        pass
+
+    def on_epoch_start(self, loop):
+        pass
+
+    def on_step_start(self, loop, batch):
+        pass
+
+    def on_step_end(self, loop, batch, loss):
+        pass
+
+    def on_epoch_end(self, loop):
+        pass
+
+    def on_interrupt(self, loop, signum):
+        pass
+
+    def on_fit_end(self, loop):
+        pass
+
+    def on_exception(self, loop, error):
+        pass
+
+
+class KLWeight(Callback):
+    """Sets ``vae.kl_weight = schedule(step)`` before each 0-based step; back to 1 when the fit ends.
+
+    ``schedule`` is a callable such as :class:`pyro_vae.objectives.KLWarmup`;
+    its position is the loop's step count, so a resume continues it.
+    """
+
+    def __init__(self, schedule):
+        if not callable(schedule):
+            raise InputError(f"KLWeight needs a callable schedule step -> weight, got {type(schedule).__name__}; "
+                             "pass e.g. pyro_vae.objectives.KLWarmup(10000)")
+        self.schedule = schedule
+
+    def on_step_start(self, loop, batch):
+        loop.vae.kl_weight = self.schedule(loop.step)
+
+    def on_fit_end(self, loop):
+        loop.vae.kl_weight = 1.0
+
+    def on_exception(self, loop, error):
+        loop.vae.kl_weight = 1.0
+
+
+class EpochStats(Callback):
+    """Adds ``train_loss`` (the loss trained on, nats per data point, averaged over the epoch's good
+    steps), ``seconds`` (the epoch's wall time, across a resume) and ``kl_weight`` (at the epoch's last
+    step) to each epoch's record."""
+
+    def __init__(self):
+        self.total, self.seen, self.seconds, self._started = 0.0, 0, 0.0, None
+
+    def state_dict(self):
+        return {"total": self.total, "seen": self.seen, "seconds": self.seconds}
+
+    def load_state_dict(self, state):
+        self.total, self.seen, self.seconds = float(state["total"]), int(state["seen"]), float(state["seconds"])
+
+    def on_epoch_start(self, loop):
+        self._started = time.perf_counter() - self.seconds
+
+    def on_step_end(self, loop, batch, loss):
+        if loss is not None:
+            self.total += loss
+            self.seen += batch.shape[0]
+        self.seconds = time.perf_counter() - self._started
+
+    def on_epoch_end(self, loop):
+        loop.record.update(train_loss=self.total / self.seen if self.seen else math.nan,
+                           seconds=time.perf_counter() - self._started, kl_weight=loop.vae.kl_weight)
+        self.total, self.seen, self.seconds = 0.0, 0, 0.0
+
+
+class Evaluation(Callback):
+    """Adds ``{prefix}_elbo`` and ``{prefix}_kl_z0``, ``{prefix}_kl_z1``, ... (nats per data point, one
+    draw of z each) on ``x`` to each epoch's record.
+
+    Args:
+        x: held-out data ``(M, *x_shape)`` on the training device.
+        prefix: the metrics' prefix (``"test"``, ``"val"``).
+        every: evaluate every this many epochs (and at the last).
+    """
+
+    def __init__(self, x, prefix="test", every=1):
+        self.x, self.prefix, self.every = x, prefix, int(every)
+
+    @property
+    def state_key(self):
+        return f"Evaluation[{self.prefix}]"
+
+    def on_epoch_end(self, loop):
+        if loop.epoch % self.every and loop.epoch < loop.epochs:
+            return
+        loop.vae.eval()
+        terms = elbo_terms(loop.vae, self.x, num_samples=1)
+        loop.record[f"{self.prefix}_elbo"] = float(terms["elbo"].mean())
+        loop.record.update({f"{self.prefix}_{key}": float(v.mean()) for key, v in terms.items()
+                            if key.startswith("kl_")})
+
+
+class _Monitor:
+    """The best value of one metric of the epoch records, higher or lower being better."""
+
+    def __init__(self, monitor, mode):
+        if mode not in ("max", "min"):
+            raise InputError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        self.best = None
+
+    def value(self, loop):
+        if self.monitor not in loop.record:
+            raise InputError(f"no {self.monitor!r} in the epoch's metrics (they are: {', '.join(loop.record)}); "
+                             "give held-out data to evaluate, or monitor another metric")
+        return loop.record[self.monitor]
+
+    def improved(self, value, min_delta=0.0):
+        if self.best is None:
+            return True
+        return value > self.best + min_delta if self.mode == "max" else value < self.best - min_delta
+
+
+class EarlyStopping(Callback):
+    """Stops training when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+
+    Args:
+        monitor: a metric of the epoch records (e.g. ``"val_elbo"``, ``"test_elbo"``).
+        patience: epochs without improvement before stopping (>= 1).
+        mode: ``"max"`` (an ELBO) or ``"min"`` (a loss).
+        min_delta: the smallest change that counts as an improvement.
+
+    Its state (best value, epochs waited, whether it stopped) is in the
+    checkpoint: a resumed run that had stopped stays stopped.
+    """
+
+    def __init__(self, monitor="val_elbo", patience=10, mode="max", min_delta=0.0):
+        if not (isinstance(patience, int) and patience >= 1):
+            raise InputError(f"patience must be a positive integer number of epochs, got {patience!r}")
+        self._monitor = _Monitor(monitor, mode)
+        self.patience, self.min_delta = patience, float(min_delta)
+        self.wait, self.best_epoch, self.stopped = 0, 0, False
+
+    @property
+    def best(self):
+        return self._monitor.best
+
+    def state_dict(self):
+        return {"best": self._monitor.best, "best_epoch": self.best_epoch, "wait": self.wait,
+                "stopped": self.stopped}
+
+    def load_state_dict(self, state):
+        self._monitor.best, self.best_epoch = state["best"], int(state["best_epoch"])
+        self.wait, self.stopped = int(state["wait"]), bool(state["stopped"])
+
+    def on_fit_start(self, loop):
+        if self.stopped:
+            loop.should_stop = True
+
+    def on_epoch_end(self, loop):
+        value = self._monitor.value(loop)
+        if self._monitor.improved(value, self.min_delta):
+            self._monitor.best, self.best_epoch, self.wait = value, loop.epoch, 0
+        else:
+            self.wait += 1
+        loop.record["best_epoch"] = self.best_epoch
+        if self.wait >= self.patience:
+            self.stopped = loop.should_stop = True
+
+
+class ProgressBar(Callback):
+    """A tqdm bar per epoch, with the loss per data point every 10 steps."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_epoch_start(self, loop):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc=f"epoch {loop.epoch + 1}/{loop.epochs}", unit="batch", initial=loop.batch,
+                        total=len(loop.data), leave=False)
+
+    def on_step_end(self, loop, batch, loss):
+        self.bar.update(1)
+        if loss is not None and loop.batch % 10 == 1:
+            self.bar.set_postfix(loss_per_image=f"{loss / batch.shape[0]:.2f}")
+
+    def _close(self, *_):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    on_epoch_end = on_fit_end = on_interrupt = on_exception = _close
+
+
+class EpochLog(Callback):
+    """Calls ``log`` (``print`` by default) with one line per epoch."""
+
+    def __init__(self, log=print):
+        self.log = log
+
+    def on_epoch_end(self, loop):
+        r = loop.record
+        self.log(f"epoch {r['epoch']}: train loss {r['train_loss']:.2f} nats/image"
+                 + (f", test ELBO {r['test_elbo']:.2f}" if "test_elbo" in r else "")
+                 + (f", validation ELBO {r['val_elbo']:.2f}" if "val_elbo" in r else "")
+                 + f" ({r['seconds']:.1f} s)")
+
+
+class Checkpoint(Callback):
+    """Hands ``loop.state_dict()`` to ``save`` at the end of every epoch, every ``every`` steps inside an
+    epoch (0: never inside), on SIGINT/SIGTERM, and when a part stopped the run inside an epoch.
+
+    ``save(state)`` writes it somewhere (e.g. :func:`pyro_vae.checkpoints.save_checkpoint` with a path);
+    pass that state to :func:`pyro_vae.fit` as ``state=`` to resume. The state holds the live tensors of
+    the model and optimizer: write it out (or ``copy.deepcopy`` it) before training goes on.
+    """
+
+    def __init__(self, save, every=0):
+        if not callable(save):
+            raise InputError(f"Checkpoint needs a callable save(state), got {type(save).__name__}")
+        self.save, self.every = save, int(every)
+        self._saved_step = None
+
+    def _save(self, loop):
+        self.save(loop.state_dict())
+        self._saved_step = loop.step
+
+    def on_fit_start(self, loop):
+        self._saved_step = loop.step
+
+    def on_step_end(self, loop, batch, loss):
+        if self.every and loop.step % self.every == 0 and loop.batch < len(loop.data):
+            self._save(loop)
+
+    def on_epoch_end(self, loop):
+        self._save(loop)
+
+    def on_interrupt(self, loop, signum):
+        self._save(loop)
+
+    def on_fit_end(self, loop):
+        if self._saved_step != loop.step:  # a part stopped the run inside an epoch
+            self._save(loop)
+
+
+class KeepBest(Callback):
+    """Hands ``loop.state_dict()`` to ``save`` at the end of each epoch whose ``monitor`` is the best of
+    the run's history so far (ties count: the later epoch is kept)."""
+
+    def __init__(self, save, monitor="test_elbo", mode="max"):
+        self.save = save
+        self._monitor = _Monitor(monitor, mode)
+
+    def on_epoch_end(self, loop):
+        value = self._monitor.value(loop)
+        values = [r[self._monitor.monitor] for r in loop.history if self._monitor.monitor in r]
+        if value == (max(values) if self._monitor.mode == "max" else min(values)):
+            self.save(loop.state_dict())

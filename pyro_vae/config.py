@@ -1,0 +1,171 @@
+"""The settings of a run made by :func:`pyro_vae.train.train`, validated once.
+
+:class:`RunConfig` is what ``config.json`` and every checkpoint hold; the
+command line, ``train``, ``--resume`` and checkpoint loading all build one and
+call :meth:`RunConfig.validate`, which checks the training settings with
+:func:`pyro_vae.settings.check` (the same check :func:`pyro_vae.fit` uses).
+"""
+
+import dataclasses
+
+import torch
+
+from . import data as data_
+from . import likelihoods, nets, posteriors, priors, settings
+from .chain import MEANFIELD_BOTTOM_UP
+from .errors import InputError
+from .vae import GUIDES
+
+BINARIZE = ("dynamic", "fixed", "none")
+DATASETS = (*data_.DATASETS, "counts")
+# named settings for the published protocols (applied under the user's own flags)
+PRESETS = {
+    # Tomczak & Welling 2018 (VampPrior), as Norouzi et al. 2020 (Exemplar VAE) ran it on Fashion-MNIST: gated
+    # MLP 300-300, 40-d latent, Adam 5e-4, batch 100, 100 epochs of linear KL warm-up, the last 10 000 training
+    # images for validation, early stopping with patience 50 on the validation ELBO, at most 2000 epochs
+    "vampprior-vae": dict(arch="gated", hidden=300, latent_dims=[40], lr=5e-4, batch_size=100, val_size=10000,
+                          patience=50, epochs=2000, kl_warmup_epochs=100, keep_best=True, binarize="dynamic"),
+}
+
+TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps", "lr", "beta", "grad_clip",
+                 "free_bits", "kl_warmup", "checkpoint_every", "elbo", "val_size", "patience", "kl_warmup_epochs")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a run made by :func:`train` (saved as ``config.json``).
+
+    ``grad_clip`` 0 means no clipping; ``checkpoint_every`` 0 means a checkpoint
+    at the end of every epoch only; ``keep_best`` also keeps ``best.pt``, the
+    checkpoint of the epoch with the best test ELBO.
+
+    ``prior`` is a :func:`pyro_vae.priors.from_name` name (``standard``,
+    ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``); ``posterior`` a
+    :func:`pyro_vae.posteriors.from_name` name (``gaussian``, ``iaf:K``), the
+    guide's family at every level.
+    ``latent_dims`` are the chain's level sizes, top (z0) to bottom; ``guide``
+    is ``"bottom-up"`` or ``"top-down"``; ``kl_warmup`` is the number of steps
+    of :class:`~pyro_vae.objectives.KLWarmup` (0: off); ``free_bits`` the KL
+    floor per level in nats (0: off, the plain ELBO).
+
+    ``dataset`` ``"counts"`` trains on the count matrix in ``data_file``
+    (:func:`pyro_vae.data.load_counts`; ``transpose`` for genes x cells
+    files), the last 10% of a seeded shuffle of its rows held out as the
+    test set; it needs ``binarize="none"`` and the MLP.
+
+    ``binarize``: ``"dynamic"`` redraws Bernoulli(x) for every training batch
+    (a new binarisation each epoch) and binarises the test set once with a
+    fixed seed; ``"fixed"`` binarises both once; ``"none"`` keeps grey values.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    data_file: str | None = None
+    transpose: bool = False
+    arch: str = "mlp"
+    latent_dims: list = dataclasses.field(default_factory=lambda: [50])
+    guide: str = "bottom-up"
+    prior: str = "standard"
+    posterior: str = "gaussian"
+    hidden: int = 400
+    likelihood: str = "bernoulli"
+    gaussian_scale: float = 1.0
+    binarize: str = "dynamic"
+    elbo: str = "trace"
+    num_particles: int = 1
+    beta: float = 1.0
+    kl_warmup: int = 0
+    free_bits: float = 0.0
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+    grad_clip: float = 0.0
+    max_bad_steps: int = 10
+    checkpoint_every: int = 0
+    keep_best: bool = False
+    val_size: int = 0
+    patience: int = 0
+    kl_warmup_epochs: int = 0
+
+    # settings that change the model or its data; a resume must not change them
+    MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",
+                  "hidden", "likelihood", "gaussian_scale", "binarize")
+
+    def validate(self):
+        """Raise :class:`InputError` naming the first bad setting."""
+        if self.dataset not in DATASETS:
+            raise InputError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        if self.dataset == "counts":
+            if not self.data_file:
+                raise InputError("--dataset counts needs the count matrix: pass --data-file PATH "
+                                 f"({', '.join(data_.COUNT_FORMATS)})")
+            if self.binarize != "none":
+                raise InputError(f"count data are not binarised, but binarize is {self.binarize!r}; "
+                                 "pass --binarize none with --dataset counts")
+            if self.arch == "conv":
+                raise InputError("--dataset counts holds vectors, which the conv networks cannot read; use --arch mlp")
+        elif self.data_file or self.transpose:
+            raise InputError("--data-file and --transpose are for --dataset counts; images are found with "
+                             "--data-dir")
+        if self.arch not in nets.ARCHS:
+            raise InputError(f"unknown arch {self.arch!r}; choose one of: {', '.join(nets.ARCHS)}")
+        likelihoods.from_name(self.likelihood, self.gaussian_scale)
+        if self.binarize not in BINARIZE:
+            raise InputError(f"unknown binarize {self.binarize!r}; choose one of: {', '.join(BINARIZE)}")
+        dims = self.latent_dims
+        if not (isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) and d >= 1 for d in dims)):
+            raise InputError(f"latent_dims must be a non-empty list of positive integers (top level first), "
+                             f"got {dims!r}; use e.g. --latent-dims 16,32,64")
+        self.latent_dims = list(dims)
+        priors.from_name(self.prior)
+        if self.prior.startswith("vamp") and self.guide == "bottom-up" and len(dims) > 1:
+            raise InputError("the VampPrior needs q(z0 | x) in closed form, which the bottom-up guide of a chain "
+                             "does not have; use --guide top-down or another --prior")
+        posteriors.from_name(self.posterior)
+        if self.prior.startswith("vamp") and self.posterior != "gaussian":
+            raise InputError("the VampPrior is a mixture of Gaussian posteriors q(z0 | u_k), but an IAF posterior "
+                             "makes q(z0 | x) a flow; use --posterior gaussian or another --prior")
+        if self.guide not in GUIDES:
+            raise InputError(f"unknown guide {self.guide!r}; choose one of: {', '.join(GUIDES)}")
+        if self.elbo == "meanfield" and self.guide == "bottom-up" and len(dims) > 1:
+            raise InputError(MEANFIELD_BOTTOM_UP)
+        settings.check({key: getattr(self, key) for key in TRAINING_KEYS}, cli=True)
+        resolve_device(self.device)
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """A config from a named preset (see ``PRESETS``), with ``overrides`` on top."""
+        if name not in PRESETS:
+            raise InputError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        if "latent_dim" in d and "latent_dims" not in d:  # runs written before multilevel chains
+            d["latent_dims"] = [d.pop("latent_dim")]
+        unknown = set(d) - known
+        if unknown:
+            raise InputError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def resolve_device(name):
+    """``torch.device(name)``, refusing CUDA where no GPU exists."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise InputError(f"unknown device {name!r}; use cpu or cuda") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but PyTorch sees no CUDA GPU here "
+                         "(torch.cuda.is_available() is False); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {name!r}; use cpu or cuda")
+    return device

@@ -1,0 +1,86 @@
+"""The one validation of training settings, for every way a run is built.
+
+:func:`check` is called by :class:`~pyro_vae.config.RunConfig` (the command
+line, ``train``, ``--resume`` and checkpoint loading all go through it) and by
+:func:`~pyro_vae.fit` for the keywords a Python user passes. A message names
+the setting, the bad value and the fix, spelled the way the caller wrote it:
+``--lr 1e-3`` on the command line, ``lr=1e-3`` in Python.
+"""
+
+import math
+
+from .errors import InputError
+
+ELBO_NAMES = ("trace", "meanfield", "jit")
+
+POSITIVE_INTEGERS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps")
+# integers >= 0 where 0 switches the thing off: (what 0 means, an example value)
+COUNTS = {"checkpoint_every": ("0: at epoch ends only", 500), "val_size": ("0: no validation split", 10000),
+          "patience": ("0: no early stopping", 50), "kl_warmup_epochs": ("0: no warm-up", 100)}
+
+
+def spell(name, value, cli):
+    """How a user sets ``name`` to ``value``: ``--batch-size 64`` (``cli``) or ``batch_size=64``."""
+    return f"--{name.replace('_', '-')} {value}" if cli else f"{name}={value}"
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_integer(name, value, cli):
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise InputError(f"{name} must be a positive integer, got {value}; use {spell(name, 1, cli)} or more")
+
+
+def _check_one(name, value, cli):
+    if name in POSITIVE_INTEGERS:
+        _positive_integer(name, value, cli)
+    elif name == "lr" and not (_number(value) and value > 0):
+        raise InputError(f"lr must be a positive number, got {value}; use e.g. {spell('lr', '1e-3', cli)}")
+    elif name == "beta" and not (_number(value) and value > 0):
+        raise InputError(f"beta must be a number > 0, got {value}; use e.g. {spell('beta', '1.0', cli)}")
+    elif name == "grad_clip" and not (value is None or (_number(value) and value >= 0)):
+        raise InputError(f"grad_clip must be a number >= 0 (0: no clipping), got {value}; "
+                         f"use e.g. {spell('grad_clip', '1.0', cli)}")
+    elif name == "free_bits" and not (_number(value) and value >= 0):
+        raise InputError(f"free_bits must be a number of nats >= 0 (0: off), got {value}; "
+                         f"use e.g. {spell('free_bits', '0.5', cli)}")
+    elif name == "kl_warmup" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise InputError(f"kl_warmup must be a number of steps >= 0 (0: off), got {value}; "
+                         f"use e.g. {spell('kl_warmup', 10000, cli)}, or 0 for no warm-up")
+    elif name in COUNTS and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        meaning, example = COUNTS[name]
+        raise InputError(f"{name} must be an integer >= 0 ({meaning}), got {value}; use e.g. {spell(name, example, cli)}")
+    elif name == "elbo" and value not in ELBO_NAMES:
+        raise InputError(f"unknown elbo {value!r}; choose one of: {', '.join(ELBO_NAMES)}")
+
+
+def check(settings, cli=False):
+    """Raise :class:`InputError` naming the first bad training setting in ``settings``.
+
+    Args:
+        settings: a dict of any of ``epochs``, ``batch_size``, ``num_particles``,
+            ``max_bad_steps``, ``hidden``, ``lr``, ``beta``, ``grad_clip``,
+            ``free_bits``, ``kl_warmup``, ``checkpoint_every``, ``elbo``,
+            ``val_size``, ``patience``, ``kl_warmup_epochs``;
+            other keys are left to their owners.
+        cli: spell the fix as a command-line flag rather than a keyword.
+
+    Returns:
+        ``settings``, unchanged.
+    """
+    for name, value in settings.items():
+        _check_one(name, value, cli)
+    if settings.get("kl_warmup") and settings.get("kl_warmup_epochs"):
+        raise InputError("give the KL warm-up in steps or in epochs, not both; use "
+                         f"{spell('kl_warmup', 0, cli)} or {spell('kl_warmup_epochs', 0, cli)}")
+    if settings.get("patience") and not settings.get("val_size"):
+        raise InputError("early stopping reads the validation ELBO, but there is no validation split; use "
+                         f"{spell('val_size', 10000, cli)} with {spell('patience', settings['patience'], cli)}")
+    if settings.get("elbo") == "jit" and (settings.get("kl_warmup") or settings.get("kl_warmup_epochs")
+                                          or settings.get("free_bits")):
+        jit, fix = ("--elbo jit", "--elbo trace or meanfield") if cli else ("the jit ELBO", "elbo='trace' or 'meanfield'")
+        raise InputError(f"{jit} compiles the loss once, so it cannot follow a KL warm-up or use free bits; "
+                         f"use {fix}")
+    return settings
