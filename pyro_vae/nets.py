@@ -17,6 +17,7 @@ networks flatten leading dims themselves.
 
 import math
 
+import torch
 from torch import nn
 
 from .errors import InputError
@@ -60,6 +61,74 @@ def _check_input(net, x, event_shape):
             f"{type(net).__name__} expects inputs of shape (batch, {', '.join(map(str, event_shape))}), "
             f"got {tuple(x.shape)}; reshape the data or build the network for this shape"
         )
+
+
+class GatedDense(nn.Module):
+    """A gated linear layer (Dauphin et al. 2017), as the VampPrior paper's networks use:
+    ``h(x) = (W x + b) * sigmoid(V x + c)``, ``(*batch, in_features) -> (*batch, out_features)``."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.h = nn.Linear(in_features, out_features)
+        self.g = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+def _gated(sizes):
+    return nn.Sequential(*(GatedDense(a, b) for a, b in zip(sizes[:-1], sizes[1:])))
+
+
+class GatedMLPEncoder(nn.Module):
+    """The VampPrior paper's encoder: gated layers, ``(*batch, *x_shape) -> (*batch, hidden[-1])``.
+
+    Args:
+        x_shape: shape of one data point, e.g. ``(1, 28, 28)``.
+        hidden: widths of the :class:`GatedDense` layers (the paper: ``(300, 300)``).
+    """
+
+    def __init__(self, x_shape, hidden=(300, 300)):
+        super().__init__()
+        self.x_shape = _check_x_shape(x_shape)
+        hidden = [_check_width("hidden width", h) for h in hidden]
+        if not hidden:
+            raise InputError("GatedMLPEncoder needs at least one hidden layer; pass e.g. hidden=(300, 300)")
+        self.out_features = hidden[-1]
+        self.net = _gated([math.prod(self.x_shape), *hidden])
+
+    def forward(self, x):
+        _check_input(self, x, self.x_shape)
+        batch = x.shape[: x.dim() - len(self.x_shape)]
+        return self.net(x.reshape(*batch, -1))
+
+
+class GatedMLPDecoder(nn.Module):
+    """The VampPrior paper's decoder: gated layers then a linear map to the likelihood's parameters,
+    ``(*batch, latent_dim) -> (*batch, k*C, *x_shape[1:])``.
+
+    Args:
+        latent_dim: size of the latent vector it decodes.
+        x_shape: shape of one data point.
+        hidden: widths of the :class:`GatedDense` layers (the paper: ``(300, 300)``).
+        out_channels: ``k = likelihood.channels``.
+    """
+
+    def __init__(self, latent_dim, x_shape, hidden=(300, 300), out_channels=1):
+        super().__init__()
+        self.latent_dim = _check_width("latent_dim", latent_dim)
+        self.x_shape = _check_x_shape(x_shape)
+        self.out_channels = _check_width("out_channels", out_channels)
+        self.out_shape = (self.out_channels * self.x_shape[0], *self.x_shape[1:])
+        hidden = [_check_width("hidden width", h) for h in hidden]
+        if not hidden:
+            raise InputError("GatedMLPDecoder needs at least one hidden layer; pass e.g. hidden=(300, 300)")
+        self.net = nn.Sequential(_gated([self.latent_dim, *hidden]), nn.Linear(hidden[-1], math.prod(self.out_shape)))
+
+    def forward(self, z):
+        _check_input(self, z, (self.latent_dim,))
+        return self.net(z).reshape(*z.shape[:-1], *self.out_shape)
 
 
 class MLPEncoder(nn.Module):
@@ -177,7 +246,9 @@ def build(arch, x_shape, latent_dim, out_channels=1, hidden=400):
 
     Args:
         arch: ``"mlp"`` (Pyro tutorial: one softplus hidden layer of width
-            ``hidden``) or ``"conv"`` (:class:`ConvEncoder`/:class:`ConvDecoder`).
+            ``hidden``), ``"gated"`` (the VampPrior paper's: two
+            :class:`GatedDense` layers of width ``hidden`` each way) or
+            ``"conv"`` (:class:`ConvEncoder`/:class:`ConvDecoder`).
         x_shape: shape of one data point.
         latent_dim: size of the latent the decoder reads.
         out_channels: parameters per data value the likelihood needs.
@@ -188,9 +259,12 @@ def build(arch, x_shape, latent_dim, out_channels=1, hidden=400):
     if arch == "mlp":
         return (MLPEncoder(x_shape, hidden=(hidden,)),
                 MLPDecoder(latent_dim, x_shape, hidden=(hidden,), out_channels=out_channels))
+    if arch == "gated":
+        return (GatedMLPEncoder(x_shape, hidden=(hidden, hidden)),
+                GatedMLPDecoder(latent_dim, x_shape, hidden=(hidden, hidden), out_channels=out_channels))
     if arch == "conv":
         return ConvEncoder(x_shape), ConvDecoder(latent_dim, x_shape, out_channels=out_channels)
-    raise InputError(f"unknown arch {arch!r}; choose one of: mlp, conv")
+    raise InputError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
 
 
-ARCHS = ("mlp", "conv")
+ARCHS = ("mlp", "conv", "gated")

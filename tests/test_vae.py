@@ -25,7 +25,7 @@ def sample_sites(trace):
             if site["type"] == "sample" and not site_is_subsample(site)}
 
 
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("arch", ["mlp", "conv", "gated"])
 def test_trace_has_exactly_the_documented_sites(arch, images):
     vae = make_vae(arch, latent=5)
     x = images[:7]
@@ -61,7 +61,7 @@ def test_model_runs_alone_and_under_predictive(images):
 
 @pytest.mark.parametrize("elbo", list(ELBOS))
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("arch", ["mlp", "conv", "gated"])
 def test_svi_lowers_the_loss(arch, likelihood, elbo, images):
     pyro.set_rng_seed(1)
     vae = make_vae(arch, likelihood)

@@ -1,0 +1,101 @@
+"""The density-estimation protocol: validation split, early stopping, best epoch, warm-up in epochs, presets."""
+
+import json
+
+import pytest
+import torch
+
+from pyro_vae import InputError, RunConfig, cli, nets
+from pyro_vae.config import PRESETS
+from pyro_vae.train import load_checkpoint, load_splits, train
+
+from test_train import small_config
+
+
+def test_the_validation_split_is_the_last_training_points_disjoint_and_seeded(idx_dir):
+    from pyro_vae import data
+
+    raw_train, _, raw_test, _ = data.load_images("fashion-mnist", str(idx_dir))
+    config = small_config(idx_dir, val_size=100, binarize="none")
+    x_train, x_val, x_test = load_splits(config, "cpu")
+    assert (x_train.shape[0], x_val.shape[0], x_test.shape[0]) == (412, 100, 128)
+    assert torch.equal(x_train, raw_train[:412]) and torch.equal(x_val, raw_train[412:])
+    assert torch.equal(x_test, raw_test)
+    # binarised: the held-out sets are drawn once, the same for the same seed, other bits for another seed
+    a = load_splits(small_config(idx_dir, val_size=100), "cpu")
+    b = load_splits(small_config(idx_dir, val_size=100), "cpu")
+    c = load_splits(small_config(idx_dir, val_size=100, seed=5), "cpu")
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and not torch.equal(a[1], c[1])
+    assert set(a[1].unique().tolist()) <= {0.0, 1.0}
+    # and the test set's bits do not depend on whether there is a validation split
+    assert torch.equal(load_splits(small_config(idx_dir), "cpu")[2], a[2])
+
+
+def test_a_validation_split_too_large_is_refused(idx_dir, tmp_path):
+    with pytest.raises(InputError, match=r"val_size 512 leaves nothing to train on \(512 training points\)"):
+        train(small_config(idx_dir, val_size=512), tmp_path / "run", progress=False)
+    with pytest.raises(InputError, match="no validation split; use --val-size 10000 with --patience 3"):
+        RunConfig(patience=3).validate()
+    with pytest.raises(InputError, match="in steps or in epochs, not both"):
+        RunConfig(kl_warmup=10, kl_warmup_epochs=2).validate()
+
+
+def _overfitting_run(idx_dir, out, **kw):
+    """64 training images, a wide net and a high learning rate: the validation ELBO peaks early."""
+    return train(small_config(idx_dir, val_size=448, batch_size=16, hidden=256, lr=3e-3, epochs=60, patience=3,
+                              keep_best=True, **kw), out, progress=False, pictures=False)
+
+
+def test_early_stopping_stops_patience_epochs_after_the_best_and_evaluate_reads_the_best(idx_dir, tmp_path,
+                                                                                       capsys):
+    out = tmp_path / "run"
+    _, history = _overfitting_run(idx_dir, out)
+    vals = [r["val_elbo"] for r in history]
+    best = 1 + vals.index(max(vals))
+    assert len(history) < 60, "the run never stopped"
+    assert len(history) == best + 3  # exactly `patience` epochs without a better validation ELBO
+    assert all("test_elbo" not in r for r in history)  # the test set waits for evaluate
+    assert history[-1]["best_epoch"] == best
+    assert load_checkpoint(out / "best.pt")["epoch"] == best
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == len(history)
+    assert cli.main(["evaluate", str(out), "--iw-samples", "10", "--elbo-samples", "2", "--no-progress"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert (summary["checkpoint"], summary["epoch"]) == ("best.pt", best)
+    assert cli.main(["evaluate", str(out), "--iw-samples", "0", "--checkpoint", "last", "--no-progress"]) == 0
+    assert json.loads((out / "eval.json").read_text())["epoch"] == len(history)
+    # a stopped run stays stopped when resumed with more epochs
+    _, again = train(small_config(idx_dir, val_size=448, batch_size=16, hidden=256, lr=3e-3, epochs=80, patience=3,
+                                  keep_best=True), out, resume=True, progress=False, pictures=False)
+    assert len(again) == len(history)
+
+
+def test_kl_warmup_in_epochs_counts_the_epochs_batches(idx_dir, tmp_path):
+    _, history = train(small_config(idx_dir, epochs=3, kl_warmup_epochs=2), tmp_path / "run", progress=False,
+                       pictures=False)
+    assert [r["kl_weight"] for r in history] == [0.5, 1.0, 1.0]  # 8 batches an epoch, 16 steps of warm-up
+
+
+def test_the_preset_is_the_published_protocol_and_flags_override_it(idx_dir, tmp_path, monkeypatch):
+    config = RunConfig.from_preset("vampprior-vae", data_dir="x")
+    assert (config.arch, config.hidden, config.latent_dims, config.lr, config.batch_size) == \
+        ("gated", 300, [40], 5e-4, 100)
+    assert (config.val_size, config.patience, config.epochs, config.kl_warmup_epochs) == (10000, 50, 2000, 100)
+    with pytest.raises(InputError, match="unknown preset 'vamp'; choose one of: vampprior-vae"):
+        RunConfig.from_preset("vamp")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--preset", "vampprior-vae", "--data-dir", str(idx_dir), "--out", str(out),
+                     "--val-size", "112", "--epochs", "1", "--hidden", "32", "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert {k: saved[k] for k in PRESETS["vampprior-vae"]} == {**PRESETS["vampprior-vae"], "val_size": 112,
+                                                              "epochs": 1, "hidden": 32}
+    assert isinstance(load_checkpoint(out / "checkpoint.pt")["model"], dict)
+
+
+def test_the_gated_networks_have_the_papers_layers():
+    enc, dec = nets.build("gated", (1, 28, 28), 40, hidden=300)
+    assert [type(m).__name__ for m in enc.net] == ["GatedDense", "GatedDense"] and enc.out_features == 300
+    assert dec(torch.zeros(2, 3, 40)).shape == (2, 3, 1, 28, 28)
+    x = torch.rand(5, 1, 28, 28)
+    layer = enc.net[0]
+    expected = layer.h(x.reshape(5, -1)) * torch.sigmoid(layer.g(x.reshape(5, -1)))
+    assert torch.allclose(layer(x.reshape(5, -1)), expected)
