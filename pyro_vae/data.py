@@ -372,13 +372,32 @@ class Batches:
         return batches
 
     def state_dict(self):
-        """``{"epoch_start": generator state}``: where the current (or, between epochs, the next) epoch began."""
+        """``{"epoch_start": generator state, "device": its device type}``: where the current (or, between
+        epochs, the next) epoch began."""
         start = self._epoch_start if self._epoch_start is not None else self.generator.get_state()
-        return {"epoch_start": start}
+        return {"epoch_start": start, "device": self.generator.device.type}
 
     def load_state_dict(self, state):
-        """Restore :meth:`state_dict`: the next :meth:`epoch` draws the order saved there."""
-        self.generator.set_state(state["epoch_start"])
+        """Restore :meth:`state_dict`: the next :meth:`epoch` draws the order saved there.
+
+        A state saved by a generator of another device type (a CUDA run resumed on the CPU, or the
+        reverse) cannot be replayed: CPU and CUDA generators are different algorithms. The generator is
+        then seeded from the saved state's bytes (deterministic, so two such resumes agree) and a warning
+        says that the batch order from here on differs from the uninterrupted run's.
+        """
+        saved = state["epoch_start"]
+        here = self.generator.get_state()
+        if saved.numel() == here.numel() and state.get("device", self.generator.device.type) == \
+                self.generator.device.type:
+            self.generator.set_state(saved)
+        else:
+            import warnings
+
+            warnings.warn(f"the batch order was saved by a {state.get('device', 'different')} generator and "
+                          f"cannot be replayed on {self.generator.device.type}; training goes on with a new "
+                          "order seeded from the saved one (no longer bitwise the uninterrupted run)",
+                          stacklevel=2)
+            self.generator.manual_seed(int.from_bytes(bytes(saved.flatten()[:8].tolist()), "little") & (2 ** 63 - 1))
         self._epoch_start = None
 
     def __iter__(self):

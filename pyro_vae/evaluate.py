@@ -97,8 +97,24 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500):
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
+def default_max_rows(x, cpu_rows=20000, fraction=0.25, bytes_per_value=64):
+    """How many (particle, data point) rows :func:`iw_log_likelihood` decodes at once.
+
+    On the CPU ``cpu_rows``. On CUDA, chosen from the free GPU memory
+    (``torch.cuda.mem_get_info``): ``fraction`` of it, at an assumed
+    ``bytes_per_value`` per value of a data point (the decoder's activations,
+    the likelihood's parameters and log-densities, all in float32), at least
+    ``cpu_rows``.
+    """
+    if x.device.type != "cuda":
+        return cpu_rows
+    free, _ = torch.cuda.mem_get_info(x.device)
+    per_row = bytes_per_value * max(1, x[0].numel())
+    return max(cpu_rows, int(fraction * free // per_row))
+
+
 @torch.no_grad()
-def iw_log_likelihood(vae, x, num_samples=1000, batch_size=100, max_rows=20000, progress=None):
+def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, progress=None):
     """Importance-weighted estimate of log p(x) for each data point, in nats.
 
     ``log (1/K) sum_k exp(log p(x, z_k) - log q(z_k | x))`` with z_k ~ q(z | x),
@@ -109,8 +125,10 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=100, max_rows=20000, 
         vae: a :class:`pyro_vae.VAE`.
         x: data ``(N, *x_shape)`` on the VAE's device.
         num_samples: K, the number of importance samples per data point.
-        batch_size: data points per chunk.
-        max_rows: bound on particles x data points decoded at once.
+        batch_size: data points per chunk (``None``: 100, or on CUDA as many
+            as ``max_rows`` holds with all ``num_samples`` particles at once).
+        max_rows: bound on particles x data points decoded at once
+            (``None``: :func:`default_max_rows`, from the free GPU memory on CUDA).
         progress: optional callable ``progress(n_done)`` called after each batch.
 
     Returns:
@@ -120,6 +138,9 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=100, max_rows=20000, 
         raise InputError(f"the number of importance samples must be >= 1, got {num_samples}")
     vae.check_data(x)
     num_samples = int(num_samples)
+    max_rows = default_max_rows(x) if max_rows is None else int(max_rows)
+    if batch_size is None:
+        batch_size = max(100, max_rows // num_samples) if x.device.type == "cuda" else 100
     out = []
     with pyro.validation_enabled(False):
         for xb in _batches(x, batch_size):
@@ -183,13 +204,14 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
     return out
 
 
-def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=100, progress=True):
+def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress=True):
     """Test-set summary: mean per data point of the ELBO, its terms and the IW estimate.
 
     Args:
         vae: a :class:`pyro_vae.VAE` (put in eval mode here).
         x: test data ``(N, *x_shape)`` on the VAE's device.
         iw_samples: K for :func:`iw_log_likelihood` (0 skips it).
+        batch_size: its data points per chunk (``None``: its default).
         elbo_samples: draws per data point for :func:`elbo_terms`.
         progress: show a tqdm bar over the IW estimate.
 

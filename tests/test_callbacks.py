@@ -261,3 +261,21 @@ def test_readme_callback_snippet_runs(images, tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "my_metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in history]
     assert len(history) < 50, "the stopping part never stopped"
+
+
+def test_a_batch_order_saved_on_another_device_resumes_with_a_warning(images):
+    """A CUDA generator's state (16 bytes of Philox seed and offset) cannot drive a CPU generator:
+    the resume warns and goes on with an order seeded from it, the same for two such resumes."""
+    x = images[:96]
+    saved = []
+    fit(_vae(), x, epochs=2, batch_size=32, progress=False, log=None, checkpoint=keep(saved), checkpoint_every=2)
+    mid = copy.deepcopy(saved[1])
+    mid["data"] = {"epoch_start": torch.arange(16, dtype=torch.uint8), "device": "cuda"}
+    results = []
+    for _ in range(2):
+        vae = _vae()
+        with pytest.warns(UserWarning, match="saved by a cuda generator and cannot be replayed on cpu"):
+            fit(vae, x, epochs=2, batch_size=32, progress=False, log=None, state=copy.deepcopy(mid))
+        results.append(vae.state_dict())
+    for name, value in results[0].items():
+        assert torch.equal(value, results[1][name]), name

@@ -109,3 +109,20 @@ def test_bad_sample_counts():
     vae, marginal = linear_gaussian_vae()
     with pytest.raises(InputError, match="importance samples"):
         evaluate.iw_log_likelihood(vae, marginal.sample((2,)), num_samples=0)
+
+
+def test_the_iw_chunk_is_chosen_from_free_gpu_memory(monkeypatch):
+    """On the CPU a fixed bound; on CUDA a quarter of the free memory at 64 bytes a value, never less."""
+    x = torch.zeros(3, 1, 28, 28)
+    assert evaluate.default_max_rows(x) == 20000
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+        def __getitem__(self, i):
+            return x[i]
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 * 784 * 400_000, 80 * 2 ** 30))
+    assert evaluate.default_max_rows(OnCuda()) == 100_000
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 80 * 2 ** 30))
+    assert evaluate.default_max_rows(OnCuda()) == 20000
