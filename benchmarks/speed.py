@@ -60,6 +60,7 @@ def main(argv=None):
     p.add_argument("--json", help="write the result here too")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    pyro.enable_validation(False)  # as pyro-vae train runs: the hand-written loop validates nothing either
     x_train, _, _, _ = load_images("fashion-mnist", args.data_dir)
     x = x_train[: args.limit].to(device)
 

@@ -150,8 +150,10 @@ class Evaluation(Callback):
     def on_epoch_end(self, loop):
         if loop.epoch % self.every and loop.epoch < loop.epochs:
             return
+        was_training = loop.vae.training
         loop.vae.eval()
         terms = elbo_terms(loop.vae, self.x, num_samples=1)
+        loop.vae.train(was_training)
         loop.record[f"{self.prefix}_elbo"] = float(terms["elbo"].mean())
         loop.record.update({f"{self.prefix}_{key}": float(v.mean()) for key, v in terms.items()
                             if key.startswith("kl_")})

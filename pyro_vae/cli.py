@@ -121,8 +121,11 @@ def _train(args):
         config = RunConfig.from_dict({**base, **given})
     else:
         config = RunConfig(**given)
-    vae, history = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                         progress=not args.no_progress)
+    import pyro
+
+    with pyro.validation_enabled(False):  # the data are checked once; skip Pyro's per-step argument checks
+        vae, history = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                             progress=not args.no_progress)
     out = Path(args.out)
     last = history[-1]
     unit = "image" if is_image(vae) else "data point"

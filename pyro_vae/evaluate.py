@@ -27,37 +27,52 @@ from .errors import InputError
 from .posteriors import location
 
 
-def _log_densities(vae, x, k):
+def particle_dim(vae, x):
+    """The dim of the evaluation's particle plate: left of every plate of the model and guide
+    (``-(max_plate_nesting + 1)``, found by tracing both once on one data point; -2 for a VAE alone)."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the probe draws nothing from the caller's random stream
+        guide_tr = poutine.trace(vae.guide).get_trace(x[:1])
+        model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x[:1])
+    nesting = max((len(site["cond_indep_stack"]) for tr in (guide_tr, model_tr) for site in tr.nodes.values()
+                   if site["type"] == "sample"), default=0)
+    return -(nesting + 1)
+
+
+def _log_densities(vae, x, k, dim=-2):
     """Log-densities of k joint draws per data point.
 
     Args:
         vae: a :class:`pyro_vae.VAE` (anything with ``model(x)`` and ``guide(x)``).
         x: data ``(B, *x_shape)``.
         k: number of particles.
+        dim: the particle plate's dim (:func:`particle_dim`).
 
     Returns:
         dict with ``log_px_z`` (k, B): sum of the observed sites' log p;
         ``log_pz`` and ``log_qz``: dicts site -> (k, B) for each latent site.
     """
-    with pyro.plate("eval_particles", k, dim=-2):
+    with pyro.plate("eval_particles", k, dim=dim):
         guide_tr = poutine.trace(vae.guide).get_trace(x)
         model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x)
     guide_tr.compute_log_prob()
     model_tr.compute_log_prob()
-    shape = (k, x.shape[0])
+    shape = (k, x.shape[0])  # the particle dim first, the data plate's last
     log_px_z = x.new_zeros(shape)
     log_pz, log_qz = {}, {}
     for name, site in model_tr.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
-        lp = site["unscaled_log_prob"].expand(shape)
+        lp = site["unscaled_log_prob"]
+        lp = lp.reshape(k, -1, x.shape[0]).sum(1) if lp.dim() > 2 else lp.expand(shape)  # a user's inner plates summed
         if site["is_observed"]:
             log_px_z = log_px_z + lp
         else:
             log_pz[name] = lp
             if name not in guide_tr.nodes:
                 raise InputError(f"latent site {name!r} of the model has no match in the guide")
-            log_qz[name] = guide_tr.nodes[name]["unscaled_log_prob"].expand(shape)
+            lq = guide_tr.nodes[name]["unscaled_log_prob"]
+            log_qz[name] = lq.reshape(k, -1, x.shape[0]).sum(1) if lq.dim() > 2 else lq.expand(shape)
     return {"log_px_z": log_px_z, "log_pz": log_pz, "log_qz": log_qz}
 
 
@@ -86,8 +101,9 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500):
     vae.check_data(x)
     parts = []
     with pyro.validation_enabled(False):
+        dim = particle_dim(vae, x)
         for xb in _batches(x, batch_size):
-            d = _log_densities(vae, xb, num_samples)
+            d = _log_densities(vae, xb, num_samples, dim)
             out = {"reconstruction": d["log_px_z"].mean(0)}
             for name in d["log_pz"]:
                 out["kl_" + name] = (d["log_qz"][name] - d["log_pz"][name]).mean(0)
@@ -143,13 +159,14 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
         batch_size = max(100, max_rows // num_samples) if x.device.type == "cuda" else 100
     out = []
     with pyro.validation_enabled(False):
+        dim = particle_dim(vae, x)
         for xb in _batches(x, batch_size):
             chunk = max(1, min(num_samples, max_rows // xb.shape[0]))
             total = torch.full((xb.shape[0],), -math.inf, device=xb.device, dtype=xb.dtype)
             done = 0
             while done < num_samples:
                 k = min(chunk, num_samples - done)
-                d = _log_densities(vae, xb, k)
+                d = _log_densities(vae, xb, k, dim)
                 log_w = d["log_px_z"] + sum(d["log_pz"].values()) - sum(d["log_qz"].values())
                 total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
                 done += k
@@ -186,8 +203,9 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
         raise InputError("active units need at least 2 data points (a variance across data)")
     means = {}
     with pyro.validation_enabled(False):
+        dim = particle_dim(vae, x)
         for xb in _batches(x, batch_size):
-            with pyro.plate("eval_particles", num_samples, dim=-2):
+            with pyro.plate("eval_particles", num_samples, dim=dim):
                 trace = poutine.trace(vae.guide).get_trace(xb)
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
@@ -208,7 +226,7 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
     """Test-set summary: mean per data point of the ELBO, its terms and the IW estimate.
 
     Args:
-        vae: a :class:`pyro_vae.VAE` (put in eval mode here).
+        vae: a :class:`pyro_vae.VAE` (in eval mode while evaluated, then back in its mode).
         x: test data ``(N, *x_shape)`` on the VAE's device.
         iw_samples: K for :func:`iw_log_likelihood` (0 skips it).
         batch_size: its data points per chunk (``None``: its default).
@@ -222,7 +240,15 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
         ``latent_dims``), ``n``, ``iw_samples``, ``elbo_samples``; and the
         list ``latent_dims``.
     """
+    was_training = vae.training
     vae.eval()
+    try:
+        return _summary(vae, x, iw_samples, elbo_samples, batch_size, progress)
+    finally:
+        vae.train(was_training)  # the VAE goes back in the mode it came in
+
+
+def _summary(vae, x, iw_samples, elbo_samples, batch_size, progress):
     terms = elbo_terms(vae, x, num_samples=elbo_samples)
     summary = {key: float(value.mean()) for key, value in terms.items()}
     if x.shape[0] >= 2:

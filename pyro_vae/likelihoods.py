@@ -6,9 +6,12 @@ A likelihood is an ``nn.Module`` with
   (the decoder's output has ``channels * x_shape[0]`` leading channels);
 * ``forward(out, event_dims)``: the Pyro distribution over x, with the last
   ``event_dims`` dims declared as event dims by ``.to_event``;
-* ``mean(out)``: E[x | out], for pictures of samples and reconstructions;
-* ``event_dims``: ``len(x_shape)``, set by :class:`pyro_vae.VAE` (likelihoods
-  with ``channels > 1`` split the decoder's output along the data's first dim);
+* ``mean(out)`` or ``mean(out, event_dims)``: E[x | out], for pictures of
+  samples and reconstructions (likelihoods with ``channels > 1`` split the
+  decoder's output along the data's first dim, ``event_dims`` from the right);
+  the VAE passes ``event_dims = len(x_shape)`` where ``mean`` takes it, and
+  never sets anything on a likelihood (one object can serve VAEs of
+  different data shapes);
 * ``check(x)``: raises :class:`~pyro_vae.errors.InputError` if ``x`` lies
   outside the distribution's support.
 """
@@ -25,10 +28,9 @@ from .errors import InputError
 
 
 class Likelihood(nn.Module):
-    """Base class: ``channels = 1`` and image data (``event_dims = 3``) until the VAE says otherwise."""
+    """Base class: ``channels = 1``."""
 
     channels = 1
-    event_dims = 3
 
     def check(self, x):
         pass  # any finite value is in the support; finiteness is checked for every likelihood
@@ -85,19 +87,19 @@ class Gaussian(Likelihood):
             self.raw_scale = nn.Parameter(torch.tensor(math.log(math.expm1(self.scale))))
 
     def forward(self, out, event_dims):
-        loc, scale = self._parts(out)
+        loc, scale = self._parts(out, event_dims)
         return dist.Normal(loc, scale).to_event(event_dims)
 
-    def _parts(self, out):
+    def _parts(self, out, event_dims):
         if self.mode == "pixel":
-            loc, raw = _split(out, 2, self.event_dims)
+            loc, raw = _split(out, 2, event_dims)
             return loc, F.softplus(raw) + 1e-3
         if self.mode == "learned":
             return out, F.softplus(self.raw_scale)
         return out, self.scale
 
-    def mean(self, out):
-        return self._parts(out)[0]
+    def mean(self, out, event_dims):
+        return self._parts(out, event_dims)[0]
 
 
 def _in_unit_interval(name, x, closed=True, fix="rescale the data to [0, 1]"):
@@ -140,11 +142,11 @@ class Laplace(Likelihood):
     channels = 2
 
     def forward(self, out, event_dims):
-        loc, raw = _split(out, 2, self.event_dims)
+        loc, raw = _split(out, 2, event_dims)
         return dist.Laplace(loc, F.softplus(raw) + 1e-3).to_event(event_dims)
 
-    def mean(self, out):
-        return _split(out, 2, self.event_dims)[0]
+    def mean(self, out, event_dims):
+        return _split(out, 2, event_dims)[0]
 
 
 class Beta(Likelihood):
@@ -153,15 +155,15 @@ class Beta(Likelihood):
 
     channels = 2
 
-    def _dist(self, out):
-        a, b = _split(out, 2, self.event_dims)
+    def _dist(self, out, event_dims):
+        a, b = _split(out, 2, event_dims)
         return dist.Beta(F.softplus(a) + 1e-3, F.softplus(b) + 1e-3)
 
     def forward(self, out, event_dims):
-        return self._dist(out).to_event(event_dims)
+        return self._dist(out, event_dims).to_event(event_dims)
 
-    def mean(self, out):
-        return self._dist(out).mean
+    def mean(self, out, event_dims):
+        return self._dist(out, event_dims).mean
 
     def check(self, x):
         _in_unit_interval("Beta", x, closed=False, fix="squeeze it inside, e.g. x.clamp(1e-3, 1 - 1e-3)")
@@ -231,16 +233,16 @@ class DiscretizedLogistic(Likelihood):
         self.k, self.bits = int(k), int(bits)
         self.channels = 3 * self.k
 
-    def _dist(self, out):
-        logits, loc, log_scale = (t.unflatten(out.dim() - self.event_dims, (self.k, -1)).movedim(
-            out.dim() - self.event_dims, -1) for t in _split(out, 3, self.event_dims))
+    def _dist(self, out, event_dims):
+        logits, loc, log_scale = (t.unflatten(out.dim() - event_dims, (self.k, -1)).movedim(
+            out.dim() - event_dims, -1) for t in _split(out, 3, event_dims))
         return DiscretizedLogisticMixture(logits, torch.sigmoid(loc), log_scale, self.bits)
 
     def forward(self, out, event_dims):
-        return self._dist(out).to_event(event_dims)
+        return self._dist(out, event_dims).to_event(event_dims)
 
-    def mean(self, out):
-        return self._dist(out).mean
+    def mean(self, out, event_dims):
+        return self._dist(out, event_dims).mean
 
     def check(self, x):
         _in_unit_interval("DiscretizedLogistic", x, fix="pass 8-bit images divided by 255")
@@ -272,16 +274,16 @@ class NegativeBinomial(Likelihood):
 
     channels = 2
 
-    def _parts(self, out):
-        logits, raw = _split(out, 2, self.event_dims)
+    def _parts(self, out, event_dims):
+        logits, raw = _split(out, 2, event_dims)
         return F.softplus(raw) + 1e-4, logits
 
     def forward(self, out, event_dims):
-        r, logits = self._parts(out)
+        r, logits = self._parts(out, event_dims)
         return dist.NegativeBinomial(total_count=r, logits=logits).to_event(event_dims)
 
-    def mean(self, out):
-        r, logits = self._parts(out)
+    def mean(self, out, event_dims):
+        r, logits = self._parts(out, event_dims)
         return r * torch.exp(logits)
 
     def check(self, x):
@@ -294,16 +296,16 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
 
     channels = 3
 
-    def _parts(self, out):
-        logits, raw, gate = _split(out, 3, self.event_dims)
+    def _parts(self, out, event_dims):
+        logits, raw, gate = _split(out, 3, event_dims)
         return F.softplus(raw) + 1e-4, logits, gate
 
     def forward(self, out, event_dims):
-        r, logits, gate = self._parts(out)
+        r, logits, gate = self._parts(out, event_dims)
         return dist.ZeroInflatedNegativeBinomial(total_count=r, logits=logits, gate_logits=gate).to_event(event_dims)
 
-    def mean(self, out):
-        r, logits, gate = self._parts(out)
+    def mean(self, out, event_dims):
+        r, logits, gate = self._parts(out, event_dims)
         return torch.sigmoid(-gate) * r * torch.exp(logits)
 
     def check(self, x):

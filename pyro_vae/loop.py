@@ -27,8 +27,6 @@ import signal
 import sys
 import threading
 
-import pyro
-
 from .checkpoints import rng_state, set_rng_state
 from .errors import InputError
 from .svi import NonFiniteStep
@@ -137,7 +135,7 @@ class Loop:
         """Train up to ``epochs`` (continuing ``state`` if given); returns ``history``."""
         if state is not None:
             self.load_state_dict(state)
-        with catch_stop_signals() as stop, pyro.validation_enabled(False):
+        with catch_stop_signals() as stop, self.vae.data_checked():
             try:
                 self._call("on_fit_start")
                 while self.epoch < self.epochs and not self.should_stop:

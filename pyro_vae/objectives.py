@@ -53,8 +53,8 @@ class KLWarmup:
 class FreeBitsELBO(Trace_ELBO):
     """``Trace_ELBO`` with free bits per latent site (Kingma et al. 2016, IAF paper, eq. 15).
 
-    For each latent site (each level z_l) the minibatch-mean KL
-    ``k_l = mean over data points (and particles) of log q(z_l | .) - log p(z_l | .)``
+    For each latent site (each level z_l) and each particle, the minibatch-mean KL
+    ``k_l = mean over data points of log q(z_l | .) - log p(z_l | .)``
     enters the loss as ``max(free_bits, k_l)`` per data point, times the
     site's scale (β, KL warm-up). Above the floor the loss is exactly
     ``Trace_ELBO``'s; below it the level's KL is a constant, so nothing
@@ -70,6 +70,10 @@ class FreeBitsELBO(Trace_ELBO):
             ``vectorize_particles``, ``max_plate_nesting``, ...).
 
     Latent sites must be reparameterised (every guide in :mod:`pyro_vae` is).
+    The floor is taken per particle, so vectorised particles and particles
+    drawn one at a time give the same objective for the same draws. (It
+    overrides ``Trace_ELBO``'s per-particle loss, ``_differentiable_loss_particle``,
+    the one place where Pyro combines a particle's model and guide traces.)
     """
 
     def __init__(self, free_bits, analytic_kl=False, **kwargs):
@@ -117,6 +121,7 @@ class FreeBitsELBO(Trace_ELBO):
             if site["type"] == "sample" and site["is_observed"]:
                 objective = objective + site["log_prob_sum"]
         for name, (kl, scale) in self.site_kls(model_trace, guide_trace).items():
-            floored = torch.clamp(kl.mean(), min=self.free_bits) * kl.numel()
+            per_particle = kl.reshape(-1, kl.shape[-1])  # (K, B) vectorised, (1, B) one particle at a time
+            floored = torch.clamp(per_particle.mean(-1), min=self.free_bits).sum() * kl.shape[-1]
             objective = objective - scale * floored
         return -torch_item(objective), -objective

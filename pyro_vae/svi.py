@@ -5,8 +5,8 @@
 parameter the model and guide touched, then zeroed gradients — with two
 differences that only change speed:
 
-* the parameters are captured once, on the first step (``pyro.infer.SVI``
-  re-captures them on every step);
+* the parameters are captured on the first step, and again only when Pyro's
+  param store has grown (``pyro.infer.SVI`` re-captures them on every step);
 * one ``torch.optim.Adam`` (fused on CUDA) updates them all, where
   ``pyro.optim.Adam`` keeps one optimizer per parameter.
 
@@ -17,6 +17,7 @@ asked); a step that fails the check changes nothing.
 
 import math
 
+import pyro
 import pyro.poutine as poutine
 import torch
 
@@ -50,24 +51,31 @@ class TorchOptimSVI:
         self.max_norm = float(grad_clip) if grad_clip else math.inf
         self.optimizer = None
         self._pending_state = None
+        self._store_size = None
 
     def step(self, *args, **kwargs):
-        """One gradient step; returns the loss (the negative ELBO of the batch, a float).
+        """One gradient step; returns the loss that ``elbo`` trains on, a float (the negative ELBO of the
+        batch for ``Trace_ELBO``; with :class:`~pyro_vae.objectives.FreeBitsELBO` its objective).
+
+        Parameters are captured on the first step, and again on any step at
+        which Pyro's param store has grown (a parameter created after the
+        first step, by a lazy module or a piece built on first use, joins the
+        optimizer there).
 
         Raises:
             NonFiniteStep: the loss or the gradient norm was not finite;
                 gradients are dropped and no parameter changes.
         """
-        if self.optimizer is None:
+        store = pyro.get_param_store()
+        if self.optimizer is None or len(store) != self._store_size:
             with poutine.trace(param_only=True) as capture:
                 loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
-            params = dict.fromkeys(site["value"].unconstrained() for site in capture.trace.nodes.values())
-            self.optimizer = make_optimizer(params, self.lr)
-            if self._pending_state is not None:
-                self.optimizer.load_state_dict(self._pending_state)
-                self._pending_state = None
+            self._capture([site["value"].unconstrained() for site in capture.trace.nodes.values()])
+            self._store_size = len(store)
         else:
             loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
+        if self.optimizer is None:  # nothing to train yet (no parameter has been created)
+            return loss
         grad_norm = self._grad_norm() if math.isfinite(loss) else loss
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -76,8 +84,27 @@ class TorchOptimSVI:
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
+    def _capture(self, params):
+        """Create the optimizer over ``params``, or add those it does not hold yet."""
+        params = list(dict.fromkeys(params))
+        if self.optimizer is None and not params:
+            return
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(params, self.lr)
+            if self._pending_state is not None:
+                self.optimizer.load_state_dict(self._pending_state)
+                self._pending_state = None
+            return
+        known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        new = [p for p in params if id(p) not in known]
+        if new:
+            self.optimizer.add_param_group({"params": new})
+
+    def _params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def _grad_norm(self):
-        params = self.optimizer.param_groups[0]["params"]
+        params = self._params()
         if math.isinf(self.max_norm):  # only measure: clip_grad_norm_ would also rescale every gradient by 1
             return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         return float(torch.nn.utils.clip_grad_norm_(params, self.max_norm))

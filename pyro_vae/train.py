@@ -123,6 +123,15 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     Raises:
         TrainingDiverged: ``max_bad_steps`` consecutive non-finite steps.
         TrainingInterrupted: SIGINT or SIGTERM (after ``checkpoint`` was called).
+
+    Global state: ``fit`` seeds torch's, Python's and NumPy's global RNGs with
+    ``seed`` (``pyro.set_rng_seed``: the draws of z and the run's
+    reproducibility need it), and nothing else. It leaves the param store
+    (every VAE has its own ``name`` there) and Pyro's validation as they are:
+    the data are checked once, up front, and the VAE's per-call check is off
+    during the run (:meth:`VAE.data_checked`); with Pyro's validation on (its
+    default), every distribution also checks its arguments at every step,
+    which ``pyro.enable_validation(False)`` skips for speed.
     """
     settings.check(dict(epochs=epochs, lr=lr, elbo=elbo, num_particles=num_particles, max_bad_steps=max_bad_steps,
                         kl_warmup=kl_warmup, free_bits=free_bits, checkpoint_every=checkpoint_every,
@@ -130,7 +139,6 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     vae.check_data(x_train)
     if x_test is not None:
         vae.check_data(x_test)
-    pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     generator = torch.Generator(device=x_train.device).manual_seed(seed)
     data = data_.Batches(x_train, batch_size, generator, dynamic_binarize=dynamic_binarize)

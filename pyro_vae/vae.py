@@ -32,11 +32,13 @@ bottom-up guide of a chain it is not, and it raises an :class:`InputError`
 """
 
 import contextlib
+import inspect
+import itertools
 
 import pyro
 import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import is_validation_enabled, site_is_subsample
+from pyro.poutine.util import site_is_subsample
 import torch
 from torch import nn
 
@@ -47,6 +49,7 @@ from . import likelihoods as likelihoods_
 from . import posteriors as posteriors_
 
 GUIDES = ("bottom-up", "top-down")
+_NAMES = itertools.count()
 
 
 class VAE(nn.Module):
@@ -90,6 +93,16 @@ class VAE(nn.Module):
             the top-down guide needs ``Normal(...).to_event(1)``).
         hidden: width of the chain's own networks (transitions, bottom-up
             conditionals, ladder).
+        name: the prefix of this VAE's parameters in Pyro's param store
+            (``pyro.module(name, vae)``); by default ``"vae"``, ``"vae_1"``,
+            ``"vae_2"``, ... in the order VAEs are built, so that any number of
+            VAEs and a user's other Pyro models share one process and one param
+            store. A name whose parameters in the store belong to another module
+            is refused at the first call of ``model`` or ``guide``.
+
+    The pieces passed in (networks, prior, likelihood, posterior) become
+    submodules, so they move with ``.to()``/``.double()``; none is changed
+    otherwise (a likelihood can be shared by VAEs of different data shapes).
 
     Example::
 
@@ -100,8 +113,11 @@ class VAE(nn.Module):
     """
 
     def __init__(self, encoder, decoder, latent_dims=(50,), prior=None, likelihood=None,
-                 posterior=None, x_shape=None, beta=1.0, guide="bottom-up", transitions=None, hidden=256):
+                 posterior=None, x_shape=None, beta=1.0, guide="bottom-up", transitions=None, hidden=256,
+                 name=None):
         super().__init__()
+        index = next(_NAMES)
+        self.name = str(name) if name is not None else ("vae" if index == 0 else f"vae_{index}")
         latent_dims = [int(d) for d in latent_dims]
         if not latent_dims or any(d <= 0 for d in latent_dims):
             raise InputError(f"latent_dims must be a non-empty list of positive sizes, got {latent_dims}; "
@@ -129,10 +145,10 @@ class VAE(nn.Module):
         self.posterior = posterior
         x_shape = x_shape or getattr(encoder, "x_shape", None) or getattr(decoder, "x_shape", None)
         self.x_shape = tuple(x_shape) if x_shape is not None else None
-        if self.x_shape is not None and isinstance(self.likelihood, nn.Module):
-            self.likelihood.event_dims = len(self.x_shape)
+        self._mean_takes_dims = len(inspect.signature(self.likelihood.mean).parameters) >= 2
         self.beta = float(beta)
-        self.kl_weight = 1.0
+        self._kl_weight, self._compiled_scale = 1.0, None
+        self.check_each_call = True  # model/guide check x (finite, shape, support) at every call
 
         levels = len(latent_dims) - 1  # L; empty module lists for one level keep the foundation's parameters
         if transitions is None:
@@ -170,6 +186,41 @@ class VAE(nn.Module):
         return self._ladder_head(0)(self._ladder_features(self.encoder(x))[0])
 
     @property
+    def kl_weight(self):
+        """The warm-up's factor on the KL (the latent sites' scale is ``beta * kl_weight``); default 1.
+
+        Raises:
+            InputError: on a change after ``JitTrace_ELBO`` compiled this VAE's
+                loss: the compiled loss keeps the weight it was traced with.
+        """
+        return self._kl_weight
+
+    @kl_weight.setter
+    def kl_weight(self, value):
+        value = float(value)
+        if self._compiled_scale is not None and self.beta * value != self._compiled_scale:
+            raise InputError(f"JitTrace_ELBO compiled this VAE's loss with the KL scale {self._compiled_scale:g}, "
+                             f"and a compiled loss cannot follow kl_weight = {value:g}; use Trace_ELBO or "
+                             "TraceMeanField_ELBO with a KL warm-up (or call vae.forget_compiled_scale() once "
+                             "no compiled loss of this VAE is used any more)")
+        self._kl_weight = value
+
+    @contextlib.contextmanager
+    def data_checked(self):
+        """Within: ``model``/``guide`` skip their per-call data check (the caller checked the whole data
+        set once with :meth:`check_data`); Pyro's own validation is left as it is."""
+        old, self.check_each_call = self.check_each_call, False
+        try:
+            yield self
+        finally:
+            self.check_each_call = old
+
+    def forget_compiled_scale(self):
+        """Allow ``kl_weight`` to change again after a ``JitTrace_ELBO`` compiled the loss (whose compiled
+        function must then no longer be used)."""
+        self._compiled_scale = None
+
+    @property
     def levels(self):
         """L: the index of the level nearest the data (0 for a one-level VAE)."""
         return len(self.latent_dims) - 1
@@ -188,40 +239,45 @@ class VAE(nn.Module):
             raise InputError(MEANFIELD_BOTTOM_UP)
 
     # ------------------------------------------------------------------ Pyro
-    def model(self, x=None, batch_size=None):
+    def model(self, x=None, batch_size=None, size=None):
         """The generative model p(x | zL) p(zL | zL-1) ... p(z1 | z0) p(z0).
 
         Args:
             x: observed data ``(B, *x_shape)``, or ``None`` to sample x.
             batch_size: number of draws when ``x`` is ``None``.
+            size: the full data set's size N when ``x`` is a minibatch of it:
+                the ``"data"`` plate then scales every site by N / B, so that
+                global latent variables a user adds get the full-data ELBO
+                (default: the batch is the data).
 
         Returns:
             x: the observed or sampled data, ``(B, *x_shape)`` (with extra
             leading dims under vectorised particles).
         """
-        pyro.module("vae", self)
+        self._register()
         n, device = self._batch(x, batch_size)
-        with pyro.plate("data", n, device=device):
+        with self._data_plate(n, size, device):
             with self._kl_scale():
                 z = pyro.sample("z0", self.prior())
                 for level, transition in enumerate(self.transitions, start=1):
                     z = pyro.sample(f"z{level}", transition(z))
             out = self.decoder(z)
-            return pyro.sample("x", self.likelihood(out, len(self.x_shape)), obs=x)
+            return pyro.sample("x", self.likelihood(out, self._event_dims(x)), obs=x)
 
-    def guide(self, x, batch_size=None):
+    def guide(self, x, batch_size=None, size=None):
         """The recognition model q(z0, ..., zL | x), bottom-up or top-down (see the module's doc).
 
         Args:
             x: data ``(B, *x_shape)``.
             batch_size: ignored (accepted so that model and guide take the same arguments).
+            size: the full data set's size, as in :meth:`model`.
 
         Returns:
             z0: ``(B, D0)`` (with extra leading dims under vectorised particles).
         """
-        pyro.module("vae", self)
+        self._register()
         n, device = self._batch(x, None)
-        with pyro.plate("data", n, device=device):
+        with self._data_plate(n, size, device):
             h = self.encoder(x)
             if self.guide_order == "top-down" and self.levels:
                 return self._top_down(h)
@@ -272,7 +328,7 @@ class VAE(nn.Module):
         self.check_data(x)
         with pyro.validation_enabled(False), _AtMean():
             trace = poutine.trace(self.guide).get_trace(x)
-        return self.likelihood.mean(self.decoder(trace.nodes[f"z{self.levels}"]["value"]))
+        return self._mean(self.decoder(trace.nodes[f"z{self.levels}"]["value"]), x.dim() - 1)
 
     @torch.no_grad()
     def sample(self, n):
@@ -304,13 +360,13 @@ class VAE(nn.Module):
         if level > 0:
             with pyro.validation_enabled(False):
                 z = poutine.trace(self.guide).get_trace(rows).nodes[f"z{level - 1}"]["value"]
-        return self._generate(z, level, rows.shape[0]).reshape(x.shape[0], n, *self.x_shape)
+        return self._generate(z, level, rows.shape[0]).reshape(x.shape[0], n, *x.shape[1:])
 
     def _generate(self, z, start, n):
         """Draw z_start ... zL from the model (``z``: the draw of z_{start-1}, ``(n, D)``), then E[x | zL]."""
         for level in range(start, self.levels + 1):
             z = self.prior().sample((n,)) if level == 0 else self.transitions[level - 1](z).sample()
-        return self.likelihood.mean(self.decoder(z))
+        return self._mean(self.decoder(z), len(self._need_x_shape()))
 
     @property
     def device(self):
@@ -346,18 +402,56 @@ class VAE(nn.Module):
 
     def _batch(self, x, batch_size):
         if x is None:
-            if self.x_shape is None:
-                raise InputError("sampling x needs x_shape: pass x_shape=... to VAE")
+            self._need_x_shape()
             if batch_size is None or int(batch_size) <= 0:
                 raise InputError("model(x=None) needs a positive batch_size")
             return int(batch_size), self.device
-        if is_validation_enabled() and not torch.jit.is_tracing():
-            self.check_data(x)  # off inside pyro_vae.fit, which checks the whole data set once
+        if self.check_each_call and not torch.jit.is_tracing():
+            self.check_data(x)  # off inside pyro_vae.fit and evaluate, which check the whole data set once
         return x.shape[0], x.device
 
     def _kl_scale(self):
-        scale = self.beta * self.kl_weight
+        scale = self.beta * self._kl_weight
+        if torch.jit.is_tracing():  # JitTrace_ELBO compiles this scale in as a constant
+            self._compiled_scale = scale
         return contextlib.nullcontext() if scale == 1.0 else poutine.scale(scale=scale)
+
+    @staticmethod
+    def _data_plate(n, size, device):
+        """``pyro.plate("data")`` over the batch's ``n`` points, a subsample of ``size`` when given."""
+        if size is None or int(size) == n:
+            return pyro.plate("data", n, device=device)
+        if int(size) < n:
+            raise InputError(f"size is the full data set's size and cannot be below the batch's {n}, got {size}")
+        return pyro.plate("data", int(size), subsample=torch.arange(n, device=device), device=device)
+
+    def _register(self):
+        """``pyro.module(self.name, self)``, refusing a name whose parameters in the store are another module's."""
+        store = pyro.get_param_store()
+        for pname, param in self.named_parameters():
+            key = f"{self.name}$$${pname}"
+            if key in store and store[key] is not param:
+                raise InputError(f"the param store already holds {key!r} from another module, so this VAE "
+                                 f"would train that module's tensors; give this VAE another name=..., or call "
+                                 "pyro.clear_param_store() before building it")
+            break  # one parameter tells: pyro.module registers them all together
+        pyro.module(self.name, self)
+
+    def _event_dims(self, x):
+        """``len(x_shape)``: from ``x`` when given (its dims after the batch dim), else from ``x_shape``."""
+        if x is not None:
+            return x.dim() - 1
+        return len(self._need_x_shape())
+
+    def _need_x_shape(self):
+        if self.x_shape is None:
+            raise InputError("drawing x without data needs the shape of one data point: pass x_shape=... to VAE "
+                             "(or give the encoder or decoder an x_shape attribute)")
+        return self.x_shape
+
+    def _mean(self, out, event_dims):
+        """E[x | decoder output] ``(*batch, *x_shape)`` (a user's likelihood may take ``mean(out)`` alone)."""
+        return self.likelihood.mean(out, event_dims) if self._mean_takes_dims else self.likelihood.mean(out)
 
 
 class _AtMean(Messenger):

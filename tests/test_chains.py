@@ -58,9 +58,9 @@ def test_sites_shapes_and_order(dims, guide, images):
     assert vae.levels == len(dims) - 1
     params = set(pyro.get_param_store().keys())
     if len(dims) > 1:
-        assert any(p.startswith("vae$$$transitions.") for p in params)
+        assert any(p.startswith(f"{vae.name}$$$transitions.") for p in params)
         own = "guide_transitions" if guide == "bottom-up" else "ladder"
-        assert any(p.startswith(f"vae$$${own}.") for p in params)
+        assert any(p.startswith(f"{vae.name}$$${own}.") for p in params)
 
 
 @pytest.mark.parametrize("guide", GUIDES)

@@ -42,8 +42,8 @@ def test_trace_has_exactly_the_documented_sites(arch, images):
         assert [f.name for f in site["cond_indep_stack"]] == ["data"]
         assert site["cond_indep_stack"][0].dim == -1
     # the networks are registered with pyro.module
-    assert any(name.startswith("vae$$$encoder") for name in pyro.get_param_store().keys())
-    assert any(name.startswith("vae$$$decoder") for name in pyro.get_param_store().keys())
+    assert any(name.startswith(f"{vae.name}$$$encoder") for name in pyro.get_param_store().keys())
+    assert any(name.startswith(f"{vae.name}$$$decoder") for name in pyro.get_param_store().keys())
 
 
 def test_model_runs_alone_and_under_predictive(images):
