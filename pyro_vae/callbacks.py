@@ -11,6 +11,7 @@ Built in (what :func:`pyro_vae.fit` assembles from its keywords):
 
 ====================  ======================================================
 :class:`KLWeight`     sets ``vae.kl_weight`` from a schedule before each step
+:class:`DivergenceGuard` stops a run whose loss explodes while staying finite
 :class:`EpochStats`   ``train_loss``, ``seconds``, ``kl_weight`` of each epoch
 :class:`Evaluation`   ``test_elbo`` and ``test_kl_*`` on held-out data
 :class:`EarlyStopping` stops when a metric has not improved for ``patience``
@@ -27,6 +28,7 @@ import time
 
 from .errors import InputError
 from .evaluate import elbo_terms
+from .loop import TrainingDiverged
 
 
 class Callback:
@@ -99,6 +101,44 @@ class KLWeight(Callback):
 
     def on_exception(self, loop, error):
         loop.vae.kl_weight = 1.0
+
+
+class DivergenceGuard(Callback):
+    """Stops a run whose loss explodes but stays finite (which the loop's non-finite guard cannot see).
+
+    The rule: the reference is the mean loss per data point of the run's first ``reference_steps`` good
+    steps (by default the first step's: the untrained model's, before any update could blow it up); a step
+    whose loss per data point exceeds ``factor * max(|reference|, 1)`` nats is exploding;
+    ``patience`` exploding steps in a row raise :class:`~pyro_vae.loop.TrainingDiverged`, before the
+    checkpoint part runs for that step, so the last checkpoint written is kept.
+    """
+
+    def __init__(self, factor=100.0, patience=10, reference_steps=1):
+        self.factor, self.patience, self.reference_steps = float(factor), int(patience), int(reference_steps)
+        self.total, self.count, self.streak = 0.0, 0, 0
+
+    def state_dict(self):
+        return {"total": self.total, "count": self.count, "streak": self.streak}
+
+    def load_state_dict(self, state):
+        self.total, self.count, self.streak = float(state["total"]), int(state["count"]), int(state["streak"])
+
+    def on_step_end(self, loop, batch, loss):
+        if loss is None:
+            return
+        per_point = loss / batch.shape[0]
+        if self.count < self.reference_steps:
+            self.total += per_point
+            self.count += 1
+            return
+        reference = self.total / self.count
+        limit = self.factor * max(abs(reference), 1.0)
+        self.streak = self.streak + 1 if per_point > limit else 0
+        if self.streak >= self.patience:
+            raise TrainingDiverged(
+                f"the loss exploded: {per_point:.4g} nats per data point at step {loop.step}, over {self.factor:g}x "
+                f"the first {self.count} steps' {reference:.4g} for {self.streak} steps in a row. The last "
+                "checkpoint is kept. Lower the learning rate (--lr) or set --grad-clip, then resume")
 
 
 class EpochStats(Callback):

@@ -7,8 +7,13 @@ is flushed, fsynced and renamed over the old one: a crash at any moment leaves
 the old or the new checkpoint, never a broken one.
 """
 
+import contextlib
+import io
 import os
 import random
+import signal
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,33 +53,70 @@ def _numpy_state():
     return (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
 
 
-def _replace_atomically(path, write, pause=0.0):
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over ``path``,
-    and fsync the directory: a crash at any moment leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    if pause:
-        time.sleep(pause)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM back until the block is done: a file being replaced is finished or abandoned
+    whole, and the signal is raised right after (to the handlers that were in place). Python runs signal
+    handlers in the main thread, so there a recording handler stands in for the block's duration."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        os.fsync(dir_fd)
+        yield
     finally:
-        os.close(dir_fd)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
+
+
+def _replace_atomically(path, data, pause=0.0):
+    """Write the bytes ``data`` to a new temporary file beside ``path`` (a unique name, created with
+    ``O_EXCL``: never an existing file or link), fsync it, rename it over ``path`` (which replaces a link
+    named ``path``, never writes through it), and fsync the directory. A crash at any moment leaves the
+    old file or the new one; an error (a full disk, no permission) removes the temporary file and is
+    raised as an ``OSError`` naming ``path``. SIGINT/SIGTERM wait until the file is in place."""
+    path = Path(path)
+    with _signals_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if pause:
+                time.sleep(pause)
+            os.replace(tmp, path)
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(err, OSError):
+                raise OSError(err.errno, f"{err.strerror} (while writing {path})", str(path)) from err
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def save_checkpoint(path, payload):
-    """Write ``payload`` with ``torch.save`` to ``path`` atomically (see the module docstring)."""
-    _replace_atomically(path, lambda f: torch.save(payload, f), pause=float(os.environ.get(_DELAY_ENV) or 0))
+    """Write ``payload`` with ``torch.save`` to ``path`` atomically (see :func:`_replace_atomically`)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)  # in memory first: a full disk is then a plain OSError, never a torch error
+    _replace_atomically(path, buffer.getvalue(), pause=float(os.environ.get(_DELAY_ENV) or 0))
 
 
 def write_text_atomic(path, text):
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+    _replace_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path, data):
+    """Write ``data`` to ``path`` atomically (pictures, any file the project writes)."""
+    _replace_atomically(path, bytes(data))
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -3,11 +3,14 @@
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
 from .errors import InputError
 from .config import PRESETS
+from .checkpoints import write_text_atomic
+from .rundir import describe_os_error
 from .train import ELBOS, RunConfig, TrainingDiverged, TrainingInterrupted
 
 DEFAULTS = RunConfig()
@@ -73,6 +76,10 @@ def _parser():
     t.add_argument("--keep-best", action="store_true", default=None,
                    help="also keep best.pt, the checkpoint with the best validation ELBO (test ELBO without "
                         "--val-size)")
+    t.add_argument("--squeeze", type=float, metavar="EPS",
+                   help="map the data from [0, 1] into [EPS, 1-EPS] (train, validation and test alike), e.g. for "
+                        "--likelihood beta on images with exact 0 and 1; log-likelihoods are then of the squeezed "
+                        "data, and eval.json gives the nats to add for the original ones (default 0: off)")
     t.add_argument("--val-size", type=int, metavar="N",
                    help="hold out the last N training points for validation, evaluated every epoch; early "
                         "stopping and best.pt then read it, and the test set waits for evaluate (default 0: none)")
@@ -137,54 +144,80 @@ def _train(args):
 
 
 def _evaluate(args):
-    from .checkpoints import load_checkpoint, write_text_atomic
     from .evaluate import evaluate
-    from .train import load_data, load_run
+    from .rundir import RunLock
+    from .train import load_data, load_run, load_run_checkpoint
 
     if args.checkpoint not in (None, "best", "last"):
         raise InputError(f"--checkpoint must be best or last, got {args.checkpoint!r}")
+    if args.iw_samples < 0 or args.elbo_samples < 1:
+        raise InputError("--iw-samples must be >= 0 and --elbo-samples >= 1; use e.g. --iw-samples 1000 "
+                         "--elbo-samples 10")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be positive, got {args.limit}; use e.g. --limit 1000")
     run_dir = Path(args.run_dir)
-    config = RunConfig.from_dict(load_checkpoint(run_dir / "checkpoint.pt")["config"])
+    config = RunConfig.from_checkpoint(load_run_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
     # default: the best validation epoch where the run kept one (never an epoch chosen on the test set)
     best = args.checkpoint == "best" or (args.checkpoint is None and config.val_size and config.keep_best
                                          and (run_dir / "best.pt").exists())
     name = "best.pt" if best else "checkpoint.pt"
-    vae, config = load_run(run_dir, device=args.device, checkpoint=name)
-    if args.iw_samples < 0 or args.elbo_samples < 1:
-        raise InputError("--iw-samples must be >= 0 and --elbo-samples >= 1")
-    _, x_test = load_data(config, vae.device)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise InputError(f"--limit must be positive, got {args.limit}")
-        x_test = x_test[:args.limit]
-    import pyro
+    with RunLock(run_dir):
+        vae, config = load_run(run_dir, device=args.device, checkpoint=name)
+        _, x_test = load_data(config, vae.device)
+        if args.limit is not None:
+            x_test = x_test[:args.limit]
+        import pyro
 
-    pyro.set_rng_seed(args.seed)  # the same run and settings give the same eval.json
-    summary = evaluate(vae, x_test, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
-                       progress=not args.no_progress)
-    summary.update(dataset=config.dataset, binarize=config.binarize, checkpoint=name,
-                   epoch=int(load_checkpoint(run_dir / name)["epoch"]))
-    path = run_dir / "eval.json"
-    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
+        pyro.set_rng_seed(args.seed)  # the same run and settings give the same eval.json
+        with pyro.validation_enabled(False):
+            summary = evaluate(vae, x_test, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
+                               progress=not args.no_progress)
+        summary.update(dataset=config.dataset, binarize=config.binarize, checkpoint=name,
+                       epoch=int(load_run_checkpoint(run_dir / name)["epoch"]))
+        if config.squeeze:
+            summary.update(squeeze=config.squeeze, squeeze_log_jacobian=float(
+                x_test[0].numel() * math.log(1 - 2 * config.squeeze)))  # add to any log-likelihood for unsqueezed x
+        summary = _finite_json(summary)
+        path = run_dir / "eval.json"
+        write_text_atomic(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     print(json.dumps(summary, indent=2))
+    if summary.get("not_finite"):
+        print(f"pyro-vae: warning: {', '.join(summary['not_finite'])} came out NaN or infinite (written as "
+              "null); the weights may have diverged", file=sys.stderr)
     print(f"wrote {path}")
+
+
+def _finite_json(summary):
+    """``summary`` with every non-finite number replaced by ``None`` and listed under ``not_finite``
+    (strict JSON has no NaN or Infinity)."""
+    bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
+    out = {k: (None if k in bad else v) for k, v in summary.items()}
+    if bad:
+        out["not_finite"] = bad
+    return out
 
 
 def _sample(args):
     import pyro
 
     from . import plots
+    from .rundir import RunLock
     from .train import is_image, load_run
 
+    if args.n < 1:
+        raise InputError(f"--n must be positive, got {args.n}; use e.g. --n 64")
+    path = Path(args.out) if args.out else Path(args.run_dir) / "samples.png"
+    plots._format(path)  # a known picture format, before any work
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: the directory {path.parent} does not exist; create it or choose "
+                         "another --out")
     vae, config = load_run(args.run_dir)
     if not is_image(vae):
         raise InputError(f"{args.run_dir} was trained on {config.dataset} data of shape {vae.x_shape}, not images; "
                          "draw samples in Python with vae.sample(n) or pyro.infer.Predictive(vae.model, ...)")
-    if args.n < 1:
-        raise InputError(f"--n must be positive, got {args.n}")
     pyro.set_rng_seed(args.seed)
-    path = Path(args.out) if args.out else Path(args.run_dir) / "samples.png"
-    plots.save_samples(vae, path, n=args.n)
+    with RunLock(args.run_dir):
+        plots.save_samples(vae, path, n=args.n)
     print(f"wrote {path}")
 
 
@@ -203,6 +236,9 @@ def main(argv=None):
         print(f"pyro-vae: interrupted by {err}; checkpoint written to {Path(args.out) / 'checkpoint.pt'}.\n"
               f"Continue with: pyro-vae train --out {args.out} --resume", file=sys.stderr)
         return 128 + err.signal
+    except OSError as err:  # the environment: a full disk, no permission, a path that is a file
+        print(f"pyro-vae: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pyro-vae: interrupted; the last checkpoint written is kept. "
               "Continue with: pyro-vae train --out DIR --resume", file=sys.stderr)

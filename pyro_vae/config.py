@@ -7,6 +7,7 @@ call :meth:`RunConfig.validate`, which checks the training settings with
 """
 
 import dataclasses
+import os
 
 import torch
 
@@ -28,7 +29,8 @@ PRESETS = {
 }
 
 TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps", "lr", "beta", "grad_clip",
-                 "free_bits", "kl_warmup", "checkpoint_every", "elbo", "val_size", "patience", "kl_warmup_epochs")
+                 "free_bits", "kl_warmup", "checkpoint_every", "elbo", "val_size", "patience", "kl_warmup_epochs",
+                 "seed", "squeeze")
 
 
 @dataclasses.dataclass
@@ -88,10 +90,26 @@ class RunConfig:
     val_size: int = 0
     patience: int = 0
     kl_warmup_epochs: int = 0
+    squeeze: float = 0.0
 
     # settings that change the model or its data; a resume must not change them
     MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",
-                  "hidden", "likelihood", "gaussian_scale", "binarize")
+                  "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze")
+    RESUME_KEYS = MODEL_KEYS + ("data_dir", "val_size", "seed")
+
+    def check_resume(self, saved, mid_epoch, where):
+        """Raise :class:`InputError` unless this config can continue the run saved with ``saved``
+        (a :class:`RunConfig`): the model, its data and their split are the run's, and inside an epoch
+        the batch size too (the epoch's remaining batches are the saved order's)."""
+        differing = [f"{k}: run has {getattr(saved, k)!r}, asked {getattr(self, k)!r}"
+                     for k in self.RESUME_KEYS if getattr(saved, k) != getattr(self, k)]
+        if mid_epoch and saved.batch_size != self.batch_size:
+            differing.append(f"batch_size: run has {saved.batch_size}, asked {self.batch_size} (the run stopped "
+                             "inside an epoch, whose remaining batches are cut at the run's size)")
+        if differing:
+            raise InputError(f"cannot resume {where}: the settings that define the run differ "
+                             f"({'; '.join(differing)}); resume with the run's settings or train into a new "
+                             "directory")
 
     def validate(self):
         """Raise :class:`InputError` naming the first bad setting."""
@@ -132,8 +150,24 @@ class RunConfig:
         if self.elbo == "meanfield" and self.guide == "bottom-up" and len(dims) > 1:
             raise InputError(MEANFIELD_BOTTOM_UP)
         settings.check({key: getattr(self, key) for key in TRAINING_KEYS}, cli=True)
+        self._check_size()
         resolve_device(self.device)
         return self
+
+    def _check_size(self):
+        """Refuse networks whose parameters and Adam's state alone cannot fit in this machine's memory."""
+        x_dim = 784 if self.dataset != "counts" else 1
+        h, dims = self.hidden, self.latent_dims
+        params = 2 * x_dim * h + 4 * h * h + 4 * h * sum(dims) + 3 * h * h * (len(dims) - 1)
+        need = 16 * params  # float32 weights, gradients and two Adam moments
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        if need > have:
+            raise InputError(f"hidden {h} with latent_dims {dims} needs about {need / 2 ** 30:,.0f} GiB for the "
+                             f"weights and Adam's state alone, more than this machine's {have / 2 ** 30:,.0f} GiB; "
+                             "use a smaller --hidden or --latent-dims")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -144,6 +178,21 @@ class RunConfig:
         if name not in PRESETS:
             raise InputError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_checkpoint(cls, payload, path):
+        """The validated config of a loaded checkpoint ``payload``; a malformed one is refused naming ``path``."""
+        config = payload.get("config") if isinstance(payload, dict) else None
+        if not isinstance(config, dict):
+            raise InputError(f"{path} holds no run configuration (no 'config' dict); it was not written by "
+                             "pyro-vae train, or it is damaged: train again with --overwrite")
+        try:
+            return cls.from_dict(config).validate()
+        except InputError as err:
+            raise InputError(f"{path} holds a configuration that is not valid: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{path} holds a configuration that is not valid ({err}); train again with "
+                             "--overwrite") from None
 
     @classmethod
     def from_dict(cls, d):

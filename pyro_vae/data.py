@@ -138,8 +138,8 @@ def load_images(name="fashion-mnist", data_dir=None, download=True):
             raise InputError(f"data directory {data_dir} {problem}; pass a directory holding the four "
                              "*-ubyte(.gz) files, or leave out data_dir (--data-dir) to use the installed "
                              "or downloaded data")
-        sources.append(Path(data_dir))
-    if name == "fashion-mnist":
+        sources.append(Path(data_dir))  # a source the user named is the only source
+    elif name == "fashion-mnist":
         sources.append(Path(DEBIAN_FASHION_MNIST))
     for src in sources:
         try:
@@ -149,6 +149,11 @@ def load_images(name="fashion-mnist", data_dir=None, download=True):
                              f"{_FILES_HINT}") from err
         if root is None:
             missing = [f for f in IDX_FILES if not (src / f).is_file() and not (src / (f + ".gz")).is_file()]
+            if data_dir is not None:
+                raise InputError(f"{src}: no {', '.join(missing or IDX_FILES)} (.gz or unpacked), and a data "
+                                 "directory you name is the only place looked in; pass --data-dir DIR holding "
+                                 "the four *-ubyte(.gz) files, or leave out --data-dir (data_dir) to use the "
+                                 "installed or downloaded data")
             tried.append(f"{src}: no {', '.join(missing if 0 < len(missing) < 4 else IDX_FILES)} (.gz or unpacked)")
             continue
         try:
@@ -163,7 +168,7 @@ def load_images(name="fashion-mnist", data_dir=None, download=True):
             raise InputError(f"could not read {name} files in {src}: {_describe(err)}; "
                              f"{_FILES_HINT}") from err
         return _to_float(x_tr), y_tr, _to_float(x_te), y_te
-    if download:
+    if download and data_dir is None:
         root = cache_dir() / "download"
         try:
             ds_tr = cls(str(root), train=True, download=True)
@@ -345,6 +350,8 @@ class Batches:
     """
 
     def __init__(self, x, batch_size, generator, dynamic_binarize=False, shuffle=True):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool):
+            raise InputError(f"batch size must be a whole number, got {batch_size!r}; use e.g. a batch size of 64")
         if int(batch_size) <= 0:
             raise InputError(f"batch size must be positive, got {batch_size}; use a batch size of 1 or more "
                              f"(at most the {x.shape[0]} data points)")

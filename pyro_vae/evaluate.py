@@ -84,7 +84,7 @@ def _batches(x, batch_size):
 
 
 @torch.no_grad()
-def elbo_terms(vae, x, num_samples=1, batch_size=500):
+def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None):
     """The ELBO of each data point and its two terms, in nats.
 
     Args:
@@ -92,21 +92,32 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500):
         x: data ``(N, *x_shape)`` on the VAE's device.
         num_samples: draws z ~ q(z | x) averaged per data point.
         batch_size: data points per forward pass.
+        max_rows: bound on draws x data points at once (``None``: :func:`default_max_rows`).
 
     Returns:
         dict of tensors of shape ``(N,)``: ``elbo``, ``reconstruction``
         (E_q log p(x | z)), ``kl`` (total E_q[log q - log p]) and ``kl_<site>``
         for each latent site (e.g. ``kl_z0``).
     """
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise InputError(f"num_samples must be a positive integer, got {num_samples!r}; use e.g. num_samples=10")
     vae.check_data(x)
+    max_rows = default_max_rows(x) if max_rows is None else int(max_rows)
     parts = []
     with pyro.validation_enabled(False):
         dim = particle_dim(vae, x)
         for xb in _batches(x, batch_size):
-            d = _log_densities(vae, xb, num_samples, dim)
-            out = {"reconstruction": d["log_px_z"].mean(0)}
-            for name in d["log_pz"]:
-                out["kl_" + name] = (d["log_qz"][name] - d["log_pz"][name]).mean(0)
+            chunk = max(1, min(num_samples, max_rows // xb.shape[0]))
+            sums, done = {}, 0
+            while done < num_samples:  # draws in chunks: memory bounded for any num_samples
+                k = min(chunk, num_samples - done)
+                d = _log_densities(vae, xb, k, dim)
+                terms = {"reconstruction": d["log_px_z"]}
+                terms.update({"kl_" + name: d["log_qz"][name] - d["log_pz"][name] for name in d["log_pz"]})
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0) + value.sum(0)
+                done += k
+            out = {key: value / num_samples for key, value in sums.items()}
             out["kl"] = sum(out["kl_" + name] for name in d["log_pz"])
             out["elbo"] = out["reconstruction"] - out["kl"]
             parts.append(out)

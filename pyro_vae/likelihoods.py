@@ -166,7 +166,8 @@ class Beta(Likelihood):
         return self._dist(out, event_dims).mean
 
     def check(self, x):
-        _in_unit_interval("Beta", x, closed=False, fix="squeeze it inside, e.g. x.clamp(1e-3, 1 - 1e-3)")
+        _in_unit_interval("Beta", x, closed=False, fix="squeeze it inside, e.g. x.clamp(1e-3, 1 - 1e-3) in Python or --squeeze 1e-3 "
+                          "on the command line")
 
 
 class DiscretizedLogisticMixture(dist.TorchDistribution):

@@ -1,17 +1,39 @@
 """Pictures a person can look at: sample, reconstruction and per-level grids, training curves."""
 
+import io
 import json
 from pathlib import Path
 
 import torch
 
+from .checkpoints import write_bytes_atomic
+from .errors import InputError
+
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def _format(path):
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise InputError(f"cannot tell the picture format of {path}: name it .png, .jpg or .jpeg")
+    return fmt
+
+
+def save_grid(images, path, **grid):
+    """Write ``images`` ``(N, C, H, W)`` (or one grid ``(C, H, W)``) as a picture grid to ``path`` atomically
+    (``torchvision.utils.save_image`` into memory, then by replace: never through an existing link)."""
+    from torchvision.utils import save_image
+
+    fmt = _format(path)
+    buffer = io.BytesIO()
+    save_image(images, buffer, format=fmt, **grid)
+    write_bytes_atomic(path, buffer.getvalue())
+
 
 def save_samples(vae, path, n=64, nrow=8):
     """Save a grid of E[x | zL] for ``n`` draws of the whole chain from the model (images ``(n, C, H, W)``)."""
-    from torchvision.utils import save_image
-
     vae.eval()
-    save_image(vae.sample(n).clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
+    save_grid(vae.sample(n).clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
 
 
 def save_reconstructions(vae, x, path, n=32):
@@ -20,13 +42,13 @@ def save_reconstructions(vae, x, path, n=32):
     Args:
         x: images ``(N, C, H, W)`` on the VAE's device; the first ``n`` are used.
     """
-    from torchvision.utils import make_grid, save_image
+    from torchvision.utils import make_grid
 
     vae.eval()
     x = x[:n]
     recon = vae.reconstruct(x).clamp(0, 1)
     pairs = torch.stack([x, recon], dim=1).reshape(-1, *x.shape[1:])  # x0, r0, x1, r1, ...
-    save_image(make_grid(pairs.cpu(), nrow=16, padding=2, pad_value=1.0), path)
+    save_grid(make_grid(pairs.cpu(), nrow=16, padding=2, pad_value=1.0), path)
 
 
 def save_levels(vae, x, path, images=4, samples=8):
@@ -41,8 +63,6 @@ def save_levels(vae, x, path, images=4, samples=8):
     Args:
         x: images ``(N, C, H, W)`` on the VAE's device.
     """
-    from torchvision.utils import save_image
-
     vae.eval()
     x = x[:images]
     rows = []
@@ -50,7 +70,7 @@ def save_levels(vae, x, path, images=4, samples=8):
         for level in range(vae.levels + 2):
             draws = vae.resample_below(x[i:i + 1], level, samples)[0].clamp(0, 1)
             rows.append(torch.cat([x[i:i + 1], draws]))
-    save_image(torch.cat(rows).cpu(), path, nrow=samples + 1, padding=2, pad_value=1.0)
+    save_grid(torch.cat(rows).cpu(), path, nrow=samples + 1, padding=2, pad_value=1.0)
 
 
 def save_curves(metrics_path, path):
@@ -73,5 +93,7 @@ def save_curves(metrics_path, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=_format(path).lower())
     plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())

@@ -13,6 +13,8 @@ from .errors import InputError
 
 ELBO_NAMES = ("trace", "meanfield", "jit")
 
+MAX_FREE_BITS = 1e4
+
 POSITIVE_INTEGERS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps")
 # integers >= 0 where 0 switches the thing off: (what 0 means, an example value)
 COUNTS = {"checkpoint_every": ("0: at epoch ends only", 500), "val_size": ("0: no validation split", 10000),
@@ -30,28 +32,36 @@ def _number(value):
 
 def _positive_integer(name, value, cli):
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise InputError(f"{name} must be a positive integer, got {value}; use {spell(name, 1, cli)} or more")
+        raise InputError(f"{name} must be a positive integer, got {value!r}; use {spell(name, 1, cli)} or more")
 
 
 def _check_one(name, value, cli):
     if name in POSITIVE_INTEGERS:
         _positive_integer(name, value, cli)
     elif name == "lr" and not (_number(value) and value > 0):
-        raise InputError(f"lr must be a positive number, got {value}; use e.g. {spell('lr', '1e-3', cli)}")
+        raise InputError(f"lr must be a positive number, got {value!r}; use e.g. {spell('lr', '1e-3', cli)}")
     elif name == "beta" and not (_number(value) and value > 0):
-        raise InputError(f"beta must be a number > 0, got {value}; use e.g. {spell('beta', '1.0', cli)}")
+        raise InputError(f"beta must be a number > 0, got {value!r}; use e.g. {spell('beta', '1.0', cli)}")
     elif name == "grad_clip" and not (value is None or (_number(value) and value >= 0)):
-        raise InputError(f"grad_clip must be a number >= 0 (0: no clipping), got {value}; "
+        raise InputError(f"grad_clip must be a number >= 0 (0: no clipping), got {value!r}; "
                          f"use e.g. {spell('grad_clip', '1.0', cli)}")
     elif name == "free_bits" and not (_number(value) and value >= 0):
-        raise InputError(f"free_bits must be a number of nats >= 0 (0: off), got {value}; "
+        raise InputError(f"free_bits must be a number of nats >= 0 (0: off), got {value!r}; "
                          f"use e.g. {spell('free_bits', '0.5', cli)}")
     elif name == "kl_warmup" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        raise InputError(f"kl_warmup must be a number of steps >= 0 (0: off), got {value}; "
+        raise InputError(f"kl_warmup must be a number of steps >= 0 (0: off), got {value!r}; "
                          f"use e.g. {spell('kl_warmup', 10000, cli)}, or 0 for no warm-up")
     elif name in COUNTS and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         meaning, example = COUNTS[name]
-        raise InputError(f"{name} must be an integer >= 0 ({meaning}), got {value}; use e.g. {spell(name, example, cli)}")
+        raise InputError(f"{name} must be an integer >= 0 ({meaning}), got {value!r}; use e.g. {spell(name, example, cli)}")
+    elif name == "seed" and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 32):
+        raise InputError(f"seed must be an integer in [0, 2**32), got {value!r}; use e.g. {spell('seed', 0, cli)}")
+    elif name == "squeeze" and not (_number(value) and 0 <= value < 0.5):
+        raise InputError(f"squeeze must be a number in [0, 0.5) (0: off), got {value!r}; "
+                         f"use e.g. {spell('squeeze', '1e-3', cli)}")
+    elif name == "free_bits" and _number(value) and value > MAX_FREE_BITS:
+        raise InputError(f"free_bits {value:g} nats per level is beyond any KL a level can hold; use a floor of "
+                         f"at most {MAX_FREE_BITS:g}, e.g. {spell('free_bits', '0.5', cli)}")
     elif name == "elbo" and value not in ELBO_NAMES:
         raise InputError(f"unknown elbo {value!r}; choose one of: {', '.join(ELBO_NAMES)}")
 
@@ -63,7 +73,7 @@ def check(settings, cli=False):
         settings: a dict of any of ``epochs``, ``batch_size``, ``num_particles``,
             ``max_bad_steps``, ``hidden``, ``lr``, ``beta``, ``grad_clip``,
             ``free_bits``, ``kl_warmup``, ``checkpoint_every``, ``elbo``,
-            ``val_size``, ``patience``, ``kl_warmup_epochs``;
+            ``val_size``, ``patience``, ``kl_warmup_epochs``, ``seed``, ``squeeze``;
             other keys are left to their owners.
         cli: spell the fix as a command-line flag rather than a keyword.
 

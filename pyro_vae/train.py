@@ -34,8 +34,8 @@ import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from . import data as data_
-from . import likelihoods, nets, plots, posteriors, priors, settings
-from .callbacks import (Checkpoint, EarlyStopping, EpochLog, EpochStats, Evaluation, KeepBest, KLWeight,
+from . import likelihoods, nets, plots, posteriors, priors, rundir, settings
+from .callbacks import (Checkpoint, DivergenceGuard, EarlyStopping, EpochLog, EpochStats, Evaluation, KeepBest, KLWeight,
                         ProgressBar)
 from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, write_text_atomic
 from .config import BINARIZE, DATASETS, RunConfig, resolve_device  # noqa: F401 (public here since 0.1)
@@ -95,7 +95,9 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         dynamic_binarize: redraw Bernoulli(x) for every batch.
         grad_clip: clip the total gradient norm to this (``None``: off).
         max_bad_steps: stop after this many consecutive steps whose loss or
-            gradients were not finite (each such step is skipped: no update).
+            gradients were not finite (each such step is skipped: no update),
+            or whose loss exploded (:class:`~pyro_vae.callbacks.DivergenceGuard`:
+            over 100x the first step's loss per data point).
         checkpoint_every: with ``checkpoint``, also every this many steps.
         kl_warmup: steps of :class:`~pyro_vae.objectives.KLWarmup` (0: off):
             :class:`~pyro_vae.callbacks.KLWeight` sets ``vae.kl_weight =
@@ -133,8 +135,8 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     default), every distribution also checks its arguments at every step,
     which ``pyro.enable_validation(False)`` skips for speed.
     """
-    settings.check(dict(epochs=epochs, lr=lr, elbo=elbo, num_particles=num_particles, max_bad_steps=max_bad_steps,
-                        kl_warmup=kl_warmup, free_bits=free_bits, checkpoint_every=checkpoint_every,
+    settings.check(dict(epochs=epochs, seed=seed, lr=lr, elbo=elbo, num_particles=num_particles,
+                        max_bad_steps=max_bad_steps, kl_warmup=kl_warmup, free_bits=free_bits, checkpoint_every=checkpoint_every,
                         grad_clip=grad_clip))
     vae.check_data(x_train)
     if x_test is not None:
@@ -145,7 +147,7 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     loss_fn = make_elbo(elbo, num_particles, free_bits)
     vae.check_elbo(loss_fn)
     svi = TorchOptimSVI(vae.model, vae.guide, loss_fn, lr, grad_clip=grad_clip)
-    parts = [KLWeight(KLWarmup(kl_warmup))] if kl_warmup else []
+    parts = [DivergenceGuard(patience=max_bad_steps)] + ([KLWeight(KLWarmup(kl_warmup))] if kl_warmup else [])
     parts += [EpochStats()] + ([Evaluation(x_test, "test")] if x_test is not None else []) + list(callbacks)
     parts += [EpochLog(log)] if log is not None else []
     parts += [ProgressBar()] if progress else []
@@ -169,6 +171,7 @@ def load_splits(config, device):
     count data: the first 10% of a shuffle seeded by ``seed + 1``). Held-out
     sets are binarised once, with fixed seeds (test ``seed + 1``, validation
     ``seed + 2``), so every epoch and every evaluation reads the same bits.
+    With ``squeeze`` every set is then mapped into [eps, 1 - eps] (:func:`squeeze`).
     """
     if config.dataset == "counts":
         x = data_.load_counts(config.data_file, config.transpose)
@@ -192,7 +195,16 @@ def load_splits(config, device):
             x_train = data_.binarize(x_train, g)
         if x_val is not None:
             x_val = data_.binarize(x_val, torch.Generator().manual_seed(config.seed + 2))
+    if config.squeeze:  # [0, 1] -> [eps, 1 - eps], for likelihoods whose support is the open interval
+        x_train, x_test = squeeze(x_train, config.squeeze), squeeze(x_test, config.squeeze)
+        x_val = None if x_val is None else squeeze(x_val, config.squeeze)
     return x_train.to(device), None if x_val is None else x_val.to(device), x_test.to(device)
+
+
+def squeeze(x, eps):
+    """``eps + (1 - 2 eps) x``: data in [0, 1] mapped into [eps, 1 - eps]. A density of the squeezed
+    data y is one of x after adding ``x[0].numel() * log(1 - 2 eps)`` nats (the change of variables)."""
+    return eps + (1 - 2 * eps) * x
 
 
 def load_data(config, device):
@@ -201,16 +213,47 @@ def load_data(config, device):
     return x_train, x_test
 
 
+RUN_KEYS = {"model": dict, "config": dict, "x_shape": (list, tuple), "epoch": int}
+
+
+def load_run_checkpoint(path):
+    """A run's checkpoint, loaded (never running code from it) and checked: the keys a run holds, with
+    their types, and a valid configuration (:meth:`RunConfig.from_checkpoint`); refused naming ``path``."""
+    payload = load_checkpoint(path)
+    for key, kind in RUN_KEYS.items():
+        if not isinstance(payload.get(key), kind):
+            problem = "lacks" if key not in payload else f"has a {type(payload[key]).__name__} as"
+            raise InputError(f"{path} {problem} '{key}', which every run checkpoint holds; it was not written "
+                             "by pyro-vae train, or it is damaged: train again with --overwrite")
+    if not all(isinstance(s, int) and s > 0 for s in payload["x_shape"]):
+        raise InputError(f"{path} has x_shape {payload['x_shape']!r}, not a shape of positive sizes; train again "
+                         "with --overwrite")
+    RunConfig.from_checkpoint(payload, path)
+    return payload
+
+
+def load_weights(vae, payload, path):
+    """``vae.load_state_dict(payload["model"])``; weights that do not fit the model are refused naming ``path``."""
+    try:
+        vae.load_state_dict(payload["model"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()
+        raise InputError(f"{path} holds weights that do not fit the model its configuration describes "
+                         f"({first[-1].strip() if first else type(err).__name__}); train again with --overwrite") \
+            from None
+
+
 def load_run(out_dir, device=None, checkpoint="checkpoint.pt"):
     """The trained :class:`VAE` and :class:`RunConfig` stored in a run directory (its ``checkpoint``
     file: ``checkpoint.pt``, the last state, or ``best.pt``, the best validation epoch's)."""
-    payload = load_checkpoint(Path(out_dir) / checkpoint)
-    config = RunConfig.from_dict(payload["config"])
+    path = Path(out_dir) / checkpoint
+    payload = load_run_checkpoint(path)
+    config = RunConfig.from_checkpoint(payload, path)
     if device is not None:
         config.device = device
     device = resolve_device(config.device)
     vae = build_vae(config, tuple(payload["x_shape"]))
-    vae.load_state_dict(payload["model"])
+    load_weights(vae, payload, path)
     return vae.to(device), config
 
 
@@ -267,20 +310,27 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)
     config.validate()
-    out = Path(out_dir)
-    ckpt_path = out / "checkpoint.pt"
-    state = None
     if resume and overwrite:
         raise InputError("choose one of resume and overwrite, not both")
+    created = rundir.prepare(out_dir)  # the output location is checked before any data are loaded
+    out = Path(out_dir)
+    with rundir.RunLock(out):
+        try:
+            state, (x_train, x_val, x_test), vae = _prepare_run(config, out, resume, overwrite)
+        except InputError:
+            if created:
+                rundir.remove_if_unused(out)
+            raise
+        return _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, callbacks)
+
+
+def _prepare_run(config, out, resume, overwrite):
+    """Everything that can refuse a run, before anything is written: ``(state, data, vae)``."""
+    ckpt_path = out / "checkpoint.pt"
+    state = None
     if resume:
-        payload = load_checkpoint(ckpt_path)
-        saved = RunConfig.from_dict(payload["config"])
-        differing = [f"{k}: run has {getattr(saved, k)!r}, asked {getattr(config, k)!r}"
-                     for k in RunConfig.MODEL_KEYS if getattr(saved, k) != getattr(config, k)]
-        if differing:
-            raise InputError(f"cannot resume {out}: the model settings differ ({'; '.join(differing)}); "
-                             "resume with the run's settings or train into a new directory")
-        state = payload
+        state = load_run_checkpoint(ckpt_path)
+        config.check_resume(RunConfig.from_checkpoint(state, ckpt_path), int(state.get("batch", 0)) > 0, out)
     elif ckpt_path.exists() and not overwrite:
         raise InputError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --out")
@@ -289,10 +339,20 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
     if config.batch_size > x_train.shape[0]:
         raise InputError(f"batch size {config.batch_size} is larger than the data ({x_train.shape[0]} points); "
                          f"use --batch-size {x_train.shape[0]} or less")
+    for name, x in (("test", x_test), ("validation", x_val)):
+        if x is not None and x.shape[1:] != x_train.shape[1:]:
+            raise InputError(f"the {name} data have shape {tuple(x.shape[1:])} per point but the training data "
+                             f"{tuple(x_train.shape[1:])}; give both sets in one shape")
     pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed alone
     vae = build_vae(config, tuple(x_train.shape[1:])).to(device)
-    vae.check_data(x_train)  # fail before any file is written
-    out.mkdir(parents=True, exist_ok=True)
+    vae.check_data(x_train)
+    if state is not None:
+        load_weights(vae, state, ckpt_path)
+    return state, (x_train, x_val, x_test), vae
+
+
+def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, callbacks):
+    """Train in the locked run directory ``out`` and write its files."""
     if state is None:
         for stale in ("metrics.jsonl", "eval.json"):
             (out / stale).unlink(missing_ok=True)

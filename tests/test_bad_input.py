@@ -96,6 +96,15 @@ class Workspace:
             (path / file_name).write_bytes(content)
         return self.keep(path)
 
+    def edited_run(self, edit, name="run"):
+        """A copy of the finished run whose checkpoint.pt was changed by ``edit(payload)``."""
+        path = self.root / name
+        shutil.copytree(self._trained_run(), path)
+        payload = torch.load(path / "checkpoint.pt", weights_only=True)
+        edit(payload)
+        torch.save(payload, path / "checkpoint.pt")
+        return self.keep(path)
+
     def run(self, name="run"):
         """A copy (mtimes included) of another finished run: checkpoint, metrics, config, pictures."""
         path = self.root / name
@@ -150,6 +159,34 @@ def _truncate_gz(folder):
 
 def _drop_test_labels(folder):
     (Path(folder) / (IDX_FILES[3] + ".gz")).unlink()
+
+
+def _set(key, value, inside=None):
+    """An edit of a checkpoint payload: ``payload[inside][key] = value`` (``value`` None: delete it)."""
+    def edit(payload):
+        target = payload[inside] if inside else payload
+        if value is None:
+            del target[key]
+        else:
+            target[key] = value
+    return edit
+
+
+def _wrong_shape(payload):
+    name = next(iter(payload["model"]))
+    payload["model"][name] = torch.zeros(3, 3, 3)
+
+
+def _nan_weights(payload):
+    for value in payload["model"].values():
+        value.fill_(float("nan"))
+
+
+def _small_test_images(folder):
+    from conftest import synthetic_images, write_idx
+
+    x, y = synthetic_images(8)
+    write_idx(Path(folder) / (IDX_FILES[2] + ".gz"), x[:, :20, :20])
 
 
 def _torch_file(obj):
@@ -384,6 +421,81 @@ CASES = [
     cli("resume-and-overwrite", lambda ws: ["train", "--out", ws.run(), "--resume", "--overwrite", "--no-progress"],
         r"--resume and --overwrite exclude each other",
         r"pass --resume to continue the run in --out, or --overwrite to replace it"),
+    # ---- issue 14, 1: a source the user named is the only source
+    cli("data-dir-incomplete-no-fallback",
+        lambda ws: ["train", "--out", ws.fresh(), "--data-dir", ws.idx("partial", edit=_drop_test_labels), "--no-progress"],
+        r"\S*partial: no t10k-labels-idx1-ubyte .*only place looked in", r"--data-dir DIR holding the four"),
+    cli("evaluate-data-gone",
+        lambda ws: ["evaluate", ws.edited_run(_set("data_dir", ws.folder("gone"), "config")), "--no-progress"],
+        r"\S*gone: no train-images-idx3-ubyte", r"--data-dir DIR holding the four"),
+    cli("evaluate-data-dir-etc",
+        lambda ws: ["evaluate", ws.edited_run(_set("data_dir", "../../../../etc", "config")), "--no-progress"],
+        r"etc: no train-images-idx3-ubyte", r"--data-dir DIR holding the four"),
+    cli("resume-other-data-dir",
+        lambda ws: ["train", "--out", ws.run(), "--resume", "--data-dir", ws.idx("other"), "--no-progress"],
+        r"data_dir: run has '\S*', asked '\S*other'", r"resume with the run's settings"),
+    # ---- 3: the output location, checked before any data are loaded
+    cli("out-empty", lambda ws: ["train", "--out", "", "--data-dir", ws.fresh("no_data"), "--no-progress"],
+        r"--out is empty", r"name the run directory"),
+    cli("out-is-a-file",
+        lambda ws: ["train", "--out", ws.folder("f", {"file": b"x"}) + "/file", "--data-dir", ws.fresh("no_data")],
+        r"--out \S*/file is a file, not a directory", r"choose another --out"),
+    cli("out-under-a-file",
+        lambda ws: ["train", "--out", ws.folder("f", {"file": b"x"}) + "/file/run", "--data-dir", ws.fresh("no_data")],
+        r"cannot create the run directory \S*file/run: a part of the path is a file", r"choose another --out"),
+    cli("sample-out-missing-dir", lambda ws: ["sample", ws.run(), "--out", ws.fresh("nodir") + "/s.png"],
+        r"the directory \S*nodir does not exist", r"create it or choose another --out"),
+    cli("sample-out-unknown-format", lambda ws: ["sample", ws.run(), "--out", ws.fresh("s.gif")],
+        r"cannot tell the picture format of \S*s\.gif", r"name it \.png, \.jpg or \.jpeg"),
+    # ---- 4: a checkpoint is validated before it is used
+    cli("checkpoint-without-model", lambda ws: ["evaluate", ws.edited_run(_set("model", None)), "--no-progress"],
+        r"\S*checkpoint\.pt lacks 'model'", r"train again with --overwrite"),
+    cli("checkpoint-without-x-shape", lambda ws: ["evaluate", ws.edited_run(_set("x_shape", None)), "--no-progress"],
+        r"\S*checkpoint\.pt lacks 'x_shape'", r"train again with --overwrite"),
+    cli("checkpoint-hidden-abc",
+        lambda ws: ["evaluate", ws.edited_run(_set("hidden", "abc", "config")), "--no-progress"],
+        r"\S*checkpoint\.pt holds a configuration that is not valid: hidden must be a positive integer, got 'abc'",
+        r"use --hidden 1 or more"),
+    cli("checkpoint-weights-wrong-shape", lambda ws: ["evaluate", ws.edited_run(_wrong_shape), "--no-progress"],
+        r"\S*checkpoint\.pt holds weights that do not fit the model", r"train again with --overwrite"),
+    # ---- 5: settings validated the same way everywhere
+    cli("seed-negative", lambda ws: _train(ws, "--seed", "-1"),
+        r"seed must be an integer in \[0, 2\*\*32\), got -1", r"use e\.g\. --seed 0"),
+    cli("seed-2-70", lambda ws: _train(ws, "--seed", str(2 ** 70)),
+        r"seed must be an integer in \[0, 2\*\*32\), got \d+", r"use e\.g\. --seed 0"),
+    cli("hidden-2-40", lambda ws: _train(ws, "--hidden", str(2 ** 40)),
+        r"needs about [\d,]+ GiB for the weights and Adam's state alone", r"use a smaller --hidden"),
+    cli("latent-dims-2-40", lambda ws: _train(ws, "--latent-dims", str(2 ** 40)),
+        r"needs about [\d,]+ GiB", r"use a smaller --hidden or --latent-dims"),
+    cli("free-bits-1e300", lambda ws: _train(ws, "--free-bits", "1e300"),
+        r"free_bits 1e\+300 nats per level is beyond any KL", r"--free-bits 0\.5"),
+    cli("resume-mid-epoch-other-batch-size",
+        lambda ws: ["train", "--out", ws.edited_run(_set("batch", 1)), "--resume", "--batch-size", "16", "--no-progress"],
+        r"batch_size: run has 32, asked 16 \(the run stopped inside an epoch", r"resume with the run's settings"),
+    cli("test-images-of-another-shape",
+        lambda ws: ["train", "--out", ws.fresh(), "--data-dir", ws.idx("odd", edit=_small_test_images), "--no-progress"],
+        r"the test data have shape \(1, 20, 20\) per point but the training data \(1, 28, 28\)",
+        r"give both sets in one shape"),
+    cli("beta-on-images-with-0-and-1", lambda ws: _train(ws, "--likelihood", "beta", "--binarize", "none"),
+        r"Beta likelihood needs data in \(0, 1\)", r"--squeeze 1e-3 on the command line"),
+    cli("squeeze-too-large", lambda ws: _train(ws, "--squeeze", "0.7"),
+        r"squeeze must be a number in \[0, 0\.5\)", r"--squeeze 1e-3"),
+    api("fit-negative-grad-clip", lambda ws: _fit(_x(), grad_clip=-1.0),
+        r"grad_clip must be a number >= 0 \(0: no clipping\), got -1\.0", r"grad_clip=1\.0"),
+    api("fit-fractional-epochs", lambda ws: _fit(_x(), epochs=2.5),
+        r"epochs must be a positive integer, got 2\.5", r"use epochs=1 or more"),
+    api("fit-fractional-batch-size", lambda ws: _fit(_x(), batch_size=8.5),
+        r"batch size must be a whole number, got 8\.5", r"a batch size of 64"),
+    api("fit-negative-checkpoint-every", lambda ws: _fit(_x(), checkpoint_every=-1),
+        r"checkpoint_every must be an integer >= 0 \(0: at epoch ends only\), got -1", r"checkpoint_every=500"),
+    api("elbo-terms-0-samples", lambda ws: __import__("pyro_vae").evaluate.elbo_terms(_vae(), _x(4), num_samples=0),
+        r"num_samples must be a positive integer, got 0", r"num_samples=10"),
+    api("config-lr-string", lambda ws: RunConfig(lr="0.001").validate(),
+        r"lr must be a positive number, got '0\.001'", r"--lr 1e-3"),
+    api("config-seed-none", lambda ws: RunConfig(seed=None).validate(),
+        r"seed must be an integer in \[0, 2\*\*32\), got None", r"--seed 0"),
+    api("config-hidden-wide", lambda ws: RunConfig(hidden="wide").validate(),
+        r"hidden must be a positive integer, got 'wide'", r"--hidden 1 or more"),
 ]
 
 
@@ -454,3 +566,181 @@ def test_bad_input(case, request, tmp_path, monkeypatch):
     assert re.search(case.problem, message), f"the problem ({case.problem!r}) is not named:\n{message}"
     ws.check_untouched()
     assert re.search(case.fix, message), f"the fix ({case.fix!r}) is not named:\n{message}"
+
+
+# ---------------------------------------------- issue 14: the mechanisms behind each class
+def _small(idx, **kw):
+    return RunConfig(data_dir=str(idx), epochs=1, latent_dims=[3], hidden=16, batch_size=32, **kw)
+
+
+def test_one_writer_a_second_is_refused_naming_the_holder(tmp_path, capsys):
+    from pyro_vae import cli
+    from pyro_vae.rundir import RunLock
+
+    idx = make_idx_dir(tmp_path / "idx", n_train=64, n_test=16)
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock(out):
+        assert (out / ".lock").read_text().strip() == str(os.getpid())
+        for argv in (["train", "--out", str(out), "--data-dir", str(idx), "--no-progress"],
+                     ["train", "--out", str(out), "--data-dir", str(idx), "--overwrite", "--no-progress"]):
+            assert cli.main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"in use by another pyro-vae process (pid {os.getpid()})" in err and err.count("\n") == 1
+    assert not (out / ".lock").exists()  # released: the directory is as it was
+    assert cli.main(["train", "--out", str(out), "--data-dir", str(idx), "--epochs", "1", "--hidden", "16", "--batch-size", "32",
+                     "--no-progress"]) == 0
+
+
+def test_files_are_replaced_never_written_through_a_planted_link(tmp_path):
+    from pyro_vae import cli
+
+    idx = make_idx_dir(tmp_path / "idx", n_train=64, n_test=16)
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in ("checkpoint.pt", "config.json", "metrics.jsonl", "samples.png", "curves.png", "eval.json"):
+        (out / name).symlink_to(victim)
+    assert cli.main(["train", "--out", str(out), "--data-dir", str(idx), "--epochs", "1", "--hidden", "16", "--batch-size", "32",
+                     "--overwrite", "--no-progress"]) == 0
+    assert cli.main(["evaluate", str(out), "--iw-samples", "2", "--no-progress"]) == 0
+    assert victim.read_text() == "precious"
+    for name in ("checkpoint.pt", "config.json", "metrics.jsonl", "samples.png", "curves.png", "eval.json"):
+        assert (out / name).is_file() and not (out / name).is_symlink(), name
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import pyro_vae.checkpoints as checkpoints
+    from pyro_vae import cli
+
+    idx = make_idx_dir(tmp_path / "idx", n_train=64, n_test=16)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), "--data-dir", str(idx), "--epochs", "1", "--hidden", "16", "--batch-size", "32",
+                     "--no-progress"]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.os, "fsync", full)
+    assert cli.main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(r"pyro-vae: error: \S*run/\S+: the disk is full", err), err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_dangling_link_as_out_is_refused(tmp_path, capsys):
+    from pyro_vae import cli
+
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "nowhere")
+    assert cli.main(["train", "--out", str(link), "--data-dir", str(tmp_path / "no_data")]) == 2
+    assert "is a link to" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
+def test_nan_weights_give_null_in_strict_json_and_a_warning(tmp_path, capsys):
+    import json
+
+    from pyro_vae import cli
+
+    idx = make_idx_dir(tmp_path / "idx", n_train=64, n_test=16)
+    out = tmp_path / "run"
+    train(_small(idx), out, progress=False, pictures=False)
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    _nan_weights(payload)
+    torch.save(payload, out / "checkpoint.pt")
+    assert cli.main(["evaluate", str(out), "--iw-samples", "2", "--no-progress"]) == 0
+    text = (out / "eval.json").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    summary = json.loads(text, parse_constant=refuse)
+    assert summary["iw_log_likelihood"] is None and "iw_log_likelihood" in summary["not_finite"]
+    assert "came out NaN or infinite" in capsys.readouterr().err
+
+
+def test_a_loss_that_explodes_but_stays_finite_stops_the_run():
+    from types import SimpleNamespace
+
+    from pyro_vae.callbacks import DivergenceGuard
+    from pyro_vae.loop import TrainingDiverged
+
+    guard = DivergenceGuard(factor=100, patience=3, reference_steps=2)
+    loop = SimpleNamespace(step=0)
+    batch = torch.zeros(10, 1)
+    for loss in (5000.0, 3000.0, 2000.0, 1e6, 2000.0, 1e6, 1e6):  # reference 400 nats a point: limit 40 000
+        loop.step += 1
+        guard.on_step_end(loop, batch, loss)
+    assert guard.streak == 2
+    with pytest.raises(TrainingDiverged, match=r"the loss exploded: 1e\+05 nats per data point at step 8, over "
+                                               r"100x the first 2 steps' 400 for 3 steps in a row"):
+        loop.step += 1
+        guard.on_step_end(loop, batch, 1e6)
+
+
+def test_lr_100_stops_with_a_message_and_the_last_checkpoint_kept(tmp_path, capsys):
+    from pyro_vae import cli
+
+    idx = make_idx_dir(tmp_path / "idx", n_train=512, n_test=16)
+    out = tmp_path / "run"
+    status = cli.main(["train", "--out", str(out), "--data-dir", str(idx), "--epochs", "3", "--hidden", "16",
+                       "--batch-size", "16", "--lr", "100", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1 and "training stopped" in err and "Traceback" not in err, err
+
+
+def test_elbo_terms_draw_in_chunks_with_the_same_estimate():
+    """An exact guide gives ELBO = log p(x) for every draw: chunked or not, the same numbers."""
+    from test_evaluate import linear_gaussian_vae
+
+    from pyro_vae import evaluate
+
+    vae, marginal = linear_gaussian_vae(exact_guide=True)
+    x = marginal.sample((16,))
+    chunked = evaluate.elbo_terms(vae, x, num_samples=50, max_rows=64)  # 4 draws of 16 points at a time
+    assert torch.allclose(chunked["elbo"], marginal.log_prob(x), atol=1e-6)
+
+
+def test_squeeze_lets_the_beta_likelihood_train_from_the_command_line(tmp_path):
+    import json
+    import math
+
+    from pyro_vae import cli
+
+    idx = make_idx_dir(tmp_path / "idx", n_train=64, n_test=16)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), "--data-dir", str(idx), "--epochs", "1", "--hidden", "16", "--batch-size", "32",
+                     "--likelihood", "beta", "--binarize", "none", "--squeeze", "1e-3", "--no-progress"]) == 0
+    assert cli.main(["evaluate", str(out), "--iw-samples", "2", "--no-progress"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["squeeze"] == 1e-3
+    assert summary["squeeze_log_jacobian"] == pytest.approx(784 * math.log(1 - 2e-3))
+
+
+def test_a_signal_during_a_file_replacement_waits_until_the_file_is_whole(tmp_path, monkeypatch):
+    import signal
+    import threading
+
+    from pyro_vae import checkpoints
+
+    path = tmp_path / "checkpoint.pt"
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(path.exists() and torch.load(path, weights_only=True)["x"].numel())
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        monkeypatch.setenv("PYRO_VAE_CHECKPOINT_DELAY", "0.3")
+        threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # arrives mid-write
+        checkpoints.save_checkpoint(path, {"x": torch.zeros(1000)})
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert seen == [1000]  # delivered after the replace, with the new file whole

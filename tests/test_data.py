@@ -129,8 +129,11 @@ def test_missing_dataset_lists_user_directory(tmp_path, monkeypatch):
     with pytest.raises(InputError) as info:
         load_images("fashion-mnist", empty, download=False)
     msg = str(info.value)
-    assert str(empty) in msg and "/nonexistent" in msg
-    assert "apt-get install dataset-fashion-mnist" in msg
+    assert str(empty) in msg and "no t10k-labels-idx1-ubyte" in msg
+    # a directory the user named is the only source: no fallback to the installed data was looked at
+    assert "/nonexistent" not in msg and "only place looked in" in msg
+    with pytest.raises(InputError, match="could not find the fashion-mnist data set"):  # named none: the chain
+        load_images("fashion-mnist", None, download=False)
 
 
 def test_missing_dataset_download_fails(monkeypatch, tmp_path):

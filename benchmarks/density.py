@@ -1,0 +1,105 @@
+"""The density-estimation table (issue 12): run the published protocol's rows and collect them.
+
+Each row is one ``pyro-vae train`` run with the ``vampprior-vae`` preset (gated MLP 300-300, 40-d latent,
+Adam 5e-4, batch 100, 100 epochs of KL warm-up, the last 10 000 training images for validation, early
+stopping with patience 50 on the validation ELBO, at most 2000 epochs), then ``pyro-vae evaluate`` of its
+best validation epoch at K=5000 on the 10 000 test images. Start a row (background, one thread, resumable)::
+
+    OMP_NUM_THREADS=1 nohup nice pyro-vae train --preset vampprior-vae --out ~/runs/density/vae-standard \\
+        --checkpoint-every 500 --no-progress >> ~/runs/density/vae-standard.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup nice pyro-vae train --preset vampprior-vae --prior vamp:500 \\
+        --out ~/runs/density/vae-vamp --checkpoint-every 500 --no-progress >> ~/runs/density/vae-vamp.log 2>&1 &
+    # after a stop: the same command with --resume (bitwise exact); when a row has stopped early:
+    pyro-vae evaluate ~/runs/density/vae-standard --iw-samples 5000
+
+Collect what the runs hold so far (finished or not) into ``benchmarks/results/density.json``, each row's
+per-epoch record beside it, and a picture of the validation ELBO per epoch::
+
+    python benchmarks/density.py collect ~/runs/density/vae-standard ~/runs/density/vae-vamp
+"""
+
+import argparse
+import json
+import platform
+import shutil
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MNIST, test NLL at K=5000
+    ("vae", "standard"): 228.70, ("vae", "vamp"): 227.35,
+    ("hvae", "standard"): 227.37, ("hvae", "vamp"): 226.72,
+    ("convhvae", "standard"): 225.38, ("convhvae", "vamp"): 224.67,
+}
+
+
+def _row(run, machine):
+    config = json.loads((run / "config.json").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+    levels = len(config["latent_dims"])
+    model = ("conv" if config["arch"] == "conv" else "") + ("vae" if levels == 1 else "hvae")
+    prior = config["prior"].split(":")[0]
+    vals = [r.get("val_elbo") for r in records if r.get("val_elbo") is not None]
+    best = max(range(len(vals)), key=vals.__getitem__) + 1 if vals else None
+    stopped = bool(records) and (len(records) >= config["epochs"] or
+                                 (best is not None and len(records) - best >= config["patience"] > 0))
+    iw = evaluation.get("iw_log_likelihood")
+    return {
+        "name": run.name, "model": model, "prior": config["prior"], "levels": levels, "guide": config["guide"],
+        "arch": config["arch"], "latent_dims": config["latent_dims"], "posterior": config["posterior"],
+        "epochs": len(records), "max_epochs": config["epochs"], "finished": stopped,
+        "best_epoch": best, "best_val_elbo": vals[best - 1] if best else None,
+        "last_val_elbo": vals[-1] if vals else None,
+        "iw_samples": evaluation.get("iw_samples"), "evaluated_epoch": evaluation.get("epoch"),
+        "test_nll": -iw if iw is not None else None, "test_elbo": evaluation.get("elbo"),
+        "published_nll": PUBLISHED.get((model, prior)), "seed": config["seed"],
+        "seconds": round(sum(r.get("seconds", 0.0) for r in records), 1), "machine": machine,
+    }
+
+
+def collect(runs, machine):
+    rows = []
+    (RESULTS / "density").mkdir(parents=True, exist_ok=True)
+    for run in map(Path, runs):
+        rows.append(_row(run, machine))
+        shutil.copyfile(run / "metrics.jsonl", RESULTS / "density" / f"{run.name}.metrics.jsonl")
+    (RESULTS / "density.json").write_text(json.dumps(rows, indent=2) + "\n")
+    _plot(runs)
+    return rows
+
+
+def _plot(runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for run in map(Path, runs):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        points = [(r["epoch"], -r["val_elbo"]) for r in records if "val_elbo" in r]
+        if points:
+            ax.plot(*zip(*points), label=run.name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation -ELBO (nats per image)")
+    ax.set_ylim(top=260)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(__file__).resolve().parents[1] / "docs" / "img" / "density_val.png")
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="collect run directories into benchmarks/results/density.json")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--machine", default=f"{platform.machine()}, 1 thread of a 2-core CPU")
+    args = p.parse_args(argv)
+    for row in collect(args.runs, args.machine):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
