@@ -44,6 +44,9 @@ def _parser():
                    help="sizes of the latent levels, top (z0) to bottom, e.g. 16,32,64; one number is "
                         f"the one-level VAE (default {','.join(map(str, DEFAULTS.latent_dims))})")
     t.add_argument("--guide", help=f"bottom-up or top-down (default {DEFAULTS.guide})")
+    t.add_argument("--skip", action="store_true", default=None,
+                   help="skip connections (the VampPrior paper's HVAE): the decoder and every transition read all "
+                        "levels above them, and the top-down guide draws each level given x and the levels above")
     t.add_argument("--prior", help="p(z0): standard, learned, mog:K, vamp:K or flow:K "
                                    f"(default {DEFAULTS.prior})")
     t.add_argument("--posterior", help="the guide's family at every level: gaussian or iaf:K (K flow steps) "

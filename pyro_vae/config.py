@@ -26,6 +26,14 @@ PRESETS = {
     # images for validation, early stopping with patience 50 on the validation ELBO, at most 2000 epochs
     "vampprior-vae": dict(arch="gated", hidden=300, latent_dims=[40], lr=5e-4, batch_size=100, val_size=10000,
                           patience=50, epochs=2000, kl_warmup_epochs=100, keep_best=True, binarize="dynamic"),
+    # the same protocol for the two-level HVAE: p(x | z1, z2) p(z1 | z2) p(z2), q(z2 | x) q(z1 | x, z2)
+    "vampprior-hvae": dict(arch="gated", hidden=300, latent_dims=[40, 40], guide="top-down", skip=True, lr=5e-4,
+                           batch_size=100, val_size=10000, patience=50, epochs=2000, kl_warmup_epochs=100,
+                           keep_best=True, binarize="dynamic"),
+    # and with this library's conv networks (not the paper's gated convolutions; see the README)
+    "vampprior-convhvae": dict(arch="conv", latent_dims=[40, 40], guide="top-down", skip=True, hidden=300,
+                               lr=5e-4, batch_size=100, val_size=10000, patience=50, epochs=2000,
+                               kl_warmup_epochs=100, keep_best=True, binarize="dynamic"),
 }
 
 TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps", "lr", "beta", "grad_clip",
@@ -91,10 +99,11 @@ class RunConfig:
     patience: int = 0
     kl_warmup_epochs: int = 0
     squeeze: float = 0.0
+    skip: bool = False
 
     # settings that change the model or its data; a resume must not change them
     MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",
-                  "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze")
+                  "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze", "skip")
     RESUME_KEYS = MODEL_KEYS + ("data_dir", "val_size", "seed")
 
     def check_resume(self, saved, mid_epoch, where):
@@ -147,6 +156,9 @@ class RunConfig:
                              "makes q(z0 | x) a flow; use --posterior gaussian or another --prior")
         if self.guide not in GUIDES:
             raise InputError(f"unknown guide {self.guide!r}; choose one of: {', '.join(GUIDES)}")
+        if self.skip and self.guide != "top-down" and len(dims) > 1:
+            raise InputError("--skip draws each level given x and every level above it, the top-down guide's "
+                             "order; add --guide top-down")
         if self.elbo == "meanfield" and self.guide == "bottom-up" and len(dims) > 1:
             raise InputError(MEANFIELD_BOTTOM_UP)
         settings.check({key: getattr(self, key) for key in TRAINING_KEYS}, cli=True)

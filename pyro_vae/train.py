@@ -51,11 +51,11 @@ ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "jit": JitTrace_
 def build_vae(config, x_shape):
     """The :class:`VAE` that ``config`` (a :class:`RunConfig`) describes, for data of ``x_shape``."""
     likelihood = likelihoods.from_name(config.likelihood, config.gaussian_scale)
-    encoder, decoder = nets.build(config.arch, x_shape, config.latent_dims[-1],
-                                  out_channels=likelihood.channels, hidden=config.hidden)
+    reads = sum(config.latent_dims) if config.skip else config.latent_dims[-1]  # what the decoder reads
+    encoder, decoder = nets.build(config.arch, x_shape, reads, out_channels=likelihood.channels, hidden=config.hidden)
     return VAE(encoder, decoder, config.latent_dims, likelihood=likelihood, beta=config.beta,
                prior=priors.from_name(config.prior), posterior=posteriors.from_name(config.posterior),
-               guide=config.guide, hidden=config.hidden)
+               guide=config.guide, hidden=config.hidden, skip=config.skip)
 
 
 def make_elbo(name, num_particles=1, free_bits=0.0):

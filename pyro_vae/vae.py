@@ -93,6 +93,13 @@ class VAE(nn.Module):
             the top-down guide needs ``Normal(...).to_event(1)``).
         hidden: width of the chain's own networks (transitions, bottom-up
             conditionals, ladder).
+        skip: skip connections, as in the VampPrior paper's HVAE: every
+            transition p(z_l | z_0 .. z_l-1) and the decoder read **every**
+            level above them (concatenated, ``sum(latent_dims)`` wide for the
+            decoder), and the top-down guide draws z_l ~ q(z_l | x, z_0 .. z_l-1)
+            from its features of x and those levels (no precision-weighted
+            merge). Needs ``guide="top-down"``; a decoder built for
+            ``sum(latent_dims)`` inputs.
         name: the prefix of this VAE's parameters in Pyro's param store
             (``pyro.module(name, vae)``); by default ``"vae"``, ``"vae_1"``,
             ``"vae_2"``, ... in the order VAEs are built, so that any number of
@@ -114,7 +121,7 @@ class VAE(nn.Module):
 
     def __init__(self, encoder, decoder, latent_dims=(50,), prior=None, likelihood=None,
                  posterior=None, x_shape=None, beta=1.0, guide="bottom-up", transitions=None, hidden=256,
-                 name=None):
+                 name=None, skip=False):
         super().__init__()
         index = next(_NAMES)
         self.name = str(name) if name is not None else ("vae" if index == 0 else f"vae_{index}")
@@ -127,6 +134,11 @@ class VAE(nn.Module):
                              "pass e.g. beta=1.0")
         if guide not in GUIDES:
             raise InputError(f"unknown guide {guide!r}; choose one of: {', '.join(GUIDES)}")
+        self.skip = bool(skip) and len(latent_dims) > 1
+        if self.skip and guide != "top-down":
+            raise InputError("skip connections draw z_l given x and every level above it, which is the top-down "
+                             "guide's order; use guide='top-down' with skip=True")
+        above = [sum(latent_dims[:i]) if self.skip else 0 for i in range(len(latent_dims))]  # extra inputs per level
         self.latent_dims = latent_dims
         self.guide_order = guide
         self.encoder = encoder
@@ -141,7 +153,7 @@ class VAE(nn.Module):
                     "cannot tell the width of the encoder's output: give the encoder an integer "
                     "attribute out_features, or pass posterior=DiagonalGaussian(width, latent_dim)"
                 )
-            posterior = posteriors_.build(family, features, latent_dims[-1])
+            posterior = posteriors_.build(family, features + above[-1], latent_dims[-1])
         self.posterior = posterior
         x_shape = x_shape or getattr(encoder, "x_shape", None) or getattr(decoder, "x_shape", None)
         self.x_shape = tuple(x_shape) if x_shape is not None else None
@@ -152,7 +164,8 @@ class VAE(nn.Module):
 
         levels = len(latent_dims) - 1  # L; empty module lists for one level keep the foundation's parameters
         if transitions is None:
-            transitions = [GaussianNet(latent_dims[i], latent_dims[i + 1], hidden) for i in range(levels)]
+            transitions = [GaussianNet(above[i + 1] or latent_dims[i], latent_dims[i + 1], hidden)
+                           for i in range(levels)]
         if len(transitions) != levels:
             raise InputError(f"transitions must hold {levels} module{'s' if levels != 1 else ''} (one per level "
                              f"below z0, len(latent_dims) - 1), got {len(transitions)}; pass one module per level "
@@ -170,7 +183,7 @@ class VAE(nn.Module):
                                  "attribute out_features")
             self.ladder.extend(mlp_features(features if i == levels - 1 else hidden, hidden)
                                for i in range(levels))
-            self.ladder_heads.extend(posteriors_.build(family, hidden, latent_dims[i]) for i in range(levels))
+            self.ladder_heads.extend(posteriors_.build(family, hidden + above[i], latent_dims[i]) for i in range(levels))
         self.prior.setup(latent_dims[0], self)
 
     def q_top(self, x):
@@ -258,10 +271,10 @@ class VAE(nn.Module):
         n, device = self._batch(x, batch_size)
         with self._data_plate(n, size, device):
             with self._kl_scale():
-                z = pyro.sample("z0", self.prior())
+                zs = [pyro.sample("z0", self.prior())]
                 for level, transition in enumerate(self.transitions, start=1):
-                    z = pyro.sample(f"z{level}", transition(z))
-            out = self.decoder(z)
+                    zs.append(pyro.sample(f"z{level}", transition(self._above(zs))))
+            out = self.decoder(self._above(zs))
             return pyro.sample("x", self.likelihood(out, self._event_dims(x)), obs=x)
 
     def guide(self, x, batch_size=None, size=None):
@@ -300,11 +313,14 @@ class VAE(nn.Module):
         z = []
         for level in range(self.levels + 1):
             head = self._ladder_head(level)
-            q = getattr(head, "gaussian", head)(d[level])  # a flow head's Gaussian half, else the whole head
-            if level > 0:
-                q = precision_weighted(q, self.transitions[level - 1](z[-1]))
-            if hasattr(head, "flow"):
-                q = head.flow(q, d[level])  # the flow goes after the merge
+            if self.skip and level > 0:  # q(z_l | x, z_0 .. z_l-1): the head reads both
+                q = head(_cat([d[level], *z]))
+            else:
+                q = getattr(head, "gaussian", head)(d[level])  # a flow head's Gaussian half, else the whole head
+                if level > 0:
+                    q = precision_weighted(q, self.transitions[level - 1](z[-1]))
+                if hasattr(head, "flow"):
+                    q = head.flow(q, d[level])  # the flow goes after the merge
             with self._kl_scale():
                 z.append(pyro.sample(f"z{level}", q))
         return z[0]
@@ -328,12 +344,13 @@ class VAE(nn.Module):
         self.check_data(x)
         with pyro.validation_enabled(False), _AtMean():
             trace = poutine.trace(self.guide).get_trace(x)
-        return self._mean(self.decoder(trace.nodes[f"z{self.levels}"]["value"]), x.dim() - 1)
+        zs = [trace.nodes[f"z{level}"]["value"] for level in range(self.levels + 1)]
+        return self._mean(self.decoder(self._above(zs)), x.dim() - 1)
 
     @torch.no_grad()
     def sample(self, n):
         """E[x | zL] for ``n`` draws of the whole chain from the model: ``(n, *x_shape)``."""
-        return self._generate(None, 0, n)
+        return self._generate([], n)
 
     @torch.no_grad()
     def resample_below(self, x, level, n=1):
@@ -356,17 +373,25 @@ class VAE(nn.Module):
                              f"got {level}")
         level = int(level)
         rows = x.repeat_interleave(n, dim=0)  # (B * n, *x_shape): x0, x0, ..., x1, ...
-        z = None
+        kept = []
         if level > 0:
             with pyro.validation_enabled(False):
-                z = poutine.trace(self.guide).get_trace(rows).nodes[f"z{level - 1}"]["value"]
-        return self._generate(z, level, rows.shape[0]).reshape(x.shape[0], n, *x.shape[1:])
+                trace = poutine.trace(self.guide).get_trace(rows)
+            kept = [trace.nodes[f"z{i}"]["value"] for i in range(level)]
+        return self._generate(kept, rows.shape[0]).reshape(x.shape[0], n, *x.shape[1:])
 
-    def _generate(self, z, start, n):
-        """Draw z_start ... zL from the model (``z``: the draw of z_{start-1}, ``(n, D)``), then E[x | zL]."""
-        for level in range(start, self.levels + 1):
-            z = self.prior().sample((n,)) if level == 0 else self.transitions[level - 1](z).sample()
-        return self._mean(self.decoder(z), len(self._need_x_shape()))
+    def _generate(self, zs, n):
+        """Draw the levels after the kept ``zs`` (z_0 .. z_{start-1}, each ``(n, D_l)``) from the model, then
+        E[x | the levels the decoder reads]."""
+        zs = list(zs)
+        for level in range(len(zs), self.levels + 1):
+            zs.append(self.prior().sample((n,)) if level == 0 else self.transitions[level - 1](self._above(zs)).sample())
+        return self._mean(self.decoder(self._above(zs)), len(self._need_x_shape()))
+
+    def _above(self, zs):
+        """What a transition or the decoder reads of the levels ``zs`` drawn so far: all of them
+        (concatenated) with skip connections, else the last."""
+        return _cat(zs) if self.skip else zs[-1]
 
     @property
     def device(self):
@@ -452,6 +477,13 @@ class VAE(nn.Module):
     def _mean(self, out, event_dims):
         """E[x | decoder output] ``(*batch, *x_shape)`` (a user's likelihood may take ``mean(out)`` alone)."""
         return self.likelihood.mean(out, event_dims) if self._mean_takes_dims else self.likelihood.mean(out)
+
+
+def _cat(parts):
+    """Concatenate ``(*batch_i, D_i)`` tensors along the last dim after broadcasting their batch dims
+    (vectorised particles give the levels a leading dim that the encoder's features lack)."""
+    batch = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
+    return torch.cat([p.expand(*batch, p.shape[-1]) for p in parts], dim=-1)
 
 
 class _AtMean(Messenger):

@@ -32,22 +32,24 @@ class LinearGaussian(nn.Module):
         return dist.Normal(z @ self.a.T + self.c, self.s).to_event(1)
 
 
-def linear_gaussian_chain(dims, guide="top-down", posterior=None):
+def linear_gaussian_chain(dims, guide="top-down", posterior=None, skip=False):
     """The VAE (with the library's guide of ``posterior`` family) and the joint Gaussian of
-    (z0, ..., zL, x): mean, covariance and index blocks."""
+    (z0, ..., zL, x): mean, covariance and index blocks. With ``skip``, every transition and the
+    decoder read all the levels above them (``VAE(skip=True)``)."""
     g = torch.Generator().manual_seed(len(dims))
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    transitions = [LinearGaussian(0.8 * r(dims[i + 1], dims[i]) / dims[i] ** 0.5, 0.3 * r(dims[i + 1]),
+    reads = [sum(dims[:i + 1]) if skip else dims[i] for i in range(len(dims))]  # what level i+1 (or x) reads
+    transitions = [LinearGaussian(0.8 * r(dims[i + 1], reads[i]) / reads[i] ** 0.5, 0.3 * r(dims[i + 1]),
                                   0.5 + 0.5 * torch.rand(dims[i + 1], generator=g, dtype=torch.float64))
                    for i in range(len(dims) - 1)]
-    w, b = r(D_X, dims[-1]), 0.3 * r(D_X)
-    decoder = nn.Linear(dims[-1], D_X).double()
+    w, b = r(D_X, reads[-1]), 0.3 * r(D_X)
+    decoder = nn.Linear(reads[-1], D_X).double()
     decoder.weight.data.copy_(w)
     decoder.bias.data.copy_(b)
     vae = VAE(Identity(), decoder, dims, likelihood=likelihoods.Gaussian(S_X), x_shape=(D_X,), guide=guide,
-              posterior=posterior,
-              transitions=transitions, hidden=16).double()
-    # the joint of v = (z0, ..., zL, x), a linear-Gaussian Markov chain v_i = A_i v_i-1 + c_i + noise
+              posterior=posterior, transitions=transitions, hidden=16, skip=skip).double()
+    # the joint of v = (z0, ..., zL, x): v_i = A_i u_i + c_i + noise, u_i = v_i-1 (a Markov chain) or, with
+    # skip, (v_0, ..., v_i-1)
     steps = [(t.a, t.c, t.s ** 2) for t in transitions] + [(w, b, torch.full((D_X,), S_X ** 2, dtype=torch.float64))]
     sizes = list(dims) + [D_X]
     start = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
@@ -56,11 +58,12 @@ def linear_gaussian_chain(dims, guide="top-down", posterior=None):
     cov = torch.zeros(start[-1], start[-1], dtype=torch.float64)
     cov[blocks[0], blocks[0]] = torch.eye(dims[0], dtype=torch.float64)
     for i, (a, c, var) in enumerate(steps, start=1):
-        mean[blocks[i]] = a @ mean[blocks[i - 1]] + c
-        for j in range(i):  # Cov(v_i, v_j) = A_i Cov(v_i-1, v_j)
-            cov[blocks[i], blocks[j]] = a @ cov[blocks[i - 1], blocks[j]]
+        parents = slice(0, start[i]) if skip else blocks[i - 1]
+        mean[blocks[i]] = a @ mean[parents] + c
+        for j in range(i):  # Cov(v_i, v_j) = A_i Cov(u_i, v_j)
+            cov[blocks[i], blocks[j]] = a @ cov[parents, blocks[j]]
             cov[blocks[j], blocks[i]] = cov[blocks[i], blocks[j]].T
-        cov[blocks[i], blocks[i]] = a @ cov[blocks[i - 1], blocks[i - 1]] @ a.T + torch.diag(var)
+        cov[blocks[i], blocks[i]] = a @ cov[parents, parents] @ a.T + torch.diag(var)
     return vae, mean, cov, blocks
 
 
@@ -88,10 +91,10 @@ def exact_top_down_guide(mean, cov, blocks):
     return guide
 
 
-def check_trained_guide_approaches_the_exact_log_px(dims, guide, posterior=None):
+def check_trained_guide_approaches_the_exact_log_px(dims, guide, posterior=None, skip=False, epochs=60):
     """Train the library's own guide (of ``posterior`` family) on data of the linear-Gaussian chain, the
     model fixed: ELBO < IW(K=10) < IW(K=2000) ~= the exact log p(x) (to 0.05 nats). Returns the VAE."""
-    vae, mean, cov, blocks = linear_gaussian_chain(dims, guide, posterior)
+    vae, mean, cov, blocks = linear_gaussian_chain(dims, guide, posterior, skip)
     vae.decoder.requires_grad_(False)
     marginal = torch.distributions.MultivariateNormal(mean[blocks[-1]], cov[blocks[-1], blocks[-1]])
     torch.manual_seed(1)
@@ -99,7 +102,7 @@ def check_trained_guide_approaches_the_exact_log_px(dims, guide, posterior=None)
     exact = marginal.log_prob(x).mean().item()
     pyro.set_rng_seed(0)
     with pytest.warns(UserWarning, match="requires_grad=False"):  # the fixed decoder is not a Pyro param
-        fit(vae, x, epochs=60, batch_size=64, lr=1e-2, progress=False, log=None)
+        fit(vae, x, epochs=epochs, batch_size=64, lr=1e-2, progress=False, log=None)
     elbo = evaluate.elbo_terms(vae, x, num_samples=50)["elbo"].mean().item()
     iw10 = evaluate.iw_log_likelihood(vae, x, num_samples=10).mean().item()
     iw = evaluate.iw_log_likelihood(vae, x, num_samples=2000).mean().item()
