@@ -12,7 +12,6 @@ within 0.2 nats of float32.
 
 import argparse
 import json
-import platform
 import statistics
 
 import pyro
@@ -21,6 +20,7 @@ from torch import nn
 
 from pyro_vae import VAE, fit, nets
 from pyro_vae.data import binarize, load_images
+from report import device_name, machine, report
 
 
 class Autocast(nn.Module):
@@ -72,15 +72,11 @@ def main(argv=None):
                      "elbo_difference": b16[0] - f32[0], "s_per_epoch_float32": f32[1], "s_per_epoch_bf16": b16[1],
                      "speedup": f32[1] / b16[1]})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"machine": platform.processor() or platform.machine(),
+    result = {"machine": machine(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "pyro": pyro.__version__, "epochs": args.epochs,
               "batch_size": args.batch_size, "images": int(x_train.shape[0]), "rows": rows}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ tutorial MLP is about 10 ms on a 2-core CPU and 4 ms on an H100).
 """
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
@@ -23,6 +21,7 @@ from pyro_vae.callbacks import Callback, Checkpoint, EpochStats, KLWeight
 from pyro_vae.data import Batches
 from pyro_vae.loop import Loop
 from pyro_vae.objectives import KLWarmup
+from report import device_name, machine, report
 
 
 class NoStep:
@@ -73,14 +72,10 @@ def main(argv=None):
             fn()
             runs.append((time.perf_counter() - t0) / args.steps * 1e6)
         timings[name] = statistics.median(runs)
-    result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    result = {"machine": machine(), "torch": torch.__version__,
               "steps": args.steps, "us_per_step": timings,
               "hooks_us_per_step": timings["loop_with_parts"] - timings["bare"]}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

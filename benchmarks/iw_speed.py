@@ -11,9 +11,7 @@ memory on CUDA). Reports the median of ``--repeats`` runs of each and the peak G
 """
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import time
 
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 
 from pyro_vae import VAE, evaluate, nets
 from pyro_vae.data import binarize, load_images
+from report import device_name, machine, report
 
 LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
 
@@ -87,8 +86,8 @@ def main(argv=None):
         print(f"pyro_vae {pyro_times[-1]:.2f} s ({pyro_ll:.3f}), hand-written {hand_times[-1]:.2f} s ({hand_ll:.3f})",
               flush=True)
     result = {
-        "machine": platform.processor() or platform.machine(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "machine": machine(),
+        "device": device_name(device),
         "torch": torch.__version__, "pyro": pyro.__version__, "images": int(x.shape[0]), "iw_samples": k,
         "rows_at_once": rows, "repeats": args.repeats,
         "pyro_vae_seconds": statistics.median(pyro_times), "hand_written_seconds": statistics.median(hand_times),
@@ -96,11 +95,7 @@ def main(argv=None):
         "pyro_vae_mean_log_px": pyro_ll, "hand_written_mean_log_px": hand_ll,
     }
     result["ratio"] = result["pyro_vae_seconds"] / result["hand_written_seconds"]
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

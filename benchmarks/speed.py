@@ -12,8 +12,6 @@ medians is reported with the machine it ran on.
 """
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from pyro_vae import VAE, fit, nets
 from pyro_vae.data import Batches, load_images
 from pyro_vae.svi import make_optimizer
+from report import device_name, machine, report
 
 
 def hand_written_epoch(vae, optimizer, batches):
@@ -92,19 +91,15 @@ def main(argv=None):
         print(f"epoch {epoch}: pyro_vae {pyro_times[-1]:.3f} s, hand-written {hand_times[-1]:.3f} s", flush=True)
 
     result = {
-        "machine": platform.processor() or platform.machine(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "machine": machine(),
+        "device": device_name(device),
         "torch": torch.__version__, "pyro": pyro.__version__, "arch": args.arch, "elbo": args.elbo,
         "images": int(x.shape[0]), "batch_size": args.batch_size, "epochs": args.epochs,
         "pyro_vae_s_per_epoch": statistics.median(pyro_times),
         "hand_written_s_per_epoch": statistics.median(hand_times),
     }
     result["ratio"] = result["pyro_vae_s_per_epoch"] / result["hand_written_s_per_epoch"]
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,30 @@ def _parser():
     t = sub.add_parser("train", help="train a VAE by SVI and write a run directory",
                        description="Train a VAE by SVI; writes config.json, metrics.jsonl, checkpoint.pt, "
                                    "curves.png and, for images, samples.png, reconstructions.png and levels.png into --out.")
+    _add_model_flags(t)
+    _add_training_flags(t)
+
+    e = sub.add_parser("evaluate", help="test ELBO, its terms and the IW log-likelihood; writes DIR/eval.json")
+    e.add_argument("run_dir", help="run directory made by pyro-vae train")
+    e.add_argument("--iw-samples", type=int, default=1000, help="K importance samples per image (default 1000)")
+    e.add_argument("--elbo-samples", type=int, default=10, help="draws of z per image for the ELBO (default 10)")
+    e.add_argument("--device", help="cpu or cuda (default: the run's)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N test images")
+    e.add_argument("--checkpoint", help="best (best.pt, the best validation epoch) or last (checkpoint.pt) "
+                                        "(default: best where the run has a validation split and kept best.pt)")
+    e.add_argument("--seed", type=int, default=0, help="random seed of the Monte Carlo draws (default 0)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("sample", help="write a grid of prior samples")
+    s.add_argument("run_dir", help="run directory made by pyro-vae train")
+    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return p
+
+
+def _add_model_flags(t):
+    """``train``: the output, the data and the model."""
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--dataset", help="fashion-mnist, mnist, or counts (a count matrix in --data-file) "
                                      f"(default {DEFAULTS.dataset})")
@@ -58,6 +82,10 @@ def _parser():
     t.add_argument("--gaussian-scale", type=float,
                    help=f"fixed std of the gaussian likelihood (default {DEFAULTS.gaussian_scale})")
     t.add_argument("--binarize", help=f"dynamic, fixed or none (default {DEFAULTS.binarize})")
+
+
+def _add_training_flags(t):
+    """``train``: the objective, the optimisation, the protocol, checkpoints and resume."""
     t.add_argument("--elbo", help=f"{', '.join(ELBOS)} (default {DEFAULTS.elbo})")
     t.add_argument("--num-particles", type=int, help="particles per image, vectorised (default 1)")
     t.add_argument("--beta", type=float, help="KL weight via poutine.scale (default 1)")
@@ -96,24 +124,6 @@ def _parser():
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    e = sub.add_parser("evaluate", help="test ELBO, its terms and the IW log-likelihood; writes DIR/eval.json")
-    e.add_argument("run_dir", help="run directory made by pyro-vae train")
-    e.add_argument("--iw-samples", type=int, default=1000, help="K importance samples per image (default 1000)")
-    e.add_argument("--elbo-samples", type=int, default=10, help="draws of z per image for the ELBO (default 10)")
-    e.add_argument("--device", help="cpu or cuda (default: the run's)")
-    e.add_argument("--limit", type=int, help="evaluate only the first N test images")
-    e.add_argument("--checkpoint", help="best (best.pt, the best validation epoch) or last (checkpoint.pt) "
-                                        "(default: best where the run has a validation split and kept best.pt)")
-    e.add_argument("--seed", type=int, default=0, help="random seed of the Monte Carlo draws (default 0)")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    s = sub.add_parser("sample", help="write a grid of prior samples")
-    s.add_argument("run_dir", help="run directory made by pyro-vae train")
-    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    return p
 
 
 def _train(args):

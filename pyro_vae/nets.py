@@ -63,6 +63,23 @@ def _check_input(net, x, event_shape):
         )
 
 
+class _FlatEncoder(nn.Module):
+    """An encoder whose ``net`` reads the flattened data point: ``(*batch, *x_shape) -> (*batch, out_features)``."""
+
+    def forward(self, x):
+        _check_input(self, x, self.x_shape)
+        batch = x.shape[: x.dim() - len(self.x_shape)]
+        return self.net(x.reshape(*batch, -1))
+
+
+class _FlatDecoder(nn.Module):
+    """A decoder whose ``net`` maps z to the flattened parameters: ``(*batch, latent_dim) -> (*batch, *out_shape)``."""
+
+    def forward(self, z):
+        _check_input(self, z, (self.latent_dim,))
+        return self.net(z).reshape(*z.shape[:-1], *self.out_shape)
+
+
 class GatedDense(nn.Module):
     """A gated linear layer (Dauphin et al. 2017), as the VampPrior paper's networks use:
     ``h(x) = (W x + b) * sigmoid(V x + c)``, ``(*batch, in_features) -> (*batch, out_features)``."""
@@ -81,7 +98,7 @@ def _gated(sizes):
     return nn.Sequential(*(GatedDense(a, b) for a, b in zip(sizes[:-1], sizes[1:])))
 
 
-class GatedMLPEncoder(nn.Module):
+class GatedMLPEncoder(_FlatEncoder):
     """The VampPrior paper's encoder: gated layers, ``(*batch, *x_shape) -> (*batch, hidden[-1])``.
 
     Args:
@@ -98,13 +115,8 @@ class GatedMLPEncoder(nn.Module):
         self.out_features = hidden[-1]
         self.net = _gated([math.prod(self.x_shape), *hidden])
 
-    def forward(self, x):
-        _check_input(self, x, self.x_shape)
-        batch = x.shape[: x.dim() - len(self.x_shape)]
-        return self.net(x.reshape(*batch, -1))
 
-
-class GatedMLPDecoder(nn.Module):
+class GatedMLPDecoder(_FlatDecoder):
     """The VampPrior paper's decoder: gated layers then a linear map to the likelihood's parameters,
     ``(*batch, latent_dim) -> (*batch, k*C, *x_shape[1:])``.
 
@@ -126,12 +138,8 @@ class GatedMLPDecoder(nn.Module):
             raise InputError("GatedMLPDecoder needs at least one hidden layer; pass e.g. hidden=(300, 300)")
         self.net = nn.Sequential(_gated([self.latent_dim, *hidden]), nn.Linear(hidden[-1], math.prod(self.out_shape)))
 
-    def forward(self, z):
-        _check_input(self, z, (self.latent_dim,))
-        return self.net(z).reshape(*z.shape[:-1], *self.out_shape)
 
-
-class MLPEncoder(nn.Module):
+class MLPEncoder(_FlatEncoder):
     """Fully connected encoder: ``(*batch, *x_shape) -> (*batch, hidden[-1])``.
 
     Args:
@@ -149,13 +157,8 @@ class MLPEncoder(nn.Module):
         self.out_features = hidden[-1]
         self.net = nn.Sequential(_mlp([math.prod(self.x_shape), *hidden], activation), activation())
 
-    def forward(self, x):
-        _check_input(self, x, self.x_shape)
-        batch = x.shape[: x.dim() - len(self.x_shape)]
-        return self.net(x.reshape(*batch, -1))
 
-
-class MLPDecoder(nn.Module):
+class MLPDecoder(_FlatDecoder):
     """Fully connected decoder: ``(*batch, latent_dim) -> (*batch, k*C, *x_shape[1:])``.
 
     Args:
@@ -179,10 +182,6 @@ class MLPDecoder(nn.Module):
             activation() if hidden else nn.Identity(),
             nn.Linear(hidden[-1] if hidden else self.latent_dim, math.prod(self.out_shape)),
         )
-
-    def forward(self, z):
-        _check_input(self, z, (self.latent_dim,))
-        return self.net(z).reshape(*z.shape[:-1], *self.out_shape)
 
 
 class ConvEncoder(nn.Module):
