@@ -214,7 +214,8 @@ class RunConfig:
             d["latent_dims"] = [d.pop("latent_dim")]
         unknown = set(d) - known
         if unknown:
-            raise InputError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+            raise InputError(f"unknown configuration keys: {', '.join(sorted(unknown))}; the configuration was "
+                             "written by another version or edited: remove them, or train again with --overwrite")
         return cls(**d)
 
 

@@ -278,7 +278,8 @@ def read_counts(path, transpose=False):
     except InputError:
         raise
     except Exception as err:  # zipfile, gzip, scipy.io and numpy raise assorted types for broken files
-        raise InputError(f"could not read the count file {path}: {_describe(err)}") from err
+        raise InputError(f"could not read the count file {path}: {_describe(err)}; pass an intact .npz, "
+                         ".csv(.gz) or .mtx(.gz) count matrix") from err
     if not scipy.sparse.issparse(m) and np.ndim(m) != 2:
         raise InputError(f"{path} holds an array of shape {np.shape(m)}; a count matrix has 2 dims "
                          "(observations x features)")

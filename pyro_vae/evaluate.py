@@ -70,7 +70,8 @@ def _log_densities(vae, x, k, dim=-2):
         else:
             log_pz[name] = lp
             if name not in guide_tr.nodes:
-                raise InputError(f"latent site {name!r} of the model has no match in the guide")
+                raise InputError(f"latent site {name!r} of the model has no match in the guide; give the guide a "
+                                 "sample site of the same name for every latent site of the model")
             lq = guide_tr.nodes[name]["unscaled_log_prob"]
             log_qz[name] = lq.reshape(k, -1, x.shape[0]).sum(1) if lq.dim() > 2 else lq.expand(shape)
     return {"log_px_z": log_px_z, "log_pz": log_pz, "log_qz": log_qz}
@@ -78,7 +79,7 @@ def _log_densities(vae, x, k, dim=-2):
 
 def _batches(x, batch_size):
     if batch_size <= 0:
-        raise InputError(f"batch_size must be positive, got {batch_size}")
+        raise InputError(f"batch_size must be positive, got {batch_size}; use e.g. batch_size=100")
     for i in range(0, x.shape[0], batch_size):
         yield x[i:i + batch_size]
 
@@ -162,7 +163,8 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
         ``(N,)`` tensor of estimates.
     """
     if int(num_samples) < 1:
-        raise InputError(f"the number of importance samples must be >= 1, got {num_samples}")
+        raise InputError(f"the number of importance samples must be >= 1, got {num_samples}; use e.g. "
+                         "num_samples=1000")
     vae.check_data(x)
     num_samples = int(num_samples)
     max_rows = default_max_rows(x) if max_rows is None else int(max_rows)

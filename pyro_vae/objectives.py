@@ -91,7 +91,8 @@ class FreeBitsELBO(Trace_ELBO):
                 continue
             q_site = guide_trace.nodes.get(name)
             if q_site is None:
-                raise InputError(f"latent site {name!r} of the model has no match in the guide")
+                raise InputError(f"latent site {name!r} of the model has no match in the guide; give the guide a "
+                                 "sample site of the same name for every latent site of the model")
             if not q_site["fn"].has_rsample:
                 raise InputError(f"free bits need reparameterised latent sites; {name!r} draws from "
                                  f"{type(q_site['fn']).__name__}, which has no rsample")
