@@ -93,6 +93,10 @@ class KLWeight(Callback):
                              "pass e.g. pyro_vae.objectives.KLWarmup(10000)")
         self.schedule = schedule
 
+    def on_fit_start(self, loop):
+        if loop.step:  # resumed: the weight of the last step taken (an epoch's record may be due before a step)
+            loop.vae.kl_weight = self.schedule(loop.step - 1)
+
     def on_step_start(self, loop, batch):
         loop.vae.kl_weight = self.schedule(loop.step)
 

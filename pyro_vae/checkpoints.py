@@ -25,6 +25,8 @@ from .errors import InputError
 CHECKPOINT_FORMAT = "pyro_vae.checkpoint/1"
 # seconds to pause between writing the temporary file and renaming it: a hook for crash tests
 _DELAY_ENV = "PYRO_VAE_CHECKPOINT_DELAY"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the process's umask, for the files written by replace
 _NOT_A_RUN_FIX = ("point to a run directory made by pyro-vae train, or train there with --overwrite to "
                   "replace the file")
 
@@ -82,6 +84,7 @@ def _replace_atomically(path, data, pause=0.0):
     with _signals_deferred():
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # the mode open() would give, not mkstemp's 0600
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -1,6 +1,7 @@
 """``pyro-vae train | evaluate | sample``: the command line over train, evaluate and plots."""
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -137,7 +138,8 @@ def _train(args):
     if args.preset and not args.resume:  # a resumed run keeps the settings it was started with
         given = {**RunConfig.from_preset(args.preset).to_dict(), **given}
     if args.resume:
-        base = load_checkpoint(Path(args.out) / "checkpoint.pt")["config"]
+        path = Path(args.out) / "checkpoint.pt"
+        base = RunConfig.from_checkpoint(load_checkpoint(path), path).to_dict()
         config = RunConfig.from_dict({**base, **given})
     else:
         config = RunConfig(**given)
@@ -229,7 +231,8 @@ def _sample(args):
         raise InputError(f"{args.run_dir} was trained on {config.dataset} data of shape {vae.x_shape}, not images; "
                          "draw samples in Python with vae.sample(n) or pyro.infer.Predictive(vae.model, ...)")
     pyro.set_rng_seed(args.seed)
-    with RunLock(args.run_dir):
+    inside = path.parent.resolve() == Path(args.run_dir).resolve()
+    with RunLock(args.run_dir) if inside else contextlib.nullcontext():  # a writer in the run directory
         plots.save_samples(vae, path, n=args.n)
     print(f"wrote {path}")
 

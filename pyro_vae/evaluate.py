@@ -128,17 +128,19 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None):
 def default_max_rows(x, cpu_rows=20000, fraction=0.25, bytes_per_value=64):
     """How many (particle, data point) rows :func:`iw_log_likelihood` decodes at once.
 
-    On the CPU ``cpu_rows``. On CUDA, chosen from the free GPU memory
-    (``torch.cuda.mem_get_info``): ``fraction`` of it, at an assumed
+    On the CPU ``cpu_rows``. On CUDA, chosen from the GPU's total memory
+    (not the free memory, so that the chunks, and with them the draws and the
+    numbers, are the same for a seed however busy the card is): ``fraction``
+    of it, at an assumed
     ``bytes_per_value`` per value of a data point (the decoder's activations,
     the likelihood's parameters and log-densities, all in float32), at least
     ``cpu_rows``.
     """
     if x.device.type != "cuda":
         return cpu_rows
-    free, _ = torch.cuda.mem_get_info(x.device)
+    total = torch.cuda.get_device_properties(x.device).total_memory
     per_row = bytes_per_value * max(1, x[0].numel())
-    return max(cpu_rows, int(fraction * free // per_row))
+    return max(cpu_rows, int(fraction * total // per_row))
 
 
 @torch.no_grad()
@@ -156,7 +158,7 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
         batch_size: data points per chunk (``None``: 100, or on CUDA as many
             as ``max_rows`` holds with all ``num_samples`` particles at once).
         max_rows: bound on particles x data points decoded at once
-            (``None``: :func:`default_max_rows`, from the free GPU memory on CUDA).
+            (``None``: :func:`default_max_rows`, from the GPU's memory on CUDA).
         progress: optional callable ``progress(n_done)`` called after each batch.
 
     Returns:

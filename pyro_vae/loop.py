@@ -113,7 +113,8 @@ class Loop:
         """Everything a resume needs (a dict of tensors and plain values, for ``torch.save``)."""
         parts = {cb.state_key: cb.state_dict() for cb in self.callbacks}
         return {"model": self.vae.state_dict(), "optim": self.svi.state_dict(), "epoch": self.epoch,
-                "step": self.step, "batch": self.batch, "history": [dict(r) for r in self.history],
+                "step": self.step, "batch": self.batch, "bad_steps": self.bad_steps,
+                "history": [dict(r) for r in self.history],
                 "data": self.data.state_dict(), "rng": rng_state(),
                 "callbacks": {k: v for k, v in parts.items() if v is not None}}
 
@@ -123,6 +124,7 @@ class Loop:
         self.vae.load_state_dict(state["model"])
         self.svi.load_state_dict(state["optim"])
         self.epoch, self.step, self.batch = int(state["epoch"]), int(state["step"]), int(state["batch"])
+        self.bad_steps = int(state.get("bad_steps", 0))  # a streak of skipped steps goes on after a resume
         self.history = [dict(r) for r in state["history"]]
         self.data.load_state_dict(state["data"])
         for cb in self.callbacks:

@@ -129,7 +129,8 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     Global state: ``fit`` seeds torch's, Python's and NumPy's global RNGs with
     ``seed`` (``pyro.set_rng_seed``: the draws of z and the run's
     reproducibility need it), and nothing else. It leaves the param store
-    (every VAE has its own ``name`` there) and Pyro's validation as they are:
+    (every VAE has its own ``name`` there; the entries ``fit`` added are
+    removed at the end, so a deleted VAE is freed) and Pyro's validation as they are:
     the data are checked once, up front, and the VAE's per-call check is off
     during the run (:meth:`VAE.data_checked`); with Pyro's validation on (its
     default), every distribution also checks its arguments at every step,
@@ -152,7 +153,14 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     parts += [EpochLog(log)] if log is not None else []
     parts += [ProgressBar()] if progress else []
     parts += [Checkpoint(checkpoint, checkpoint_every)] if checkpoint is not None else []
-    return Loop(vae, svi, data, epochs, parts, max_bad_steps).run(state)
+    store = pyro.get_param_store()
+    before = set(store.keys())
+    try:
+        return Loop(vae, svi, data, epochs, parts, max_bad_steps).run(state)
+    finally:  # the store as it was: entries this fit registered would keep every trained VAE alive
+        prefix = f"{getattr(vae, 'name', None)}$$$"
+        for key in [k for k in store.keys() if k.startswith(prefix) and k not in before]:
+            del store[key]
 
 
 # -------------------------------------------------------------------- runs
@@ -353,8 +361,8 @@ def _prepare_run(config, out, resume, overwrite):
 
 def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, callbacks):
     """Train in the locked run directory ``out`` and write its files."""
-    if state is None:
-        for stale in ("metrics.jsonl", "eval.json"):
+    if state is None:  # a new run (or --overwrite): nothing of an old run may be taken for this one's
+        for stale in ("checkpoint.pt", "best.pt", "metrics.jsonl", "eval.json"):
             (out / stale).unlink(missing_ok=True)
     write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 

@@ -744,3 +744,43 @@ def test_a_signal_during_a_file_replacement_waits_until_the_file_is_whole(tmp_pa
     finally:
         signal.signal(signal.SIGINT, old)
     assert seen == [1000]  # delivered after the replace, with the new file whole
+
+
+def test_resume_of_a_checkpoint_without_a_config_is_one_line(tmp_path, capsys):
+    from pyro_vae import cli
+    from pyro_vae.checkpoints import CHECKPOINT_FORMAT, save_checkpoint
+
+    out = tmp_path / "run"
+    out.mkdir()
+    save_checkpoint(out / "checkpoint.pt", {"format": CHECKPOINT_FORMAT, "model": {}})
+    assert cli.main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no run configuration" in err and "Traceback" not in err
+
+
+def test_files_get_the_mode_open_would_give_and_overwrite_leaves_no_old_checkpoint(tmp_path):
+    import stat
+
+    from pyro_vae.checkpoints import write_text_atomic
+
+    write_text_atomic(tmp_path / "a.json", "{}")
+    old = os.umask(0o022)
+    os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~old
+    idx = make_idx_dir(tmp_path / "idx", n_train=64, n_test=16)
+    out = tmp_path / "run"
+    train(_small(idx, keep_best=True), out, progress=False, pictures=False)
+    assert (out / "best.pt").exists()
+
+    class Stop(Exception):
+        pass
+
+    from pyro_vae.callbacks import Callback
+
+    class Crash(Callback):
+        def on_step_start(self, loop, batch):
+            raise Stop
+
+    with pytest.raises(Stop):  # a new run that dies before its first checkpoint
+        train(_small(idx, seed=5), out, overwrite=True, progress=False, pictures=False, callbacks=[Crash()])
+    assert not (out / "checkpoint.pt").exists() and not (out / "best.pt").exists()

@@ -279,3 +279,34 @@ def test_a_batch_order_saved_on_another_device_resumes_with_a_warning(images):
         results.append(vae.state_dict())
     for name, value in results[0].items():
         assert torch.equal(value, results[1][name]), name
+
+
+def test_a_resume_at_an_epochs_last_batch_records_the_warm_up_weight(images):
+    """A signal during an epoch's last step saves batch == len(data): the resumed loop records the epoch
+    without taking a step, with the weight of the last step taken (not 1.0)."""
+    x = images[:96]
+    expected = fit(_vae(), x, epochs=2, batch_size=32, progress=False, log=None, kl_warmup=10)
+    saved = []
+
+    class SaveAtStep(Callback):
+        def on_step_end(self, loop, batch, loss):
+            if loop.step == 3:
+                saved.append(copy.deepcopy(loop.state_dict()))
+
+    fit(_vae(), x, epochs=1, batch_size=32, progress=False, log=None, kl_warmup=10, callbacks=[SaveAtStep()])
+    assert saved[0]["batch"] == 3
+    history = fit(_vae(), x, epochs=2, batch_size=32, progress=False, log=None, kl_warmup=10, state=saved[0])
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert drop(history) == drop(expected) and history[0]["kl_weight"] == 0.3
+
+
+def test_a_streak_of_skipped_steps_goes_on_after_a_resume(images):
+    from pyro_vae.loop import Loop
+
+    loop = Loop(_vae(), type("S", (), {"state_dict": lambda self: {}, "load_state_dict": lambda self, s: None})(),
+                type("D", (), {"state_dict": lambda self: {}, "load_state_dict": lambda self, s: None})(), 1)
+    loop.bad_steps = 7
+    state = loop.state_dict()
+    again = Loop(loop.vae, loop.svi, loop.data, 1)
+    again.load_state_dict(state)
+    assert again.bad_steps == 7

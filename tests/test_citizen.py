@@ -233,3 +233,17 @@ def test_the_data_plate_scales_to_the_full_data_size(images):
     assert Trace_ELBO().loss(vae.model, vae.guide, x, size=80) == pytest.approx(10 * batch, rel=1e-5)
     with pytest.raises(InputError, match="cannot be below the batch's 8"):
         vae.model(x, size=4)
+
+
+def test_fit_frees_what_it_registered_so_a_deleted_vae_is_freed(images):
+    import gc
+    import weakref
+
+    before = set(pyro.get_param_store().keys())
+    vae = _vae()
+    fit(vae, images[:64], epochs=1, batch_size=32, progress=False, log=None)
+    assert set(pyro.get_param_store().keys()) == before
+    gone = weakref.ref(vae.encoder)
+    del vae
+    gc.collect()
+    assert gone() is None
