@@ -3,15 +3,16 @@
 ``CASES`` is the table: one row per bad input. Every row gets the same checks:
 
 * API rows: the call raises :class:`pyro_vae.InputError`;
-  CLI rows (``pyro-vae ...`` as a subprocess): exit status 2, one ``error:``
+  CLI rows (``pyro-vae ...``, ``cli.main`` as the entry point calls it): exit status 2, one ``error:``
   line on stderr, nothing on stdout, no ``Traceback`` anywhere;
 * the message names the problem (``problem``, a regex) and the fix (``fix``, a regex);
 * every folder or file the case set up (a data directory, another run) has the
   same entries, bytes and mtimes afterwards, and every fresh ``--out`` is
   still absent.
 
-The CLI rows start all at once in one module fixture (each pays for importing
-torch and Pyro) and are collected one by one.
+The CLI rows run in this process (a subprocess each paid for importing torch
+and Pyro: 60 of them took minutes on two cores); ``tests/test_cli.py`` and
+``tests/test_crash.py`` run the real entry point as a subprocess.
 """
 
 import dataclasses
@@ -19,7 +20,6 @@ import io
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -35,7 +35,6 @@ from pyro_vae.train import train
 
 from conftest import make_idx_dir
 
-CLI = [sys.executable, "-m", "pyro_vae.cli"]
 X_SHAPE = (1, 28, 28)
 GARBAGE = b"\x00this is neither a checkpoint nor an IDX file\xff" * 40
 
@@ -524,25 +523,22 @@ def trained_run(tmp_path_factory):
     return base / "run"
 
 
-@pytest.fixture(scope="module")
-def cli_runs(request, tmp_path_factory):
-    """Every CLI case started at once as ``pyro-vae ARGV``; ``{id: (workspace, Popen)}``."""
-    base = tmp_path_factory.mktemp("cli")
-    runs = {}
-    for case in CASES:
-        if not case.cli or (case.needs_no_gpu and torch.cuda.is_available()):
-            continue
-        ws = Workspace(base / case.id, lambda: request.getfixturevalue("trained_run"))
-        argv = [str(a) for a in case.run(ws)]
-        env = dict(os.environ, PYRO_VAE_CACHE=str(base / "cache" / case.id), PYTHONWARNINGS="ignore",
-                   OMP_NUM_THREADS="1")  # two dozen processes at once: no thread oversubscription
-        runs[case.id] = ws, subprocess.Popen(CLI + argv, env=env, text=True, stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE)
-    yield runs
-    for _, proc in runs.values():
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+def run_cli(argv):
+    """``pyro-vae ARGV`` in this process (as the entry point runs it, without paying for a new interpreter
+    and a torch import per case): ``(status, stdout, stderr)``."""
+    import contextlib
+    import warnings
+
+    from pyro_vae import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as PYTHONWARNINGS=ignore did for the subprocesses
+        try:
+            status = cli.main(argv)
+        except SystemExit as exit_:  # argparse's own errors
+            status = exit_.code
+    return status, out.getvalue(), err.getvalue()
 
 
 # ------------------------------------------------------------------ test
@@ -551,9 +547,9 @@ def test_bad_input(case, request, tmp_path, monkeypatch):
     if case.needs_no_gpu and torch.cuda.is_available():
         pytest.skip("a CUDA GPU is available here")
     if case.cli:
-        ws, proc = request.getfixturevalue("cli_runs")[case.id]
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 2, f"exit status {proc.returncode}; stderr:\n{stderr}"
+        ws = Workspace(tmp_path / "ws", lambda: request.getfixturevalue("trained_run"), monkeypatch)
+        status, stdout, stderr = run_cli([str(a) for a in case.run(ws)])
+        assert status == 2, f"exit status {status}; stderr:\n{stderr}"
         assert "Traceback" not in stderr + stdout, stderr
         assert stdout == "", stdout
         assert stderr.count("error:") == 1, stderr
