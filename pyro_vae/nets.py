@@ -66,6 +66,15 @@ def _check_input(net, x, event_shape):
 class _FlatEncoder(nn.Module):
     """An encoder whose ``net`` reads the flattened data point: ``(*batch, *x_shape) -> (*batch, out_features)``."""
 
+    def _shapes(self, x_shape, hidden, example):
+        """Check and set ``x_shape`` and ``out_features`` (the last hidden width); the checked widths."""
+        self.x_shape = _check_x_shape(x_shape)
+        hidden = [_check_width("hidden width", h) for h in hidden]
+        if not hidden:
+            raise InputError(f"{type(self).__name__} needs at least one hidden layer; pass e.g. hidden={example}")
+        self.out_features = hidden[-1]
+        return hidden
+
     def forward(self, x):
         _check_input(self, x, self.x_shape)
         batch = x.shape[: x.dim() - len(self.x_shape)]
@@ -108,11 +117,7 @@ class GatedMLPEncoder(_FlatEncoder):
 
     def __init__(self, x_shape, hidden=(300, 300)):
         super().__init__()
-        self.x_shape = _check_x_shape(x_shape)
-        hidden = [_check_width("hidden width", h) for h in hidden]
-        if not hidden:
-            raise InputError("GatedMLPEncoder needs at least one hidden layer; pass e.g. hidden=(300, 300)")
-        self.out_features = hidden[-1]
+        hidden = self._shapes(x_shape, hidden, "(300, 300)")
         self.net = _gated([math.prod(self.x_shape), *hidden])
 
 
@@ -150,11 +155,7 @@ class MLPEncoder(_FlatEncoder):
 
     def __init__(self, x_shape, hidden=(400,), activation=nn.Softplus):
         super().__init__()
-        self.x_shape = _check_x_shape(x_shape)
-        hidden = [_check_width("hidden width", h) for h in hidden]
-        if not hidden:
-            raise InputError("MLPEncoder needs at least one hidden layer; pass e.g. hidden=(400,)")
-        self.out_features = hidden[-1]
+        hidden = self._shapes(x_shape, hidden, "(400,)")
         self.net = nn.Sequential(_mlp([math.prod(self.x_shape), *hidden], activation), activation())
 
 

@@ -26,6 +26,7 @@ steps, and when SIGINT/SIGTERM stops training; resuming from any of them
 continues bitwise as if the run had never stopped (on the CPU).
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -153,11 +154,19 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     parts += [EpochLog(log)] if log is not None else []
     parts += [ProgressBar()] if progress else []
     parts += [Checkpoint(checkpoint, checkpoint_every)] if checkpoint is not None else []
+    with _store_entries_dropped(vae):
+        return Loop(vae, svi, data, epochs, parts, max_bad_steps).run(state)
+
+
+@contextlib.contextmanager
+def _store_entries_dropped(vae):
+    """Leave Pyro's param store as it was: the entries ``vae`` registers within are removed at the end
+    (they would keep every trained VAE alive)."""
     store = pyro.get_param_store()
     before = set(store.keys())
     try:
-        return Loop(vae, svi, data, epochs, parts, max_bad_steps).run(state)
-    finally:  # the store as it was: entries this fit registered would keep every trained VAE alive
+        yield
+    finally:
         prefix = f"{getattr(vae, 'name', None)}$$$"
         for key in [k for k in store.keys() if k.startswith(prefix) and k not in before]:
             del store[key]
