@@ -16,6 +16,11 @@ Collect what the runs hold so far (finished or not) into ``benchmarks/results/de
 per-epoch record beside it, and a picture of the validation ELBO per epoch::
 
     python benchmarks/density.py collect ~/runs/density/vae-standard ~/runs/density/vae-vamp
+
+Rows trained elsewhere (``benchmarks/density_gpu.sh`` trains several side by side on one GPU for a fixed
+time) are collected with their machine named; rows already in ``density.json`` under other names stay::
+
+    python benchmarks/density.py collect ~/runs/density-gpu/hvae-standard ... --machine "NVIDIA H100 80GB"
 """
 
 import argparse
@@ -57,34 +62,39 @@ def _row(run, machine):
     }
 
 
-def collect(runs, machine):
-    rows = []
+def collect(runs, machine, note=None):
+    """Rows for ``runs`` (run directories), merged by name into ``density.json``: rows of other runs,
+    collected earlier (on another machine, say), are kept. Returns the new rows."""
+    path = RESULTS / "density.json"
+    table = {row["name"]: row for row in (json.loads(path.read_text()) if path.exists() else [])}
     (RESULTS / "density").mkdir(parents=True, exist_ok=True)
+    rows = []
     for run in map(Path, runs):
-        rows.append(_row(run, machine))
+        rows.append({**_row(run, machine), **({"note": note} if note else {})})
+        table[run.name] = rows[-1]
         shutil.copyfile(run / "metrics.jsonl", RESULTS / "density" / f"{run.name}.metrics.jsonl")
-    (RESULTS / "density.json").write_text(json.dumps(rows, indent=2) + "\n")
-    _plot(runs)
+    path.write_text(json.dumps(list(table.values()), indent=2) + "\n")
+    _plot(sorted((RESULTS / "density").glob("*.metrics.jsonl")))
     return rows
 
 
-def _plot(runs):
+def _plot(records_files):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for run in map(Path, runs):
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for path in records_files:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         points = [(r["epoch"], -r["val_elbo"]) for r in records if "val_elbo" in r]
         if points:
-            ax.plot(*zip(*points), label=run.name)
+            ax.plot(*zip(*points), label=path.name.removesuffix(".metrics.jsonl"))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation -ELBO (nats per image)")
     ax.set_ylim(top=260)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(Path(__file__).resolve().parents[1] / "docs" / "img" / "density_val.png")
     plt.close(fig)
@@ -96,8 +106,9 @@ def main(argv=None):
     c = sub.add_parser("collect", help="collect run directories into benchmarks/results/density.json")
     c.add_argument("runs", nargs="+")
     c.add_argument("--machine", default=f"{platform.machine()}, 1 thread of a 2-core CPU")
+    c.add_argument("--note", help="a remark stored in each of these rows (how they were run, why they stopped)")
     args = p.parse_args(argv)
-    for row in collect(args.runs, args.machine):
+    for row in collect(args.runs, args.machine, args.note):
         print(json.dumps(row))
 
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Density rows on one GPU (issue 12): train several rows of the table side by side for a fixed time
+# (each row one process; SIGINT at the deadline writes its checkpoint), then evaluate each row's best
+# validation epoch at K=5000 on the whole test set, one row at a time (each evaluation sizes its chunks
+# from the card's whole memory). Brings back at most 8 files under $OUT: rows.tar.gz (every row's
+# config.json, metrics.jsonl, eval.json, pictures and logs) and, as far as 64 MiB allow, the rows'
+# checkpoint.pt in 16 MB pieces (ckpt.tar.00, .01, ...) to resume them elsewhere with --resume.
+#
+#   TRAIN_S=360 EVAL_S=150 OUT=/tmp/gpu bash benchmarks/density_gpu.sh        # on the lent GPU machine
+#   TRAIN_S=20 K=10 LIMIT=100 OUT=/tmp/gpu bash benchmarks/density_gpu.sh     # a dry run on the CPU
+#
+# Unpack here with: cat ckpt.tar.* | tar -x -C ~/runs/density; tar -xzf rows.tar.gz -C ~/runs/density
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}; TRAIN_S=${TRAIN_S:-360}; EVAL_S=${EVAL_S:-150}; K=${K:-5000}; LIMIT=${LIMIT:-}
+mkdir -p "$OUT"
+R=${RUNS:-$(mktemp -d)}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+if [ -d .data/fashion-mnist ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  mkdir -p /usr/share/datasets/fashion-mnist && cp .data/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/
+fi
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
+DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+log() { echo "== $(date -u +%T) $*" | tee -a "$R/density_gpu.log"; }
+log "device $DEV: $($PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')")"
+
+# name | flags; conv rows first: they are the ones a CPU cannot train
+ROWS=(
+  "convhvae-standard|--preset vampprior-convhvae"
+  "convhvae-vamp|--preset vampprior-convhvae --prior vamp:500"
+  "hvae-standard|--preset vampprior-hvae"
+  "hvae-vamp|--preset vampprior-hvae --prior vamp:500"
+  "hvae3-vamp|--preset vampprior-hvae --prior vamp:500 --latent-dims 40,40,40"
+  "hvae-iaf|--preset vampprior-hvae --posterior iaf:2"
+  "hvae3-standard|--preset vampprior-hvae --latent-dims 40,40,40"
+)
+log "training ${#ROWS[@]} rows for ${TRAIN_S} s each"
+for row in "${ROWS[@]}"; do
+  name=${row%%|*}; flags=${row#*|}
+  # shellcheck disable=SC2086
+  timeout -s INT -k 60 "$TRAIN_S" $PY -m pyro_vae.cli train --out "$R/$name" $flags --seed 0 --device "$DEV" \
+    --checkpoint-every 2000 --no-progress > "$R/$name.train.log" 2>&1 &
+done
+wait
+for row in "${ROWS[@]}"; do name=${row%%|*}; log "$name: $(tail -n 1 "$R/$name.train.log")"; done
+
+log "evaluating at K=$K"
+deadline=$(( $(date +%s) + EVAL_S ))
+for row in "${ROWS[@]:2}" "${ROWS[@]:0:2}"; do  # the quick MLP rows first
+  name=${row%%|*}; left=$(( deadline - $(date +%s) ))
+  [ "$left" -gt 5 ] || { log "$name: no time left to evaluate"; continue; }
+  timeout "$left" $PY -m pyro_vae.cli evaluate "$R/$name" --iw-samples "$K" ${LIMIT:+--limit $LIMIT} \
+    --no-progress > "$R/$name.eval.log" 2>&1
+  log "$name: $(grep -o '"iw_log_likelihood": [-0-9.]*' "$R/$name/eval.json" 2>/dev/null || echo "not evaluated (status $?)")"
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$R/density_gpu.log" 2>&1
+
+cp "$R/density_gpu.log" "$OUT/"
+(cd "$R" && tar -czf "$OUT/rows.tar.gz" --exclude='*.pt' -- *)
+# checkpoints, conv rows first, as long as they fit in what comes back (8 files of 16 MiB, 64 MiB in all)
+budget=$(( 60 * 1024 * 1024 - $(stat -c %s "$OUT/rows.tar.gz") )); picked=()
+for row in "${ROWS[@]}"; do
+  f="${row%%|*}/checkpoint.pt"; [ -f "$R/$f" ] || continue
+  size=$(stat -c %s "$R/$f")
+  if [ "$size" -le "$budget" ]; then picked+=("$f"); budget=$(( budget - size - 4096 )); fi
+done
+if [ ${#picked[@]} -gt 0 ]; then
+  (cd "$R" && tar -cf - "${picked[@]}") | split -b 16000000 -d - "$OUT/ckpt.tar."
+fi
+log "checkpoints brought back: ${picked[*]:-none}"
+ls -la "$OUT"
