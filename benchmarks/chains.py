@@ -31,6 +31,7 @@ SETTINGS = {
     "top-down-freebits": dict(latent_dims=[16, 50], guide="top-down", free_bits=2.0),
     "bottom-up-warmup": dict(latent_dims=[16, 50], guide="bottom-up", kl_warmup=2350),
     "one-warmup": dict(latent_dims=[50], kl_warmup=2350),
+    "top-down-warmup-balance": dict(latent_dims=[16, 50], guide="top-down", kl_warmup=2350, kl_balance=True),
 }
 RESULTS = Path(__file__).parent / "results"
 

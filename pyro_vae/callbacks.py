@@ -21,13 +21,26 @@ Built in (what :func:`pyro_vae.fit` assembles from its keywords):
                       epoch, on SIGINT/SIGTERM and after an early stop
 :class:`KeepBest`     hands the state to ``save`` when a metric is the best yet
 ====================  ======================================================
+
+Training aids (VDVAE's), which :func:`pyro_vae.train.train` adds for ``--skip-grad-norm`` and
+``--ema`` and a Python user passes in ``callbacks=[...]``:
+
+====================  ======================================================
+:class:`GradientSkip` skips updates whose gradient norm exceeds a threshold
+:class:`WeightAverage` an exponential moving average of the weights, which
+                      held-out data are evaluated with (:func:`evaluation_weights`)
+====================  ======================================================
 """
 
+import contextlib
 import math
 import time
 
+import torch
+
+from . import settings
 from .errors import InputError
-from .evaluate import elbo_terms
+from .evaluate import elbo_terms, level_record
 from .loop import TrainingDiverged
 
 
@@ -175,13 +188,17 @@ class EpochStats(Callback):
 
 
 class Evaluation(Callback):
-    """Adds ``{prefix}_elbo`` and ``{prefix}_kl_z0``, ``{prefix}_kl_z1``, ... (nats per data point, one
-    draw of z each) on ``x`` to each epoch's record.
+    """Adds ``{prefix}_elbo`` and, per level, ``{prefix}_kl_z0``, ``{prefix}_kl_z1``, ... (each level's
+    share of the KL, nats per data point), ``{prefix}_active_units_z<l>`` and ``{prefix}_unit_kl_z<l>``
+    (nats per unit, where defined; see :func:`~pyro_vae.evaluate.level_record`), from one draw of z
+    per data point of ``x``, to each epoch's record: how the levels collapse, or not, over training.
 
     Args:
         x: held-out data ``(M, *x_shape)`` on the training device.
         prefix: the metrics' prefix (``"test"``, ``"val"``).
         every: evaluate every this many epochs (and at the last).
+
+    With a :class:`WeightAverage` part in the loop, the averaged weights are evaluated.
     """
 
     def __init__(self, x, prefix="test", every=1):
@@ -196,11 +213,11 @@ class Evaluation(Callback):
             return
         was_training = loop.vae.training
         loop.vae.eval()
-        terms = elbo_terms(loop.vae, self.x, num_samples=1)
+        with evaluation_weights(loop):
+            terms = elbo_terms(loop.vae, self.x, num_samples=1, moments=self.x.shape[0] >= 2)
         loop.vae.train(was_training)
         loop.record[f"{self.prefix}_elbo"] = float(terms["elbo"].mean())
-        loop.record.update({f"{self.prefix}_{key}": float(v.mean()) for key, v in terms.items()
-                            if key.startswith("kl_")})
+        loop.record.update(level_record(terms, self.prefix))
 
 
 class _Monitor:
@@ -307,6 +324,7 @@ class EpochLog(Callback):
         self.log(f"epoch {r['epoch']}: train loss {r['train_loss']:.2f} nats/image"
                  + (f", test ELBO {r['test_elbo']:.2f}" if "test_elbo" in r else "")
                  + (f", validation ELBO {r['val_elbo']:.2f}" if "val_elbo" in r else "")
+                 + (f", {r['skipped_updates']} updates skipped" if r.get("skipped_updates") else "")
                  + f" ({r['seconds']:.1f} s)")
 
 
@@ -360,3 +378,135 @@ class KeepBest(Callback):
         values = [r[self._monitor.monitor] for r in loop.history if self._monitor.monitor in r]
         if value == (max(values) if self._monitor.mode == "max" else min(values)):
             self.save(loop.state_dict())
+
+
+class GradientSkip(Callback):
+    """Skips every update whose total gradient norm (before any clipping) exceeds ``threshold``
+    (VDVAE's ``skip_threshold``): the step's loss is still reported, but no parameter and no optimizer
+    state changes, as for a step the non-finite guard skipped.
+
+    Adds ``skipped_updates`` (the epoch's count) to each epoch's record; ``total`` counts the run's.
+    A skipped step is not a bad step: its loss and gradients were finite, so it ends a streak of
+    non-finite steps (``max_bad_steps``) like any finite step; :class:`DivergenceGuard` judges its loss
+    as any other. The decision is made inside the step, by the optimizer's ``skip_if`` predicate
+    (:class:`~pyro_vae.svi.TorchOptimSVI`), which this part sets for the run.
+
+    Args:
+        threshold: a gradient norm > 0 (0: off, no update is skipped).
+    """
+
+    def __init__(self, threshold):
+        settings.check({"skip_grad_norm": threshold})
+        self.threshold = float(threshold)
+        self.in_epoch, self.total = 0, 0
+
+    def state_dict(self):
+        return {"in_epoch": self.in_epoch, "total": self.total}
+
+    def load_state_dict(self, state):
+        self.in_epoch, self.total = int(state["in_epoch"]), int(state["total"])
+
+    def skip(self, grad_norm):
+        """Whether the update of a step with total gradient norm ``grad_norm`` is skipped (and count it)."""
+        if not (self.threshold and grad_norm > self.threshold):
+            return False
+        self.in_epoch += 1
+        self.total += 1
+        return True
+
+    def on_fit_start(self, loop):
+        """Make :meth:`skip` the optimizer's ``skip_if`` for this run."""
+        if not hasattr(loop.svi, "skip_if"):
+            raise InputError(f"GradientSkip needs an SVI object with a skip_if predicate, but the loop's is a "
+                             f"{type(loop.svi).__name__}; train with pyro_vae.fit (TorchOptimSVI)")
+        loop.svi.skip_if = self.skip
+
+    def on_epoch_end(self, loop):
+        loop.record["skipped_updates"] = self.in_epoch
+        self.in_epoch = 0
+
+    def _release(self, loop, *_):
+        """The optimizer asks no one after the run (or its error)."""
+        if getattr(loop.svi, "skip_if", None) == self.skip:
+            loop.svi.skip_if = None
+
+    on_fit_end = on_exception = _release
+
+
+class WeightAverage(Callback):
+    """An exponential moving average (EMA) of the VAE's weights, VDVAE's ``ema_rate``:
+    ``average = decay * average + (1 - decay) * weights`` after every update applied (steps skipped by the
+    non-finite guard or :class:`GradientSkip` leave it alone), starting from the weights at the start of
+    the run. Buffers (e.g. a fixed prior's ``loc``) are copied, not averaged.
+
+    Held-out data are evaluated with the average (:class:`Evaluation` runs inside :meth:`swapped`);
+    the loop keeps training the trained weights. Its state (``decay``, ``updates`` and ``weights``, a
+    ``state_dict`` of the VAE) is in every checkpoint, so a resume continues it bitwise and
+    :func:`pyro_vae.train.load_run` loads it in place of the trained weights.
+
+    Args:
+        decay: in [0, 1); 0 keeps the last weights (no averaging), 0.999 averages over about 1000 steps.
+    """
+
+    def __init__(self, decay):
+        settings.check({"ema": decay})
+        self.decay = float(decay)
+        self.updates, self.weights = 0, None
+
+    def state_dict(self):
+        return {"decay": self.decay, "updates": self.updates, "weights": self.weights}
+
+    def load_state_dict(self, state):
+        self.updates = int(state["updates"])
+        self.weights = {k: v.clone() for k, v in state["weights"].items()}
+
+    def on_fit_start(self, loop):
+        """Start the average at the VAE's weights, or move a resumed one to the VAE's device."""
+        current = loop.vae.state_dict()
+        if self.weights is None:
+            self.weights = {k: v.detach().clone() for k, v in current.items()}
+        else:  # a checkpoint is loaded on the CPU: follow the model's device
+            self.weights = {k: v.to(current[k].device) if k in current else v for k, v in self.weights.items()}
+
+    def on_step_end(self, loop, batch, loss):
+        """Average after an update applied (a foreign SVI object without ``updated``: after a finite loss)."""
+        if getattr(loop.svi, "updated", loss is not None):
+            self.update(loop.vae)
+
+    @torch.no_grad()
+    def update(self, vae):
+        """One step of the average towards ``vae``'s weights (each tensor of ``vae.state_dict()``, any shape)."""
+        current = vae.state_dict()
+        for name in current.keys() - self.weights.keys():  # a parameter created after the run started
+            self.weights[name] = current[name].detach().clone()
+        params = dict(vae.named_parameters())
+        floats = [k for k in current if k in params and current[k].is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([self.weights[k] for k in floats], [current[k] for k in floats], 1.0 - self.decay)
+        for name in current.keys() - set(floats):
+            self.weights[name].copy_(current[name])
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def swapped(self, vae):
+        """Within the block ``vae`` holds the averaged weights; its trained ones are put back after
+        (bitwise, into the same tensors: the optimizer's references stay valid)."""
+        trained = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+        vae.load_state_dict(self.weights)
+        try:
+            yield vae
+        finally:
+            vae.load_state_dict(trained)
+
+    def copy_to(self, vae):
+        """Put the averaged weights into ``vae`` for good (e.g. after training, to sample or evaluate)."""
+        vae.load_state_dict(self.weights)
+
+
+def evaluation_weights(loop):
+    """A context manager in which ``loop.vae`` holds the weights held-out data are read with: the
+    average of the loop's :class:`WeightAverage` part where it has one, else the trained weights."""
+    for cb in loop.callbacks:
+        if isinstance(cb, WeightAverage) and cb.weights is not None:
+            return cb.swapped(loop.vae)
+    return contextlib.nullcontext(loop.vae)

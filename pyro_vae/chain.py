@@ -5,7 +5,11 @@ and guides. Latent tensors have shape ``(*batch, D)``; ``*batch`` may be
 several dims (vectorised particles add one), which ``nn.Linear`` broadcasts.
 """
 
+import math
+import weakref
+
 import pyro.distributions as dist
+import torch
 from torch import nn
 from torch.distributions.kl import register_kl
 
@@ -38,6 +42,39 @@ class GaussianNet(nn.Module):
 
     def forward(self, z):
         return self.head(self.trunk(z))
+
+
+class TransitionMemo:
+    """The model's transitions p(z_l | z_l-1) that the top-down guide computed, handed to the model once.
+
+    The top-down guide merges each level's encoder term with p(z_l | z_l-1) at the parent it drew;
+    the model, replaying that draw, needs the very same distribution. The guide :meth:`put` s it,
+    keyed by the level and the identity of the parent tensor (held by a weak reference), and the model
+    :meth:`take` s it: a different parent (a value a user conditions on, a fresh draw) is a miss, and
+    an entry is taken at most once, so a later call, with other parameters, never reads a stale one.
+    Copies and pickles of the owner start empty.
+    """
+
+    def __init__(self):
+        self._entries = {}
+
+    def put(self, level, parent, transition):
+        """Keep ``transition`` (a distribution) computed at ``parent`` ``(*batch, D_l-1)`` for ``level``."""
+        self._entries[level] = (weakref.ref(parent), transition)
+
+    def take(self, level, parent):
+        """The distribution kept for ``level`` if it was computed at this very ``parent`` tensor, else None."""
+        entry = self._entries.pop(level, None)
+        return entry[1] if entry is not None and entry[0]() is parent else None
+
+    def clear(self):
+        self._entries.clear()
+
+    def __deepcopy__(self, memo):
+        return TransitionMemo()
+
+    def __getstate__(self):
+        return {"_entries": {}}
 
 
 def gaussian_parts(d, who, why="the top-down guide merges Gaussians", fix=" or use guide='bottom-up'"):
@@ -98,3 +135,63 @@ def mark_bottom_up(q):
 @register_kl(BottomUpNormal, dist.Normal)
 def _refuse_meanfield_bottom_up(q, p):
     raise InputError(MEANFIELD_BOTTOM_UP)
+
+
+def check_temperature(t):
+    """``float(t)``, or an :class:`InputError` unless ``t`` is a finite number >= 0."""
+    try:
+        value = float(t)
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if isinstance(t, bool) or not (math.isfinite(value) and value >= 0):
+        raise InputError(f"temperature must be a finite number >= 0, got {t!r}; use e.g. temperature=0.8 "
+                         "(1 draws from the model as trained, 0 puts every level at its mean)")
+    return value
+
+
+_LOC_SCALE = ("Normal", "Laplace", "Cauchy")  # families whose spread is their scale parameter alone
+
+
+def tempered(d, t, who="the distribution"):
+    """``d`` with its spread multiplied by the temperature ``t`` (the sampling of NVAE and VDVAE).
+
+    Shapes are ``d``'s. ``t = 1`` returns ``d`` itself, whatever it is. Otherwise:
+    ``Normal``, ``Laplace``, ``Cauchy``, ``StudentT``: the scale times t;
+    ``MultivariateNormal``: its Cholesky factor times t; ``Independent``,
+    ``TransformedDistribution`` (a flow) and ``ExpandedDistribution``: their base
+    tempered; ``MixtureSameFamily`` (MoG, VampPrior): each component tempered, the
+    weights kept (so at ``t = 0`` a draw is one component's mean, picked by weight);
+    ``Delta``: itself. ``t = 0`` gives a zero scale: draws are the location.
+    Meant for drawing; the result does not validate its arguments.
+
+    Raises:
+        InputError: for ``t`` not a finite number >= 0, or, when ``t != 1``, for any
+            other family, naming ``who`` (e.g. ``"the prior p(z0)"``).
+    """
+    t = check_temperature(t)
+    return d if t == 1.0 else _tempered(d, t, who)
+
+
+def _tempered(d, t, who):
+    D = torch.distributions
+    if isinstance(d, D.Independent):
+        return dist.Independent(_tempered(d.base_dist, t, who), d.reinterpreted_batch_ndims, validate_args=False)
+    if isinstance(d, D.MixtureSameFamily):
+        return dist.MixtureSameFamily(d.mixture_distribution, _tempered(d.component_distribution, t, who),
+                                      validate_args=False)
+    if isinstance(d, D.TransformedDistribution):
+        return dist.TransformedDistribution(_tempered(d.base_dist, t, who), d.transforms, validate_args=False)
+    if isinstance(d, dist.ExpandedDistribution):
+        return _tempered(d.base_dist, t, who).expand(d.batch_shape)
+    if isinstance(d, dist.Delta):
+        return d
+    for name in _LOC_SCALE:
+        if isinstance(d, getattr(D, name)):
+            return getattr(dist, name)(d.loc, d.scale * t, validate_args=False)
+    if isinstance(d, D.StudentT):
+        return dist.StudentT(d.df, d.loc, d.scale * t, validate_args=False)
+    if isinstance(d, D.MultivariateNormal):
+        return dist.MultivariateNormal(d.loc, scale_tril=d.scale_tril * t, validate_args=False)
+    raise InputError(f"temperature is not defined for {who}, a {type(d).__name__}: it scales the spread of Normal, "
+                     "Laplace, Cauchy, StudentT and MultivariateNormal distributions (also inside Independent, "
+                     "MixtureSameFamily and TransformedDistribution); use temperature=1 with this one")

@@ -1,4 +1,4 @@
-"""``pyro-vae train | evaluate | sample``: the command line over train, evaluate and plots."""
+"""``pyro-vae train | evaluate | sample | explore``: the command line over train, evaluate, plots and explore."""
 
 import argparse
 import contextlib
@@ -24,6 +24,16 @@ def _sizes(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,32,64, got {text!r}")
 
 
+def _number_like(example):
+    """An argparse type: a float, or an error that shows ``example``."""
+    def parse(text):
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number such as {example}, got {text!r}") from None
+    return parse
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders the Pyro way.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,12 +55,48 @@ def _parser():
     e.add_argument("--seed", type=int, default=0, help="random seed of the Monte Carlo draws (default 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("sample", help="write a grid of prior samples")
+    s = sub.add_parser("sample", help="write a grid of samples: from the model, at temperatures, or from a test "
+                                      "image with its top levels kept")
     s.add_argument("run_dir", help="run directory made by pyro-vae train")
-    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png)")
+    s.add_argument("--n", type=int, help="number of samples (default 64 in one grid; 8 per row with a list of "
+                                         "temperatures or --from-image)")
+    s.add_argument("--temperature", metavar="T[,T...]",
+                   help="scale the spread of every level's p(z0) and p(z_l | z_l-1) by T (0: every level at its "
+                        "mean; default 1); a comma list such as 0,0.5,0.8,1 draws one labelled row per temperature, "
+                        "the same draws in each column")
+    s.add_argument("--from-image", type=int, metavar="INDEX",
+                   help="conditional generation: keep the top --keep-levels levels of test image INDEX (one draw "
+                        "of the guide) and draw the rest from the model; writes the image then --n draws, one row "
+                        "per temperature")
+    s.add_argument("--keep-levels", type=int, metavar="K",
+                   help="with --from-image: how many top levels to keep, 0..L+1 (default 1: z0)")
+    s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png; samples_tT.png with --temperature; "
+                                 "fromINDEX_keepK.png, or fromINDEX_keepK_tT.png, with --from-image)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_explore_flags(sub)
     return p
+
+
+def _add_explore_flags(sub):
+    """``explore``: latent traversals and interpolations of test images (:mod:`pyro_vae.explore`)."""
+    x = sub.add_parser("explore", help="latent traversals and interpolations of test images; writes PNGs",
+                       description="Traversals (traversal_zL.png: one row per unit, the image then its decodes "
+                                   "with the unit moved) and interpolations (interpolation_I_J.png: linear and "
+                                   "spherical rows) of test images at their posterior means.")
+    x.add_argument("run_dir", help="run directory made by pyro-vae train")
+    x.add_argument("--traverse", type=int, action="append", metavar="LEVEL",
+                   help="traverse level LEVEL (0 = z0, the top); repeat for several levels")
+    x.add_argument("--image", type=int, default=0, help="test image to traverse (default 0)")
+    x.add_argument("--units", type=int, default=8, help="units per level, those whose posterior mean varies most "
+                                                        "over the first 1000 test images (default 8)")
+    x.add_argument("--steps", type=int, default=9, help="pictures per row (default 9)")
+    x.add_argument("--span", type=float, default=3.0,
+                   help="traverse +-SPAN standard deviations of each unit under the model (default 3)")
+    x.add_argument("--interpolate", metavar="I,J", help="interpolate between test images I and J")
+    x.add_argument("--mode", default="both", help="linear, spherical or both (default both: one row each)")
+    x.add_argument("--level", type=int, help="with --interpolate: only this level (default: every level)")
+    x.add_argument("--out", help="directory for the pictures (default RUN_DIR)")
+    x.add_argument("--device", help="cpu or cuda (default: the run's)")
 
 
 def _add_model_flags(t):
@@ -94,12 +140,21 @@ def _add_training_flags(t):
                    help="KL weight min(1, (t+1)/STEPS) at step t (default 0: off)")
     t.add_argument("--free-bits", type=float, metavar="NATS",
                    help="KL floor per level per image; an objective, not a bound (default 0: off)")
+    t.add_argument("--kl-balance", action="store_true", default=None,
+                   help="NVAE's KL balancing during the KL warm-up: each level's KL weighted by its share, so "
+                        "no level is switched off early; an objective, not a bound, until the warm-up ends")
     t.add_argument("--epochs", type=int, help=f"epochs to train up to (default {DEFAULTS.epochs})")
     t.add_argument("--batch-size", type=int, help=f"minibatch size (default {DEFAULTS.batch_size})")
     t.add_argument("--lr", type=float, help=f"Adam learning rate (default {DEFAULTS.lr})")
     t.add_argument("--seed", type=int, help=f"random seed (default {DEFAULTS.seed})")
     t.add_argument("--device", help="cpu or cuda (default cpu)")
     t.add_argument("--grad-clip", type=float, help="clip the total gradient norm to this (default 0: off)")
+    t.add_argument("--skip-grad-norm", type=_number_like(40000), metavar="THRESHOLD",
+                   help="skip (count, log, do not apply) every update whose total gradient norm exceeds this "
+                        "(default 0: off)")
+    t.add_argument("--ema", type=_number_like(0.999), metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay, e.g. 0.999; "
+                        "held-out ELBOs, best.pt, the pictures, evaluate and sample use it (default 0: off)")
     t.add_argument("--max-bad-steps", type=int,
                    help="stop after this many consecutive steps with a non-finite loss or gradient, each "
                         f"skipped (default {DEFAULTS.max_bad_steps})")
@@ -205,11 +260,60 @@ def _evaluate(args):
 def _finite_json(summary):
     """``summary`` with every non-finite number replaced by ``None`` and listed under ``not_finite``
     (strict JSON has no NaN or Infinity)."""
-    bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
-    out = {k: (None if k in bad else v) for k, v in summary.items()}
+    def finite(v):
+        return not (isinstance(v, float) and not math.isfinite(v))
+
+    bad = [k for k, v in summary.items() if not (all(map(finite, v)) if isinstance(v, list) else finite(v))]
+    out = {k: v for k, v in summary.items()}
+    for k in bad:  # a list (per unit) keeps its finite entries
+        out[k] = [u if finite(u) else None for u in out[k]] if isinstance(out[k], list) else None
     if bad:
         out["not_finite"] = bad
     return out
+
+
+def _temperatures(text):
+    """The floats of ``--temperature T[,T...]``, each finite and >= 0; ``[1.0]`` when not given."""
+    if text is None:
+        return [1.0]
+    values = []
+    for part in text.split(","):
+        try:
+            t = float(part)
+        except ValueError:
+            t = math.nan
+        if not (math.isfinite(t) and t >= 0):
+            raise InputError(f"--temperature takes finite numbers >= 0, got {part.strip()!r}; use e.g. "
+                             "--temperature 0.8, or a list such as --temperature 0,0.5,0.8,1")
+        values.append(t)
+    return values
+
+
+def _sample_path(args, temperatures):
+    """The picture to write: ``--out``, else a name in the run directory that says what it holds."""
+    if args.out:
+        return Path(args.out)
+    suffix = "" if args.temperature is None else "_t" + "_".join(f"{t:g}" for t in temperatures)
+    if args.from_image is not None:
+        keep = 1 if args.keep_levels is None else args.keep_levels
+        return Path(args.run_dir) / f"from{args.from_image}_keep{keep}{suffix}.png"
+    return Path(args.run_dir) / f"samples{suffix}.png"
+
+
+def _source_image(args, vae, config):
+    """``(x, K)``: test image ``--from-image`` ``(1, *x_shape)`` and ``--keep-levels``, checked against the run."""
+    from .train import load_data
+
+    keep = 1 if args.keep_levels is None else args.keep_levels
+    if not 0 <= keep <= vae.levels + 1:
+        names = f"z0..z{vae.levels}" if vae.levels else "z0"
+        raise InputError(f"--keep-levels must be in 0..{vae.levels + 1} for this run's {vae.levels + 1} "
+                         f"level{'s' if vae.levels else ''} ({names}), got {keep}; use e.g. --keep-levels 1")
+    _, x_test = load_data(config, vae.device)
+    if args.from_image >= x_test.shape[0]:
+        raise InputError(f"--from-image {args.from_image} is outside the test set's 0..{x_test.shape[0] - 1}; use "
+                         f"an index from 0 to {x_test.shape[0] - 1}")
+    return x_test[args.from_image:args.from_image + 1], keep
 
 
 def _sample(args):
@@ -219,9 +323,16 @@ def _sample(args):
     from .rundir import RunLock
     from .train import is_image, load_run
 
-    if args.n < 1:
+    temperatures = _temperatures(args.temperature)
+    if args.n is not None and args.n < 1:
         raise InputError(f"--n must be positive, got {args.n}; use e.g. --n 64")
-    path = Path(args.out) if args.out else Path(args.run_dir) / "samples.png"
+    if args.from_image is None and args.keep_levels is not None:
+        raise InputError("--keep-levels K goes with --from-image INDEX (the test image whose top K levels are "
+                         "kept); pass both, e.g. --from-image 0 --keep-levels 1")
+    if args.from_image is not None and args.from_image < 0:
+        raise InputError(f"--from-image takes a test image's index >= 0, got {args.from_image}; use e.g. "
+                         "--from-image 0")
+    path = _sample_path(args, temperatures)
     plots._format(path)  # a known picture format, before any work
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: the directory {path.parent} does not exist; create it or choose "
@@ -230,18 +341,81 @@ def _sample(args):
     if not is_image(vae):
         raise InputError(f"{args.run_dir} was trained on {config.dataset} data of shape {vae.x_shape}, not images; "
                          "draw samples in Python with vae.sample(n) or pyro.infer.Predictive(vae.model, ...)")
+    source = _source_image(args, vae, config) if args.from_image is not None else None
     pyro.set_rng_seed(args.seed)
     inside = path.parent.resolve() == Path(args.run_dir).resolve()
     with RunLock(args.run_dir) if inside else contextlib.nullcontext():  # a writer in the run directory
-        plots.save_samples(vae, path, n=args.n)
+        if source is not None:
+            plots.save_generated(vae, source[0], path, source[1], temperatures, n=args.n or 8, seed=args.seed)
+        elif len(temperatures) > 1:
+            plots.save_temperatures(vae, path, temperatures, n=args.n or 8, seed=args.seed)
+        else:
+            plots.save_samples(vae, path, n=args.n or 64, temperature=temperatures[0])
     print(f"wrote {path}")
+
+def _explore_checks(args, levels, n_test):
+    """Refuse bad ``explore`` input before any picture; returns the interpolation pair ``(I, J)`` or None."""
+    from .explore import MODES
+
+    if not args.traverse and args.interpolate is None:
+        raise InputError("nothing to draw; pass --traverse LEVEL and/or --interpolate I,J")
+    for level in [*(args.traverse or []), *([] if args.level is None else [args.level])]:
+        if not 0 <= level <= levels:
+            raise InputError(f"level {level} is outside 0..{levels} (the run's levels z0..z{levels}); use a level "
+                             f"from 0 to {levels}")
+    if args.mode not in (*MODES, "both"):
+        raise InputError(f"unknown mode {args.mode!r}; choose one of: {', '.join(MODES)}, both")
+    if args.steps < 2 or args.units < 1 or not 0 < args.span < math.inf:
+        raise InputError("--steps must be >= 2, --units >= 1 and --span a positive number; use e.g. --steps 9 "
+                         "--units 8 --span 3")
+    pair = None
+    if args.interpolate is not None:
+        try:
+            pair = tuple(int(i) for i in args.interpolate.split(","))
+        except ValueError:
+            pair = ()
+        if len(pair) != 2:
+            raise InputError(f"--interpolate takes two test-image indices I,J, got {args.interpolate!r}; use e.g. "
+                             "--interpolate 0,1")
+    for index in [*([args.image] if args.traverse else []), *(pair or ())]:
+        if not 0 <= index < n_test:
+            raise InputError(f"image {index} is outside the test set's 0..{n_test - 1}; use an index from 0 to "
+                             f"{n_test - 1}")
+    return pair
+
+
+def _explore(args):
+    from . import explore
+    from .rundir import RunLock
+    from .train import is_image, load_data, load_run
+
+    out = Path(args.out) if args.out else Path(args.run_dir)
+    if not out.is_dir():
+        raise InputError(f"cannot write into {out}: it is not a directory; create it or choose another --out")
+    vae, config = load_run(args.run_dir, device=args.device)
+    if not is_image(vae):
+        raise InputError(f"{args.run_dir} was trained on {config.dataset} data of shape {vae.x_shape}, not images; "
+                         "use pyro_vae.explore.traverse and interpolate in Python")
+    _, x_test = load_data(config, vae.device)
+    pair = _explore_checks(args, vae.levels, x_test.shape[0])
+    written = []
+    with RunLock(args.run_dir) if out.resolve() == Path(args.run_dir).resolve() else contextlib.nullcontext():
+        for level in dict.fromkeys(args.traverse or []):
+            written.append(out / f"traversal_z{level}.png")
+            explore.save_traversal(vae, x_test[args.image], written[-1], level, units=args.units, steps=args.steps,
+                                   span=args.span, reference=x_test[:1000])
+        if pair is not None:
+            written.append(out / f"interpolation_{pair[0]}_{pair[1]}.png")
+            explore.save_interpolation(vae, x_test[pair[0]], x_test[pair[1]], written[-1], mode=args.mode,
+                                       steps=args.steps, level=args.level)
+    print("wrote " + " ".join(map(str, written)))
 
 
 def main(argv=None):
     """Entry point of ``pyro-vae``; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+        {"train": _train, "evaluate": _evaluate, "sample": _sample, "explore": _explore}[args.command](args)
     except InputError as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2

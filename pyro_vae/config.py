@@ -38,7 +38,7 @@ PRESETS = {
 
 TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps", "lr", "beta", "grad_clip",
                  "free_bits", "kl_warmup", "checkpoint_every", "elbo", "val_size", "patience", "kl_warmup_epochs",
-                 "seed", "squeeze")
+                 "seed", "squeeze", "ema", "skip_grad_norm", "kl_balance")
 
 
 @dataclasses.dataclass
@@ -66,6 +66,13 @@ class RunConfig:
     ``binarize``: ``"dynamic"`` redraws Bernoulli(x) for every training batch
     (a new binarisation each epoch) and binarises the test set once with a
     fixed seed; ``"fixed"`` binarises both once; ``"none"`` keeps grey values.
+
+    ``ema`` is the decay of :class:`~pyro_vae.callbacks.WeightAverage` (0: off),
+    whose averaged weights are then the ones evaluated, kept and drawn from;
+    ``kl_balance`` trains on :class:`~pyro_vae.objectives.BalancedKLELBO` (NVAE's KL
+    balancing during the warm-up);
+    ``skip_grad_norm`` the threshold of :class:`~pyro_vae.callbacks.GradientSkip`
+    (0: off): updates whose total gradient norm exceeds it are skipped.
     """
 
     dataset: str = "fashion-mnist"
@@ -100,6 +107,9 @@ class RunConfig:
     kl_warmup_epochs: int = 0
     squeeze: float = 0.0
     skip: bool = False
+    ema: float = 0.0
+    skip_grad_norm: float = 0.0
+    kl_balance: bool = False
 
     # settings that change the model or its data; a resume must not change them
     MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",

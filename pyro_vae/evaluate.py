@@ -74,7 +74,72 @@ def _log_densities(vae, x, k, dim=-2):
                                  "sample site of the same name for every latent site of the model")
             lq = guide_tr.nodes[name]["unscaled_log_prob"]
             log_qz[name] = lq.reshape(k, -1, x.shape[0]).sum(1) if lq.dim() > 2 else lq.expand(shape)
-    return {"log_px_z": log_px_z, "log_pz": log_pz, "log_qz": log_qz}
+    return {"log_px_z": log_px_z, "log_pz": log_pz, "log_qz": log_qz, "guide_trace": guide_tr,
+            "model_trace": model_tr, "units": _unit_terms(guide_tr, model_tr, log_pz, shape)}
+
+
+def _diagonal_normal(fn):
+    """The ``Normal`` of a diagonal Gaussian site (``Normal(loc, scale).to_event(1)``), else None."""
+    base = getattr(fn, "base_dist", None)
+    return base if isinstance(base, torch.distributions.Normal) and fn.event_shape == base.batch_shape[-1:] else None
+
+
+def _unit_terms(guide_tr, model_tr, sites, shape):
+    """Per unit of each latent site where q and p are both diagonal Gaussians: log q - log p of each
+    coordinate of the draw, ``(k, B, D_l)`` (their sum over units is the site's term)."""
+    out = {}
+    for name in sites:
+        q, p = _diagonal_normal(guide_tr.nodes[name]["fn"]), _diagonal_normal(model_tr.nodes[name]["fn"])
+        if q is None or p is None:
+            continue
+        z = guide_tr.nodes[name]["value"]
+        terms = q.log_prob(z) - p.log_prob(z)
+        if terms.shape[:-1] == shape:
+            out[name] = terms
+    return out
+
+
+def level_order(vae, x):
+    """How the guide draws the latent sites, compared with the model: ``"model"`` (the same order: each
+    site's E_q[log q - log p] is that level's share of the KL), ``"reversed"`` (a bottom-up chain: its
+    shares are estimated, see :func:`elbo_terms`) or ``"other"``. Traced once on one data point."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        guide_tr = poutine.trace(vae.guide).get_trace(x[:1])
+        model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x[:1])
+    latent = [n for n, s in model_tr.nodes.items()
+              if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
+    drawn = [n for n in guide_tr.nodes if n in latent]
+    if drawn == latent:
+        return "model"
+    bottom_up = getattr(vae, "guide_order", None) == "bottom-up" and getattr(vae, "levels", 0) > 0
+    return "reversed" if bottom_up and drawn == latent[::-1] else "other"
+
+
+def _shares_reversed(vae, xb, d, mixture, dim):
+    """Each level's share of the KL in the model's order for a bottom-up chain, ``{site: (k, B)}``.
+
+    With C_l = log q(z_0..z_l | x) - log p(z_0..z_l) at the draw (the top l+1 levels' KL, in
+    expectation), the share of z_l is C_l - C_{l-1}; they add up to the total exactly. The guide draws
+    z_L first, so q(z_0..z_l | x) = q(z_l | x) prod_{j<l} q(z_j | z_j+1), and the marginal q(z_l | x)
+    (l < L) is estimated by a mixture over ``mixture`` fresh guide draws of the levels below it:
+    (1/M) sum_m q(z_l | z_l+1^(m)). That log-estimate is biased down by O(1/M).
+    """
+    names = [f"z{level}" for level in range(vae.levels + 1)]
+    with pyro.plate("eval_mixture", mixture, dim=dim):
+        fresh = poutine.trace(vae.guide).get_trace(xb)
+    shares, previous = {}, 0.0
+    for level, name in enumerate(names):
+        if level == vae.levels:
+            marginal = d["log_qz"][name]
+        else:
+            z = d["guide_trace"].nodes[name]["value"]  # (k, B, D)
+            z = z.unsqueeze(1).expand(z.shape[0], mixture, *z.shape[1:])  # a flow's context needs it whole
+            log_q = fresh.nodes[name]["fn"].log_prob(z)  # (k, M, B): under each mixture component
+            marginal = torch.logsumexp(log_q, dim=1) - math.log(mixture)
+        c = marginal + sum(d["log_qz"][n] for n in names[:level]) - sum(d["log_pz"][n] for n in names[:level + 1])
+        shares[name], previous = c - previous, c
+    return shares
 
 
 def _batches(x, batch_size):
@@ -85,8 +150,17 @@ def _batches(x, batch_size):
 
 
 @torch.no_grad()
-def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None):
-    """The ELBO of each data point and its two terms, in nats.
+def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32, moments=False):
+    """The ELBO of each data point, its two terms, and each level's share of the KL, in nats.
+
+    The KL per level is each level's **share of the total KL in the model's order** (z0 first):
+    ``kl_z<l>`` = KL(q(z_0..z_l | x) || p(z_0..z_l)) - KL(q(z_0..z_l-1 | x) || p(z_0..z_l-1)),
+    which is >= 0 and adds up to the total ``kl`` for every guide, so the numbers of a top-down and a
+    bottom-up chain compare. Where the guide draws in the model's order (one level, the top-down guide)
+    it is E_q[log q(z_l | x, z_<l) - log p(z_l | z_<l)], exact. The bottom-up guide draws z_L first: its
+    shares need q's marginals and are estimated (see ``mixture``), and its per-site terms
+    E_q[log q(z_l | z_l+1) - log p(z_l | z_l-1)], which are *not* KLs (they can be negative), are
+    returned as ``logratio_z<l>``. A user's guide in another order gets ``logratio_`` terms only.
 
     Args:
         vae: a :class:`pyro_vae.VAE`.
@@ -94,11 +168,19 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None):
         num_samples: draws z ~ q(z | x) averaged per data point.
         batch_size: data points per forward pass.
         max_rows: bound on draws x data points at once (``None``: :func:`default_max_rows`).
+        mixture: for a bottom-up chain, M fresh guide draws per data point whose mixture
+            (1/M) sum_m q(z_l | z_l+1^(m)) estimates the marginal q(z_l | x).
+        moments: also return, per latent site, ``mean_<site>`` ``(N, D_l)``, the guide's mean of
+            each unit averaged over the draws, and ``prior_var_<site>`` ``(N, D_l)``, the model's
+            variance of each unit at the guide's draws of its parents: :func:`activity` of the
+            two is what :func:`active_units` counts, from the same draws as the ELBO.
 
     Returns:
         dict of tensors of shape ``(N,)``: ``elbo``, ``reconstruction``
-        (E_q log p(x | z)), ``kl`` (total E_q[log q - log p]) and ``kl_<site>``
-        for each latent site (e.g. ``kl_z0``).
+        (E_q log p(x | z)), ``kl`` (total E_q[log q - log p]), ``kl_<site>`` per
+        latent site as above, ``logratio_<site>`` where the guide's order is not the
+        model's; and ``unit_kl_<site>`` ``(N, D_l)`` per unit of a level whose q and p
+        are diagonal Gaussians and drawn in the model's order (the level's share, unit by unit).
     """
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise InputError(f"num_samples must be a positive integer, got {num_samples!r}; use e.g. num_samples=10")
@@ -106,23 +188,39 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None):
     max_rows = default_max_rows(x) if max_rows is None else int(max_rows)
     parts = []
     with pyro.validation_enabled(False):
-        dim = particle_dim(vae, x)
+        dim, order = particle_dim(vae, x), level_order(vae, x)
         for xb in _batches(x, batch_size):
             chunk = max(1, min(num_samples, max_rows // xb.shape[0]))
             sums, done = {}, 0
             while done < num_samples:  # draws in chunks: memory bounded for any num_samples
                 k = min(chunk, num_samples - done)
                 d = _log_densities(vae, xb, k, dim)
-                terms = {"reconstruction": d["log_px_z"]}
-                terms.update({"kl_" + name: d["log_qz"][name] - d["log_pz"][name] for name in d["log_pz"]})
+                terms = _chunk_terms(vae, xb, d, order, mixture, dim)
+                if moments:
+                    for name, (mean, spread) in _site_moments(d["guide_trace"], d["model_trace"], d["log_pz"]).items():
+                        terms.update({"mean_" + name: mean, "prior_var_" + name: spread})
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value.sum(0)
                 done += k
             out = {key: value / num_samples for key, value in sums.items()}
-            out["kl"] = sum(out["kl_" + name] for name in d["log_pz"])
+            out["kl"] = sum(out[("kl_" if order == "model" else "logratio_") + name] for name in d["log_pz"])
             out["elbo"] = out["reconstruction"] - out["kl"]
             parts.append(out)
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def _chunk_terms(vae, xb, d, order, mixture, dim):
+    """The per-draw terms of one chunk, each ``(k, B)`` (``(k, B, D_l)`` per unit)."""
+    sites = {name: d["log_qz"][name] - d["log_pz"][name] for name in d["log_pz"]}
+    terms = {"reconstruction": d["log_px_z"]}
+    if order == "model":
+        terms.update({"kl_" + name: value for name, value in sites.items()})
+        terms.update({"unit_kl_" + name: value for name, value in d["units"].items()})
+        return terms
+    terms.update({"logratio_" + name: value for name, value in sites.items()})
+    if order == "reversed":
+        terms.update({"kl_" + name: value for name, value in _shares_reversed(vae, xb, d, mixture, dim).items()})
+    return terms
 
 
 def default_max_rows(x, cpu_rows=20000, fraction=0.25, bytes_per_value=64):
@@ -193,8 +291,16 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
 
 @torch.no_grad()
 def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
-    """Active units per latent site (Burda et al. 2016): dimensions u of z_l with
-    ``Var_x(E_q[u | x]) > threshold``.
+    """Active units per latent site, scale-free: dimensions u of z_l whose **activity**
+    ``Var_x(E_q[u | x]) / E[Var_p(u | parents)]`` exceeds ``threshold``.
+
+    The numerator is Burda et al.'s (2016) statistic: how much the guide's mean of the unit moves
+    across data points. The denominator is the model's own spread of the unit at that point: the
+    variance of p(z0) for the top level (1 for the standard normal prior, so there the count is
+    Burda et al.'s exactly) and of p(z_l | z_l-1) at the guide's draws of the parents for a
+    conditional level, averaged over data and draws. So a unit counts as active when its posterior
+    mean moves by more than a tenth (threshold 0.01) of the model's own standard deviation there,
+    whatever scale the learned transitions give each unit.
 
     ``E_q[z_l | x]`` is the mean of the guide's distribution at that site,
     averaged over ``num_samples`` draws of the levels the guide samples
@@ -203,38 +309,82 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
     :func:`~pyro_vae.posteriors.location`, the image of its base Gaussian's
     mean: averaging a few draws instead would add their variance, and count
     collapsed units as active. Sites with neither use the average of the draws.
+    A prior without a closed-form variance (a flow) gets the variance of 256 of its draws.
 
     Args:
         vae: a :class:`pyro_vae.VAE`.
         x: data ``(N, *x_shape)``, N >= 2.
         num_samples: draws per data point.
-        threshold: the variance above which a unit counts as active.
+        threshold: the activity above which a unit counts as active.
 
     Returns:
-        dict site -> ``(count, variances)``; ``variances`` has shape ``(D_l,)``.
+        dict site -> ``(count, activity)``; ``activity`` has shape ``(D_l,)``.
     """
     vae.check_data(x)
     if x.shape[0] < 2:
         raise InputError("active units need at least 2 data points (a variance across data)")
-    means = {}
+    means, spreads = {}, {}
     with pyro.validation_enabled(False):
         dim = particle_dim(vae, x)
         for xb in _batches(x, batch_size):
             with pyro.plate("eval_particles", num_samples, dim=dim):
-                trace = poutine.trace(vae.guide).get_trace(xb)
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
-                    continue
-                try:
-                    mean = location(site["fn"])
-                except NotImplementedError:
-                    mean = site["value"]
-                means.setdefault(name, []).append(mean.expand(site["value"].shape).mean(0))
+                guide_tr = poutine.trace(vae.guide).get_trace(xb)
+                model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(xb)
+            names = [n for n, site in guide_tr.nodes.items() if site["type"] == "sample"
+                     and not site_is_subsample(site) and not site["is_observed"]]
+            for name, (mean, spread) in _site_moments(guide_tr, model_tr, names).items():
+                means.setdefault(name, []).append(mean.mean(0))
+                spreads.setdefault(name, []).append(spread.mean(0))
     out = {}
     for name, parts in means.items():
-        variances = torch.cat(parts).var(dim=0, unbiased=False)
-        out[name] = (int((variances > threshold).sum()), variances)
+        a = activity(torch.cat(parts), torch.cat(spreads[name]))
+        out[name] = (int((a > threshold).sum()), a)
     return out
+
+
+def _site_moments(guide_tr, model_tr, names):
+    """Per latent site: the guide's mean of each unit (:func:`~pyro_vae.posteriors.location`, else the
+    draw) and the model's variance of it at the guide's draws of its parents, each ``(k, B, D)``."""
+    out = {}
+    for name in names:
+        site = guide_tr.nodes[name]
+        try:
+            mean = location(site["fn"])
+        except NotImplementedError:
+            mean = site["value"]
+        shape = site["value"].shape
+        out[name] = (mean.expand(shape), _variance(model_tr.nodes[name]["fn"]).expand(shape))
+    return out
+
+
+def activity(means, variances):
+    """Each unit's activity from the guide's means ``(N, D)`` (one per data point) and the model's
+    variances ``(N, D)`` there: ``Var_x(E_q[u | x]) / mean(Var_p(u | parents))``, ``(D,)``."""
+    return means.var(dim=0, unbiased=False) / variances.mean(0)
+
+
+def level_record(terms, prefix, threshold=0.01):
+    """What an epoch records of each level from :func:`elbo_terms` ``terms`` (``moments=True``):
+    ``{prefix}_kl_<site>`` (its share of the KL, nats per data point), ``{prefix}_active_units_<site>``
+    (units of :func:`activity` above ``threshold``) and ``{prefix}_unit_kl_<site>`` (a list: nats per
+    unit, where :func:`elbo_terms` defines it)."""
+    record = {f"{prefix}_{key}": float(v.mean()) for key, v in terms.items() if key.startswith("kl_")}
+    for key in terms:
+        if key.startswith("mean_"):
+            name = key[len("mean_"):]
+            a = activity(terms[key], terms["prior_var_" + name])
+            record[f"{prefix}_active_units_{name}"] = int((a > threshold).sum())
+        elif key.startswith("unit_kl_"):
+            record[f"{prefix}_{key}"] = [round(float(v), 4) for v in terms[key].mean(0)]
+    return record
+
+
+def _variance(fn):
+    """The model's variance of a latent site, per unit (``fn.variance``, else that of 256 draws)."""
+    try:
+        return fn.variance
+    except NotImplementedError:
+        return fn.sample((256,)).var(0)
 
 
 def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress=True):
@@ -250,10 +400,12 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
 
     Returns:
         dict of floats (nats per data point): ``elbo``, ``reconstruction``,
-        ``kl``, ``kl_<site>`` per level, ``iw_log_likelihood`` (if
-        computed); ints ``active_units_<site>`` per level (of
-        ``latent_dims``), ``n``, ``iw_samples``, ``elbo_samples``; and the
-        list ``latent_dims``.
+        ``kl``, ``kl_<site>`` per level (its share of the KL in the model's order,
+        see :func:`elbo_terms`), ``logratio_<site>`` for a bottom-up chain,
+        ``iw_log_likelihood`` (if computed); lists ``unit_kl_<site>`` (nats per
+        unit, where defined) and ``activity_<site>`` (see :func:`active_units`);
+        ints ``active_units_<site>`` per level (of ``latent_dims``), ``n``,
+        ``iw_samples``, ``elbo_samples``; and the list ``latent_dims``.
     """
     was_training = vae.training
     vae.eval()
@@ -265,9 +417,13 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
 
 def _summary(vae, x, iw_samples, elbo_samples, batch_size, progress):
     terms = elbo_terms(vae, x, num_samples=elbo_samples)
-    summary = {key: float(value.mean()) for key, value in terms.items()}
+    summary = {key: float(value.mean()) for key, value in terms.items() if not key.startswith("unit_kl_")}
+    summary.update({key: [round(float(v), 4) for v in value.mean(0)] for key, value in terms.items()
+                    if key.startswith("unit_kl_")})
     if x.shape[0] >= 2:
-        summary.update({f"active_units_{name}": count for name, (count, _) in active_units(vae, x).items()})
+        units = active_units(vae, x)
+        summary.update({f"active_units_{name}": count for name, (count, _) in units.items()})
+        summary.update({f"activity_{name}": [round(float(v), 4) for v in a] for name, (_, a) in units.items()})
     summary.update(n=int(x.shape[0]), elbo_samples=int(elbo_samples), iw_samples=int(iw_samples),
                    latent_dims=list(getattr(vae, "latent_dims", [])))
     if iw_samples:

@@ -8,6 +8,9 @@
 * :class:`FreeBitsELBO` is ``Trace_ELBO`` with a KL floor per latent site
   (per level). It is a training objective, **not** a bound on log p(x):
   report the ELBO and the IW estimate from :mod:`pyro_vae.evaluate`.
+* :class:`BalancedKLELBO` is ``Trace_ELBO`` whose per-level KLs are reweighted
+  during the KL warm-up (NVAE's KL balancing), so that no level is switched
+  off early; after the warm-up it is ``Trace_ELBO`` exactly.
 """
 
 import math
@@ -126,3 +129,44 @@ class FreeBitsELBO(Trace_ELBO):
             floored = torch.clamp(per_particle.mean(-1), min=self.free_bits).sum() * kl.shape[-1]
             objective = objective - scale * floored
         return -torch_item(objective), -objective
+
+
+class BalancedKLELBO(FreeBitsELBO):
+    """``Trace_ELBO`` with NVAE's KL balancing (Vahdat & Kautz 2020, section 3.2 and their
+    ``kl_balancer``) during the KL warm-up.
+
+    While a latent site's scale (``beta * kl_weight``, set by the warm-up) is below 1, level l's
+    KL enters the loss multiplied by ``gamma_l = s_l / mean(s)`` with
+    ``s_l = (mean over the batch of |KL_l| + 0.01) / alpha_l`` and ``alpha_l`` the level's number
+    of units over the smallest level's: a level that holds little KL gets a small weight, so the
+    warm-up does not push it to collapse; the ``gamma`` are treated as constants (no gradient
+    flows through them) and average to 1. Once the scale reaches 1 the loss is the ELBO's. Like
+    free bits, during the warm-up it is a training objective, **not** a bound.
+
+    Args:
+        **kwargs: passed to ``Trace_ELBO`` (``num_particles``, ``vectorize_particles``, ...).
+    """
+
+    def __init__(self, analytic_kl=False, **kwargs):
+        super().__init__(0.0, analytic_kl=analytic_kl, **kwargs)
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        objective = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and site["is_observed"]:
+                objective = objective + site["log_prob_sum"]
+        kls = self.site_kls(model_trace, guide_trace)
+        gammas = balance({name: kl for name, (kl, _) in kls.items()},
+                         {name: model_trace.nodes[name]["fn"].event_shape.numel() for name in kls})
+        for name, (kl, scale) in kls.items():
+            objective = objective - scale * (gammas[name] if scale < 1 else 1.0) * kl.sum()
+        return -torch_item(objective), -objective
+
+
+def balance(kls, units):
+    """NVAE's KL-balancing coefficients: ``{site: gamma}`` (detached scalars averaging 1) from the
+    sites' KLs per data point ``{site: (*particles, B)}`` and their numbers of units ``{site: int}``."""
+    smallest = min(units.values())
+    s = {name: (kl.detach().abs().mean() + 0.01) / (units[name] / smallest) for name, kl in kls.items()}
+    mean = sum(s.values()) / len(s)
+    return {name: value / mean for name, value in s.items()}

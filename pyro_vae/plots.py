@@ -1,5 +1,7 @@
-"""Pictures a person can look at: sample, reconstruction and per-level grids, training curves."""
+"""Pictures a person can look at: sample, reconstruction, per-level, temperature and conditional
+generation grids (labelled with matplotlib), training curves."""
 
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -30,10 +32,46 @@ def save_grid(images, path, **grid):
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def save_samples(vae, path, n=64, nrow=8):
-    """Save a grid of E[x | zL] for ``n`` draws of the whole chain from the model (images ``(n, C, H, W)``)."""
+def save_samples(vae, path, n=64, nrow=8, temperature=1.0):
+    """Save a grid of E[x | zL] for ``n`` draws of the whole chain from the model (images ``(n, C, H, W)``),
+    every level drawn at ``temperature`` (:meth:`pyro_vae.VAE.sample`)."""
     vae.eval()
-    save_grid(vae.sample(n).clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
+    save_grid(vae.sample(n, temperature=temperature).clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def save_temperatures(vae, path, temperatures, n=8, seed=0):
+    """Save one labelled row of ``n`` samples (images ``(n, C, H, W)``) per temperature in ``temperatures``.
+
+    Every row is drawn from the same RNG state (``seed``; the global RNG is left as it
+    was), so column j holds the same draw at each temperature: with Gaussian levels
+    the same noise, scaled by t.
+    """
+    vae.eval()
+    rows = []
+    for t in temperatures:
+        with _seeded(seed, vae.device):
+            rows.append(vae.sample(n, temperature=t).clamp(0, 1))
+    save_labelled_grid(torch.cat(rows).cpu(), path, n, [f"t = {t:g}" for t in temperatures],
+                       title=f"{n} samples per temperature (each column: one draw, at every temperature)")
+
+
+def save_generated(vae, x, path, keep_levels, temperatures=(1.0,), n=8, seed=0, kept="draw"):
+    """Save conditional generation from one data point: per temperature a labelled row of ``x`` and then
+    ``n`` draws of :meth:`pyro_vae.VAE.generate_from` (its ``keep_levels`` top levels kept from the guide,
+    one draw or the means as ``kept`` says; the rest drawn at that temperature). Every row starts from the
+    same RNG state (``seed``), so the kept draw is the same in all rows.
+
+    Args:
+        x: one image ``(1, C, H, W)`` on the VAE's device.
+    """
+    vae.eval()
+    rows = []
+    for t in temperatures:
+        with _seeded(seed, vae.device):
+            rows.append(torch.cat([x, vae.generate_from(x, keep_levels, n, temperature=t, kept=kept)[0].clamp(0, 1)]))
+    what = "one draw of q" if kept == "draw" else "q's mean"
+    title = f"the image, then {n} draws: {_level_label(keep_levels, vae.levels, what)}"
+    save_labelled_grid(torch.cat(rows).cpu(), path, n + 1, [f"t = {t:g}" for t in temperatures], title=title)
 
 
 def save_reconstructions(vae, x, path, n=32):
@@ -51,26 +89,123 @@ def save_reconstructions(vae, x, path, n=32):
     save_grid(make_grid(pairs.cpu(), nrow=16, padding=2, pad_value=1.0), path)
 
 
-def save_levels(vae, x, path, images=4, samples=8):
-    """Save what each latent level controls, as ``levels.png``.
+def save_levels(vae, x, path, images=4, samples=8, kept="draw"):
+    """Save what each latent level controls, as ``levels.png``, with each row labelled on its left.
 
     For each of the first ``images`` data points a block of ``L + 2`` rows;
-    row ``l`` (0 .. L+1) starts with the data point and then shows
-    ``samples`` draws of E[x | zL] that keep the guide's z0 ... z_{l-1} for it
-    and redraw z_l ... zL from the model (:meth:`pyro_vae.VAE.resample_below`):
-    row 0 is pure prior samples, the last row keeps every level.
+    row ``l`` (0 .. L+1) starts with the data point and then shows ``samples``
+    draws of E[x | zL] (:meth:`pyro_vae.VAE.resample_below`) that keep z0 ...
+    z_{l-1} from the guide and redraw z_l ... zL from the model. The kept levels are
+    **one** draw of q(z0, ..., zL | x) per row (``kept="mean"``: q's means), the
+    same in every column, so a row varies only in the redrawn levels. Row 0
+    ("all from the prior") is pure prior samples; the last ("all kept") repeats one
+    sampled reconstruction.
 
     Args:
         x: images ``(N, C, H, W)`` on the VAE's device.
+        kept: ``"draw"`` or ``"mean"`` (see :meth:`pyro_vae.VAE.resample_below`).
+
+    Returns:
+        ``(left, top)``: where the tile grid starts in the picture (see :func:`save_labelled_grid`).
     """
     vae.eval()
     x = x[:images]
-    rows = []
-    for i in range(x.shape[0]):
-        for level in range(vae.levels + 2):
-            draws = vae.resample_below(x[i:i + 1], level, samples)[0].clamp(0, 1)
-            rows.append(torch.cat([x[i:i + 1], draws]))
-    save_grid(torch.cat(rows).cpu(), path, nrow=samples + 1, padding=2, pad_value=1.0)
+    draws = [vae.resample_below(x, level, samples, kept=kept).clamp(0, 1) for level in range(vae.levels + 2)]
+    rows = [torch.cat([x[i:i + 1], d[i]]) for i in range(x.shape[0]) for d in draws]
+    what = "one draw of q" if kept == "draw" else "q's mean"
+    labels = [_level_label(level, vae.levels, what) for _ in range(x.shape[0]) for level in range(vae.levels + 2)]
+    title = f"the image, then {samples} draws; kept levels: {what} per row, shared by its {samples} draws"
+    return save_labelled_grid(torch.cat(rows).cpu(), path, samples + 1, labels, title=title)
+
+
+def _level_label(level, last, what):
+    """What a row that redraws from ``level`` holds, in a chain whose last level is ``last`` (L)."""
+    def span(a, b):
+        return f"z{a}" if a == b else f"z{a}-z{b}"
+    if level == 0:
+        return "all from the prior"
+    if level > last:
+        return f"all kept ({what})"
+    return f"{span(0, level - 1)} kept, {span(level, last)} redrawn"
+
+
+def save_labelled_grid(images, path, nrow, labels, title=None, zoom=2, fontsize=9):
+    """Write ``images`` ``(R * nrow, C, H, W)`` in [0, 1] as ``R`` rows of ``nrow`` tiles, ``labels[r]``
+    written left of row ``r`` and ``title`` above, atomically (rendered into memory first).
+
+    The tiles are ``make_grid``'s (padding 2, white), each pixel drawn as ``zoom x zoom``
+    pixels, unresampled; the picture is that grid, at its right edge, with a text margin on
+    its left (wider if the title needs it) and, with a title, a line on top:
+    ``(left + zoom * grid_width)`` by ``(top + zoom * grid_height)`` pixels.
+
+    Returns:
+        ``(left, top)``: where the grid's top-left pixel lies in the picture.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    fmt = _format(path)
+    rows = -(-images.shape[0] // nrow)
+    if len(labels) != rows:
+        raise InputError(f"{rows} rows of pictures need {rows} labels, got {len(labels)}")
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    grid = grid.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)  # (C, zoom * Hg, zoom * Wg)
+    pixels = grid.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    dpi, gap = 100, 8
+    label_width, title_width = _text_widths([labels, [title or ""]], fontsize, dpi)
+    width = max(gap + label_width + pixels.shape[1], title_width + 2 * gap)
+    margin = width - pixels.shape[1]  # the grid sits at the right edge, the labels left of it
+    top = 2 * fontsize * dpi // 72 if title else 0
+    height = top + pixels.shape[0]
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    fig.figimage(pixels, xo=margin, yo=0, origin="upper")
+    pitch = (images.shape[-2] + 2) * zoom  # one row of tiles, with its padding
+    for r, label in enumerate(labels):
+        y = top + zoom * 2 + r * pitch + (pitch - 2 * zoom) / 2  # the row's middle, from the top
+        fig.text((margin - gap / 2) / width, 1 - y / height, label, ha="right", va="center", fontsize=fontsize)
+    if title:
+        x = min(margin, width - gap - title_width)  # over the grid where it fits
+        fig.text(x / width, 1 - (top / 2) / height, title, ha="left", va="center", fontsize=fontsize)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt.lower(), dpi=dpi, facecolor="white")
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+    return margin, top
+
+
+def _text_widths(groups, fontsize, dpi):
+    """For each list of texts in ``groups``, the width in pixels of its widest, as matplotlib's Agg renderer
+    sets it at ``fontsize`` points and ``dpi``."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(dpi=dpi)
+    renderer = fig.canvas.get_renderer()
+    widths = [max(int(fig.text(0, 0, t, fontsize=fontsize).get_window_extent(renderer).width) + 2 for t in texts)
+              for texts in groups]
+    plt.close(fig)
+    return widths
+
+
+@contextlib.contextmanager
+def _seeded(seed, device):
+    """Within: torch's RNG (and the CUDA one of ``device``) seeded with ``seed``; restored afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _save_figure(fig, path):
+    """Write a matplotlib figure to ``path`` (its format from the suffix) atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=_format(path).lower())
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def save_curves(metrics_path, path):
@@ -92,8 +227,33 @@ def save_curves(metrics_path, path):
     ax.set_ylabel("nats per image")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=_format(path).lower())
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    _save_figure(fig, path)
+
+
+def save_level_curves(metrics_path, path):
+    """Per epoch from ``metrics.jsonl``, one line per level: its share of the KL (nats per image, left)
+    and its active units (right), on the validation data where recorded, else the test data. Where a
+    level's lines fall to zero and stay there, it has collapsed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    prefix = "val" if any("val_elbo" in r for r in records) else "test"
+    levels = sorted({k[len(prefix) + 4:] for r in records for k in r if k.startswith(f"{prefix}_kl_z")},
+                    key=lambda name: int(name[1:]))
+    fig, (kl, units) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
+    for name in levels:
+        for ax, key in ((kl, f"{prefix}_kl_{name}"), (units, f"{prefix}_active_units_{name}")):
+            points = [(r["epoch"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), "o-", markersize=3, label=name)
+    kl.set_ylabel(f"KL share per level, nats ({prefix})")
+    units.set_ylabel(f"active units ({prefix})")
+    for ax in (kl, units):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    _save_figure(fig, path)

@@ -21,9 +21,16 @@ COUNTS = {"checkpoint_every": ("0: at epoch ends only", 500), "val_size": ("0: n
           "patience": ("0: no early stopping", 50), "kl_warmup_epochs": ("0: no warm-up", 100)}
 
 
+# settings that a Python user gives as a part of the loop rather than a keyword of fit
+PARTS = {"ema": "WeightAverage", "skip_grad_norm": "GradientSkip"}
+
+
 def spell(name, value, cli):
-    """How a user sets ``name`` to ``value``: ``--batch-size 64`` (``cli``) or ``batch_size=64``."""
-    return f"--{name.replace('_', '-')} {value}" if cli else f"{name}={value}"
+    """How a user sets ``name`` to ``value``: ``--batch-size 64`` (``cli``) or ``batch_size=64``
+    (``callbacks.WeightAverage(0.999)`` for the settings that are parts in Python, see ``PARTS``)."""
+    if cli:
+        return f"--{name.replace('_', '-')} {value}"
+    return f"callbacks.{PARTS[name]}({value})" if name in PARTS else f"{name}={value}"
 
 
 def _number(value):
@@ -62,6 +69,12 @@ def _check_one(name, value, cli):
     elif name == "free_bits" and _number(value) and value > MAX_FREE_BITS:
         raise InputError(f"free_bits {value:g} nats per level is beyond any KL a level can hold; use a floor of "
                          f"at most {MAX_FREE_BITS:g}, e.g. {spell('free_bits', '0.5', cli)}")
+    elif name == "ema" and not (_number(value) and 0 <= value < 1):
+        raise InputError(f"ema (the weight average's decay) must be a number in [0, 1) (0: off), got {value!r}; "
+                         f"use e.g. {spell('ema', 0.999, cli)}")
+    elif name == "skip_grad_norm" and not (_number(value) and value >= 0):
+        raise InputError(f"skip_grad_norm (skip updates whose gradient norm exceeds it) must be a number >= 0 "
+                         f"(0: off), got {value!r}; use e.g. {spell('skip_grad_norm', 40000, cli)}")
     elif name == "elbo" and value not in ELBO_NAMES:
         raise InputError(f"unknown elbo {value!r}; choose one of: {', '.join(ELBO_NAMES)}")
 
@@ -73,7 +86,8 @@ def check(settings, cli=False):
         settings: a dict of any of ``epochs``, ``batch_size``, ``num_particles``,
             ``max_bad_steps``, ``hidden``, ``lr``, ``beta``, ``grad_clip``,
             ``free_bits``, ``kl_warmup``, ``checkpoint_every``, ``elbo``,
-            ``val_size``, ``patience``, ``kl_warmup_epochs``, ``seed``, ``squeeze``;
+            ``val_size``, ``patience``, ``kl_warmup_epochs``, ``seed``, ``squeeze``,
+            ``ema``, ``skip_grad_norm``, ``kl_balance``;
             other keys are left to their owners.
         cli: spell the fix as a command-line flag rather than a keyword.
 
@@ -88,6 +102,14 @@ def check(settings, cli=False):
     if settings.get("patience") and not settings.get("val_size"):
         raise InputError("early stopping reads the validation ELBO, but there is no validation split; use "
                          f"{spell('val_size', 10000, cli)} with {spell('patience', settings['patience'], cli)}")
+    if settings.get("kl_balance") not in (None, False, True):
+        raise InputError(f"kl_balance must be True or False, got {settings['kl_balance']!r}")
+    if settings.get("kl_balance") and not (settings.get("kl_warmup") or settings.get("kl_warmup_epochs")):
+        raise InputError("KL balancing acts during the KL warm-up only (as in NVAE); add a warm-up: "
+                         f"{spell('kl_warmup', 10000, cli)} or {spell('kl_warmup_epochs', 10, cli)}")
+    if settings.get("kl_balance") and settings.get("free_bits"):
+        raise InputError("KL balancing and free bits are two objectives against collapse; choose one: "
+                         f"{spell('free_bits', 0, cli)}, or drop the KL balancing")
     if settings.get("elbo") == "jit" and (settings.get("kl_warmup") or settings.get("kl_warmup_epochs")
                                           or settings.get("free_bits")):
         jit, fix = ("--elbo jit", "--elbo trace or meanfield") if cli else ("the jit ELBO", "elbo='trace' or 'meanfield'")

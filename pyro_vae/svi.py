@@ -12,7 +12,9 @@ differences that only change speed:
 
 Same math: Adam is applied per element either way. Every step also checks
 that the loss and the total gradient norm are finite (and clips the norm if
-asked); a step that fails the check changes nothing.
+asked); a step that fails the check changes nothing. A predicate
+``skip_if(grad_norm)`` (set by :class:`~pyro_vae.callbacks.GradientSkip`) may
+also veto a finite step: gradients are dropped, nothing else changes.
 """
 
 import math
@@ -20,6 +22,8 @@ import math
 import pyro
 import pyro.poutine as poutine
 import torch
+
+from . import registration
 
 
 def make_optimizer(params, lr):
@@ -44,6 +48,13 @@ class TorchOptimSVI:
         elbo: a Pyro ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``, ``JitTrace_ELBO``, ...).
         lr: Adam learning rate.
         grad_clip: clip the total gradient norm to this (``None``: no clipping).
+
+    Attributes:
+        skip_if: ``None`` or a predicate ``grad_norm -> bool`` asked on every
+            finite step with the total gradient norm (before clipping); when it
+            says ``True`` the update is skipped: no parameter and no optimizer
+            state changes, and ``step`` still returns the loss.
+        updated: whether the last :meth:`step` applied an update.
     """
 
     def __init__(self, model, guide, elbo, lr, grad_clip=None):
@@ -52,6 +63,7 @@ class TorchOptimSVI:
         self.optimizer = None
         self._pending_state = None
         self._store_size = None
+        self.skip_if, self.updated = None, False
 
     def step(self, *args, **kwargs):
         """One gradient step; returns the loss that ``elbo`` trains on, a float (the negative ELBO of the
@@ -62,10 +74,14 @@ class TorchOptimSVI:
         first step, by a lazy module or a piece built on first use, joins the
         optimizer there).
 
+        A finite step that ``skip_if`` vetoes returns its loss with
+        ``updated`` False: gradients are dropped, nothing else changes.
+
         Raises:
             NonFiniteStep: the loss or the gradient norm was not finite;
                 gradients are dropped and no parameter changes.
         """
+        self.updated = False
         store = pyro.get_param_store()
         if self.optimizer is None or len(store) != self._store_size:
             with poutine.trace(param_only=True) as capture:
@@ -73,14 +89,17 @@ class TorchOptimSVI:
             self._capture([site["value"].unconstrained() for site in capture.trace.nodes.values()])
             self._store_size = len(store)
         else:
-            loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
+            with registration.held_by_optimizer():  # nothing re-registers what the optimizer holds
+                loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
         if self.optimizer is None:  # nothing to train yet (no parameter has been created)
             return loss
         grad_norm = self._grad_norm() if math.isfinite(loss) else loss
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteStep(loss, grad_norm)
-        self.optimizer.step()
+        if self.skip_if is None or not self.skip_if(grad_norm):
+            self.optimizer.step()
+            self.updated = True
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 

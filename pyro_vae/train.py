@@ -19,6 +19,9 @@ Two levels of convenience, both on top of ``vae.model`` and ``vae.guide``:
                            also the KL warm-up's position), RNG states,
                            config and history (written atomically)
       DIR/best.pt          with keep_best: the checkpoint of the best test ELBO
+                           (with ema, both files also hold the weight average,
+                           under callbacks/WeightAverage; "model" stays the
+                           trained weights, which a resume continues)
       DIR/samples.png, reconstructions.png, levels.png, curves.png   (see plots.py)
 
 Checkpoints are written at the end of every epoch, every ``checkpoint_every``
@@ -36,13 +39,13 @@ from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from . import data as data_
 from . import likelihoods, nets, plots, posteriors, priors, rundir, settings
-from .callbacks import (Checkpoint, DivergenceGuard, EarlyStopping, EpochLog, EpochStats, Evaluation, KeepBest, KLWeight,
-                        ProgressBar)
+from .callbacks import (Checkpoint, DivergenceGuard, EarlyStopping, EpochLog, EpochStats, Evaluation, GradientSkip,
+                        KeepBest, KLWeight, ProgressBar, WeightAverage)
 from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, write_text_atomic
 from .config import BINARIZE, DATASETS, RunConfig, resolve_device  # noqa: F401 (public here since 0.1)
 from .errors import InputError
 from .loop import Loop, TrainingDiverged, TrainingInterrupted  # noqa: F401 (public here since 0.1)
-from .objectives import FreeBitsELBO, KLWarmup
+from .objectives import BalancedKLELBO, FreeBitsELBO, KLWarmup
 from .svi import TorchOptimSVI
 from .vae import VAE
 
@@ -59,17 +62,22 @@ def build_vae(config, x_shape):
                guide=config.guide, hidden=config.hidden, skip=config.skip)
 
 
-def make_elbo(name, num_particles=1, free_bits=0.0):
+def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=False):
     """A Pyro ELBO by name (``trace``, ``meanfield``, ``jit``); particles are vectorised.
 
     With ``free_bits > 0``: a :class:`~pyro_vae.objectives.FreeBitsELBO`
-    (analytic KL per level for ``meanfield``; ``jit`` is refused).
+    (analytic KL per level for ``meanfield``; ``jit`` is refused); with
+    ``kl_balance``: a :class:`~pyro_vae.objectives.BalancedKLELBO` (likewise).
     """
     settings.check({"elbo": name, "num_particles": num_particles, "free_bits": free_bits})
     kwargs = dict(num_particles=num_particles, vectorize_particles=num_particles > 1,
                   max_plate_nesting=1)  # the "data" plate
     if free_bits:
         return FreeBitsELBO(free_bits, analytic_kl=name == "meanfield", **kwargs)
+    if kl_balance:
+        if name == "jit":
+            raise InputError("the jit ELBO compiles the loss once and cannot balance the KL; use elbo='trace'")
+        return BalancedKLELBO(analytic_kl=name == "meanfield", **kwargs)
     if name == "jit":
         kwargs["ignore_jit_warnings"] = True
     return ELBOS[name](**kwargs)
@@ -77,7 +85,8 @@ def make_elbo(name, num_particles=1, free_bits=0.0):
 
 def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="trace", num_particles=1,
         seed=0, dynamic_binarize=False, grad_clip=None, max_bad_steps=10, checkpoint_every=0,
-        kl_warmup=0, free_bits=0.0, progress=True, log=print, checkpoint=None, state=None, callbacks=()):
+        kl_warmup=0, free_bits=0.0, progress=True, log=print, checkpoint=None, state=None, callbacks=(),
+        kl_balance=False):
     """Train ``vae`` by SVI on ``vae.model`` and ``vae.guide`` with Adam
     (:class:`~pyro_vae.svi.TorchOptimSVI`: ``pyro.infer.SVI``'s step with one
     torch optimizer), in a :class:`~pyro_vae.loop.Loop` with parts around it.
@@ -103,6 +112,8 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         kl_warmup: steps of :class:`~pyro_vae.objectives.KLWarmup` (0: off):
             :class:`~pyro_vae.callbacks.KLWeight` sets ``vae.kl_weight =
             min(1, (t + 1) / kl_warmup)`` before the 0-based step t.
+        kl_balance: NVAE's KL balancing during the warm-up
+            (:class:`~pyro_vae.objectives.BalancedKLELBO`; needs ``kl_warmup``).
         free_bits: KL floor per level in nats (0: off); trains on
             :class:`~pyro_vae.objectives.FreeBitsELBO`, an objective that is
             not a bound.
@@ -127,26 +138,22 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         TrainingDiverged: ``max_bad_steps`` consecutive non-finite steps.
         TrainingInterrupted: SIGINT or SIGTERM (after ``checkpoint`` was called).
 
-    Global state: ``fit`` seeds torch's, Python's and NumPy's global RNGs with
-    ``seed`` (``pyro.set_rng_seed``: the draws of z and the run's
-    reproducibility need it), and nothing else. It leaves the param store
-    (every VAE has its own ``name`` there; the entries ``fit`` added are
-    removed at the end, so a deleted VAE is freed) and Pyro's validation as they are:
-    the data are checked once, up front, and the VAE's per-call check is off
-    during the run (:meth:`VAE.data_checked`); with Pyro's validation on (its
-    default), every distribution also checks its arguments at every step,
-    which ``pyro.enable_validation(False)`` skips for speed.
+    Global state: ``fit`` seeds torch's, Python's and NumPy's RNGs with ``seed``
+    (``pyro.set_rng_seed``), and nothing else. It leaves the param store (the
+    entries it added are removed at the end) and Pyro's validation as they are;
+    the data are checked once, up front (:meth:`VAE.data_checked`), and
+    ``pyro.enable_validation(False)`` skips the distributions' own checks.
     """
-    settings.check(dict(epochs=epochs, seed=seed, lr=lr, elbo=elbo, num_particles=num_particles,
-                        max_bad_steps=max_bad_steps, kl_warmup=kl_warmup, free_bits=free_bits, checkpoint_every=checkpoint_every,
-                        grad_clip=grad_clip))
+    settings.check(dict(epochs=epochs, seed=seed, lr=lr, elbo=elbo, num_particles=num_particles, grad_clip=grad_clip,
+                        max_bad_steps=max_bad_steps, kl_warmup=kl_warmup, free_bits=free_bits,
+                        checkpoint_every=checkpoint_every, kl_balance=kl_balance))
     vae.check_data(x_train)
     if x_test is not None:
         vae.check_data(x_test)
     pyro.set_rng_seed(seed)
     generator = torch.Generator(device=x_train.device).manual_seed(seed)
     data = data_.Batches(x_train, batch_size, generator, dynamic_binarize=dynamic_binarize)
-    loss_fn = make_elbo(elbo, num_particles, free_bits)
+    loss_fn = make_elbo(elbo, num_particles, free_bits, kl_balance)
     vae.check_elbo(loss_fn)
     svi = TorchOptimSVI(vae.model, vae.guide, loss_fn, lr, grad_clip=grad_clip)
     parts = [DivergenceGuard(patience=max_bad_steps)] + ([KLWeight(KLWarmup(kl_warmup))] if kl_warmup else [])
@@ -260,9 +267,20 @@ def load_weights(vae, payload, path):
             from None
 
 
-def load_run(out_dir, device=None, checkpoint="checkpoint.pt"):
+def averaged_weights(payload):
+    """The :class:`~pyro_vae.callbacks.WeightAverage` weights a checkpoint holds (a VAE ``state_dict``),
+    or ``None`` for a run trained without ``ema``."""
+    parts = payload.get("callbacks")
+    average = parts.get("WeightAverage") if isinstance(parts, dict) else None
+    return average.get("weights") if isinstance(average, dict) else None
+
+
+def load_run(out_dir, device=None, checkpoint="checkpoint.pt", averaged=True):
     """The trained :class:`VAE` and :class:`RunConfig` stored in a run directory (its ``checkpoint``
-    file: ``checkpoint.pt``, the last state, or ``best.pt``, the best validation epoch's)."""
+    file: ``checkpoint.pt``, the last state, or ``best.pt``, the best validation epoch's).
+
+    For a run trained with ``ema`` the VAE holds the weight average (the weights its held-out ELBO
+    was measured with), unless ``averaged=False`` asks for the trained weights."""
     path = Path(out_dir) / checkpoint
     payload = load_run_checkpoint(path)
     config = RunConfig.from_checkpoint(payload, path)
@@ -270,8 +288,16 @@ def load_run(out_dir, device=None, checkpoint="checkpoint.pt"):
         config.device = device
     device = resolve_device(config.device)
     vae = build_vae(config, tuple(payload["x_shape"]))
-    load_weights(vae, payload, path)
+    average = averaged_weights(payload) if averaged else None
+    load_weights(vae, payload if average is None else {"model": average}, path)
     return vae.to(device), config
+
+
+def _training_aids(config):
+    """The parts that change the updates or the weights evaluated: ``skip_grad_norm``'s
+    :class:`GradientSkip` and ``ema``'s :class:`WeightAverage` (none when both are 0)."""
+    return ([GradientSkip(config.skip_grad_norm)] if config.skip_grad_norm else []) + \
+        ([WeightAverage(config.ema)] if config.ema else [])
 
 
 def _selection_parts(config, x_val, run, callbacks):
@@ -318,7 +344,7 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
             in ``checkpoint.pt``, so give the same parts again to resume.
 
     Returns:
-        ``(vae, history)``.
+        ``(vae, history)``; with ``config.ema`` the VAE holds the weight average.
 
     Raises:
         InputError: bad settings, an occupied ``out_dir`` without ``resume`` or
@@ -376,15 +402,19 @@ def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, ca
     write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     run = RunDirectory(out, config, x_train.shape[1:])
-    parts = _selection_parts(config, x_val, run, callbacks)
+    aids = _training_aids(config)
+    parts = aids + _selection_parts(config, x_val, run, callbacks)
     warmup = config.kl_warmup or config.kl_warmup_epochs * -(-x_train.shape[0] // config.batch_size)
     history = fit(vae, x_train, None if x_val is not None else x_test, epochs=config.epochs,
                   batch_size=config.batch_size, lr=config.lr,
                   elbo=config.elbo, num_particles=config.num_particles, seed=config.seed,
                   dynamic_binarize=config.binarize == "dynamic", grad_clip=config.grad_clip or None,
                   max_bad_steps=config.max_bad_steps, checkpoint_every=config.checkpoint_every,
-                  kl_warmup=warmup, free_bits=config.free_bits, progress=progress,
+                  kl_warmup=warmup, free_bits=config.free_bits, kl_balance=config.kl_balance, progress=progress,
                   checkpoint=run.save, state=state, callbacks=parts)
+    for part in aids:  # the pictures and the VAE returned hold the weight average, as load_run's does
+        if isinstance(part, WeightAverage):
+            part.copy_to(vae)
     if pictures:
         if is_image(vae):
             plots.save_samples(vae, out / "samples.png")
@@ -392,4 +422,6 @@ def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, ca
             plots.save_reconstructions(vae, shown, out / "reconstructions.png")
             plots.save_levels(vae, shown, out / "levels.png")
         plots.save_curves(out / "metrics.jsonl", out / "curves.png")
+        if len(vae.latent_dims) > 1:
+            plots.save_level_curves(out / "metrics.jsonl", out / "kl_levels.png")
     return vae, history

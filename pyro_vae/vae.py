@@ -43,12 +43,15 @@ import torch
 from torch import nn
 
 from . import priors as priors_
-from .chain import GaussianNet, MEANFIELD_BOTTOM_UP, mark_bottom_up, mlp_features, precision_weighted
+from . import registration
+from .chain import (GaussianNet, MEANFIELD_BOTTOM_UP, TransitionMemo, check_temperature, mark_bottom_up,
+                    mlp_features, precision_weighted, tempered)
 from .errors import InputError
 from . import likelihoods as likelihoods_
 from . import posteriors as posteriors_
 
 GUIDES = ("bottom-up", "top-down")
+KEPT = ("draw", "mean")  # what resample_below keeps of the guide: one draw per data point, or its means
 _NAMES = itertools.count()
 
 
@@ -161,6 +164,8 @@ class VAE(nn.Module):
         self.beta = float(beta)
         self._kl_weight, self._compiled_scale = 1.0, None
         self.check_each_call = True  # model/guide check x (finite, shape, support) at every call
+        self._transitions_drawn = TransitionMemo()  # the top-down guide's p(z_l | z_l-1), for the model
+        self._registered_in = None  # id of the param store of the last pyro.module(self.name, self)
 
         levels = len(latent_dims) - 1  # L; empty module lists for one level keep the foundation's parameters
         if transitions is None:
@@ -272,8 +277,8 @@ class VAE(nn.Module):
         with self._data_plate(n, size, device):
             with self._kl_scale():
                 zs = [pyro.sample("z0", self.prior())]
-                for level, transition in enumerate(self.transitions, start=1):
-                    zs.append(pyro.sample(f"z{level}", transition(self._above(zs))))
+                for level in range(1, self.levels + 1):
+                    zs.append(pyro.sample(f"z{level}", self._transition(level, self._above(zs))))
             out = self.decoder(self._above(zs))
             return pyro.sample("x", self.likelihood(out, self._event_dims(x)), obs=x)
 
@@ -292,6 +297,7 @@ class VAE(nn.Module):
         n, device = self._batch(x, None)
         with self._data_plate(n, size, device):
             h = self.encoder(x)
+            self._transitions_drawn.clear()  # nothing of an earlier call is kept alive
             if self.guide_order == "top-down" and self.levels:
                 return self._top_down(h)
             return self._bottom_up(h)
@@ -318,12 +324,20 @@ class VAE(nn.Module):
             else:
                 q = getattr(head, "gaussian", head)(d[level])  # a flow head's Gaussian half, else the whole head
                 if level > 0:
-                    q = precision_weighted(q, self.transitions[level - 1](z[-1]))
+                    p = self.transitions[level - 1](z[-1])
+                    self._transitions_drawn.put(level, z[-1], p)  # the model replaying z[-1] reuses it
+                    q = precision_weighted(q, p)
                 if hasattr(head, "flow"):
                     q = head.flow(q, d[level])  # the flow goes after the merge
             with self._kl_scale():
                 z.append(pyro.sample(f"z{level}", q))
         return z[0]
+
+    def _transition(self, level, parent):
+        """p(z_level | parent): the one the top-down guide computed at this very ``parent`` tensor (the
+        model replaying the guide's draw), else computed here; ``parent`` ``(*batch, D)``."""
+        kept = self._transitions_drawn.take(level, parent)
+        return kept if kept is not None else self.transitions[level - 1](parent)
 
     def _ladder_features(self, h):
         """The top-down guide's deterministic path: ``[d_0, ..., d_L]`` with d_L = h, d_l = ladder[l](d_l+1)."""
@@ -348,45 +362,113 @@ class VAE(nn.Module):
         return self._mean(self.decoder(self._above(zs)), x.dim() - 1)
 
     @torch.no_grad()
-    def sample(self, n):
-        """E[x | zL] for ``n`` draws of the whole chain from the model: ``(n, *x_shape)``."""
-        return self._generate([], n)
+    def sample(self, n, temperature=1.0):
+        """E[x | zL] for ``n`` draws of the whole chain from the model: ``(n, *x_shape)``.
+
+        Args:
+            n: number of draws.
+            temperature: t >= 0; every level's p(z0) and p(z_l | z_l-1) is drawn with its
+                spread scaled by t (:func:`pyro_vae.chain.tempered`), as NVAE and VDVAE
+                sample. 1 (default) is the model itself, bit for bit; 0 puts every level at
+                its location given the level above (a mixture prior: one component's mean).
+        """
+        return self._generate([], n, check_temperature(temperature))
 
     @torch.no_grad()
-    def resample_below(self, x, level, n=1):
+    def sample_latents(self, n, temperature=1.0):
+        """The levels of ``n`` draws from the model at ``temperature`` (as in :meth:`sample`, which
+        draws the same values from the same RNG state): ``[z0, ..., zL]``, each ``(n, D_l)``."""
+        return self._draw_levels([], int(n), check_temperature(temperature))
+
+    @torch.no_grad()
+    def resample_below(self, x, level, n=1, temperature=1.0, kept="draw"):
         """Keep the guide's z0 ... z_{level-1} for each data point and redraw the levels below from the model.
 
         Shows what each level controls: ``level=0`` draws everything from the
-        prior; ``level=L+1`` keeps every guide level (a sampled reconstruction).
+        prior; ``level=L+1`` keeps every guide level. What is drawn, per data point:
+
+        * kept levels z0 ... z_{level-1}: with ``kept="draw"`` (default) **one** draw of
+          the guide, q(z0, ..., zL | x) (its levels from ``level`` on are dropped),
+          shared by all ``n`` draws; with ``kept="mean"`` the guide's means (each level
+          at q's mean given the means above, as in :meth:`reconstruct`). So along the
+          ``n`` draws only the redrawn levels vary, and at ``level=L+1`` all n are equal.
+        * redrawn levels z_level ... zL: ``n`` independent draws of p(z_l | z_l-1) (p(z0)
+          when ``level=0``), with the spread scaled by ``temperature`` (see :meth:`sample`).
 
         Args:
             x: data ``(B, *x_shape)``.
             level: the first level redrawn, ``0 <= level <= L + 1``.
             n: draws per data point.
+            temperature: t >= 0 for the redrawn levels (default 1: the model).
+            kept: ``"draw"`` or ``"mean"``, as above.
 
         Returns:
             E[x | zL] ``(B, n, *x_shape)``.
         """
-        self.check_data(x)
-        if not 0 <= int(level) <= self.levels + 1:
-            raise InputError(f"level must be in 0..{self.levels + 1} for a chain of {self.levels + 1} levels, "
-                             f"got {level}")
-        level = int(level)
-        rows = x.repeat_interleave(n, dim=0)  # (B * n, *x_shape): x0, x0, ..., x1, ...
-        kept = []
-        if level > 0:
-            with pyro.validation_enabled(False):
-                trace = poutine.trace(self.guide).get_trace(rows)
-            kept = [trace.nodes[f"z{i}"]["value"] for i in range(level)]
-        return self._generate(kept, rows.shape[0]).reshape(x.shape[0], n, *x.shape[1:])
+        return self._resample(x, level, n, temperature, kept, "level")
 
-    def _generate(self, zs, n):
-        """Draw the levels after the kept ``zs`` (z_0 .. z_{start-1}, each ``(n, D_l)``) from the model, then
-        E[x | the levels the decoder reads]."""
+    @torch.no_grad()
+    def generate_from(self, x, keep_levels, n=8, temperature=1.0, kept="draw"):
+        """Conditional generation: ``n`` new data points per data point with its top levels fixed.
+
+        :meth:`resample_below` under the name of the task: z0 ... z_{keep_levels-1} from
+        the guide for ``x`` (one draw, or q's means with ``kept="mean"``), the levels
+        below drawn from the model at ``temperature``. The same as drawing from
+        ``poutine.condition(vae.model, data={"z0": z0, ...})`` at those guide values.
+
+        Args:
+            x: data ``(B, *x_shape)``.
+            keep_levels: how many top levels to keep, ``0 .. L + 1``.
+            n: draws per data point.
+            temperature: t >= 0 for the levels drawn from the model.
+            kept: ``"draw"`` or ``"mean"``.
+
+        Returns:
+            E[x | zL] ``(B, n, *x_shape)``.
+        """
+        return self._resample(x, keep_levels, n, temperature, kept, "keep_levels")
+
+    def _resample(self, x, level, n, temperature, kept, name):
+        """:meth:`resample_below`, with ``name`` for the level argument in its errors."""
+        self.check_data(x)
+        if isinstance(level, bool) or not 0 <= int(level) <= self.levels + 1:
+            raise InputError(f"{name} must be in 0..{self.levels + 1} for a chain of {self.levels + 1} levels, "
+                             f"got {level}")
+        if int(n) < 1:
+            raise InputError(f"n must be a positive number of draws per data point, got {n}; use e.g. n=8")
+        if kept not in KEPT:
+            raise InputError(f"kept must be one of: {', '.join(KEPT)} (one guide draw per data point, or the "
+                             f"guide's means), got {kept!r}")
+        level, n, temperature = int(level), int(n), check_temperature(temperature)
+        zs = [z.repeat_interleave(n, dim=0) for z in self._guide_levels(x, level, kept)]  # (B * n, D_l)
+        return self._generate(zs, x.shape[0] * n, temperature).reshape(x.shape[0], n, *x.shape[1:])
+
+    def _guide_levels(self, x, count, kept="draw"):
+        """The guide's top ``count`` levels for ``x`` ``(B, *x_shape)``: ``[z0, ..., z_{count-1}]``, each
+        ``(B, D_l)``, from one draw of the guide (``kept="draw"``) or at its means (``"mean"``)."""
+        if count == 0:
+            return []
+        with pyro.validation_enabled(False), (_AtMean() if kept == "mean" else contextlib.nullcontext()):
+            trace = poutine.trace(self.guide).get_trace(x)
+        return [trace.nodes[f"z{i}"]["value"] for i in range(count)]
+
+    def _generate(self, zs, n, temperature=1.0):
+        """Draw the levels after the kept ``zs`` (z_0 .. z_{start-1}, each ``(n, D_l)``) from the model at
+        ``temperature``, then E[x | the levels the decoder reads] ``(n, *x_shape)``."""
+        zs = self._draw_levels(zs, n, temperature)
+        return self._mean(self.decoder(self._above(zs)), len(self._need_x_shape()))
+
+    def _draw_levels(self, zs, n, temperature=1.0):
+        """The kept ``zs`` followed by the levels after them drawn from the model, each distribution
+        tempered (:func:`~pyro_vae.chain.tempered`): ``[z0, ..., zL]``, each ``(n, D_l)``."""
         zs = list(zs)
         for level in range(len(zs), self.levels + 1):
-            zs.append(self.prior().sample((n,)) if level == 0 else self.transitions[level - 1](self._above(zs)).sample())
-        return self._mean(self.decoder(self._above(zs)), len(self._need_x_shape()))
+            if level == 0:
+                zs.append(tempered(self.prior(), temperature, "the prior p(z0)").sample((n,)))
+            else:
+                p = self.transitions[level - 1](self._above(zs))
+                zs.append(tempered(p, temperature, f"the transition p(z{level} | z{level - 1})").sample())
+        return zs
 
     def _above(self, zs):
         """What a transition or the decoder reads of the levels ``zs`` drawn so far: all of them
@@ -451,8 +533,18 @@ class VAE(nn.Module):
         return pyro.plate("data", int(size), subsample=torch.arange(n, device=device), device=device)
 
     def _register(self):
-        """``pyro.module(self.name, self)``, refusing a name whose parameters in the store are another module's."""
+        """``pyro.module(self.name, self)``, refusing a name whose parameters in the store are another module's.
+
+        Inside a step whose optimizer already holds the parameters (:mod:`pyro_vae.registration`), once
+        this VAE registered them in this param store, only the first goes through ``pyro.param``: one param
+        site is what tells Pyro's ELBOs that the trace has something to train (they call ``backward`` only
+        then), and the optimizer needs no more."""
         store = pyro.get_param_store()
+        if registration.held() and self._registered_in == id(store):
+            for pname, param in self.named_parameters():
+                if param.requires_grad:  # as pyro.module, which leaves frozen ones out of the store
+                    pyro.param(f"{self.name}$$${pname}", param)
+                    return
         for pname, param in self.named_parameters():
             key = f"{self.name}$$${pname}"
             if key in store and store[key] is not param:
@@ -461,6 +553,7 @@ class VAE(nn.Module):
                                  "pyro.clear_param_store() before building it")
             break  # one parameter tells: pyro.module registers them all together
         pyro.module(self.name, self)
+        self._registered_in = id(store)
 
     def _event_dims(self, x):
         """``len(x_shape)``: from ``x`` when given (its dims after the batch dim), else from ``x_shape``."""

@@ -67,26 +67,42 @@ def linear_gaussian_chain(dims, guide="top-down", posterior=None, skip=False):
     return vae, mean, cov, blocks
 
 
+def conditional(mean, cov, blocks, level, given):
+    """The exact Gaussian of level ``level`` given ``given``, a list of (block, value (..., B, n))."""
+    idx = torch.cat([torch.arange(bl.start, bl.stop) for bl, _ in given])
+    values = torch.cat([v.expand(*torch.broadcast_shapes(*[u.shape[:-1] for _, u in given]), v.shape[-1])
+                        for _, v in given], -1)
+    own = torch.arange(blocks[level].start, blocks[level].stop)
+    gain = torch.linalg.solve(cov[idx][:, idx], cov[idx][:, own]).T
+    loc = mean[own] + (values - mean[idx]) @ gain.T
+    scale = cov[own][:, own] - gain @ cov[idx][:, own]
+    return dist.MultivariateNormal(loc, scale)
+
+
 def exact_top_down_guide(mean, cov, blocks):
     """p(z0 | x) p(z1 | z0, x) ... p(zL | zL-1, x), by conditioning the joint Gaussian (full covariances)."""
     x_block = blocks[-1]
-
-    def conditional(level, given):  # given: list of (block, value (..., B, n))
-        idx = torch.cat([torch.arange(bl.start, bl.stop) for bl, _ in given])
-        values = torch.cat([v.expand(*torch.broadcast_shapes(*[u.shape[:-1] for _, u in given]), v.shape[-1])
-                            for _, v in given], -1)
-        own = torch.arange(blocks[level].start, blocks[level].stop)
-        gain = torch.linalg.solve(cov[idx][:, idx], cov[idx][:, own]).T
-        loc = mean[own] + (values - mean[idx]) @ gain.T
-        scale = cov[own][:, own] - gain @ cov[idx][:, own]
-        return dist.MultivariateNormal(loc, scale)
 
     def guide(x, batch_size=None):
         with pyro.plate("data", x.shape[0]):
             z = None
             for level in range(len(blocks) - 1):
                 given = [(x_block, x)] if z is None else [(blocks[level - 1], z), (x_block, x)]
-                z = pyro.sample(f"z{level}", conditional(level, given))
+                z = pyro.sample(f"z{level}", conditional(mean, cov, blocks, level, given))
+
+    return guide
+
+
+def exact_bottom_up_guide(mean, cov, blocks):
+    """p(zL | x) p(zL-1 | zL, x) ... p(z0 | z1, x), the same exact posterior drawn from the bottom."""
+    x_block, top = blocks[-1], len(blocks) - 2
+
+    def guide(x, batch_size=None):
+        with pyro.plate("data", x.shape[0]):
+            z = None
+            for level in reversed(range(top + 1)):
+                given = [(x_block, x)] if z is None else [(blocks[level + 1], z), (x_block, x)]
+                z = pyro.sample(f"z{level}", conditional(mean, cov, blocks, level, given))
 
     return guide
 

@@ -29,7 +29,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
-from pyro_vae import VAE, InputError, RunConfig, data, fit, likelihoods, nets
+from pyro_vae import VAE, InputError, RunConfig, callbacks, data, fit, likelihoods, nets
 from pyro_vae.data import IDX_FILES
 from pyro_vae.train import train
 
@@ -446,6 +446,39 @@ CASES = [
         r"the directory \S*nodir does not exist", r"create it or choose another --out"),
     cli("sample-out-unknown-format", lambda ws: ["sample", ws.run(), "--out", ws.fresh("s.gif")],
         r"cannot tell the picture format of \S*s\.gif", r"name it \.png, \.jpg or \.jpeg"),
+    cli("sample-temperature-negative", lambda ws: ["sample", ws.run(), "--temperature", "-1"],
+        r"--temperature takes finite numbers >= 0, got '-1'", r"use e\.g\. --temperature 0\.8"),
+    cli("sample-temperature-nan", lambda ws: ["sample", ws.run(), "--temperature", "0.5,nan"],
+        r"--temperature takes finite numbers >= 0, got 'nan'", r"--temperature 0,0\.5,0\.8,1"),
+    cli("sample-keep-levels-without-image", lambda ws: ["sample", ws.run(), "--keep-levels", "1"],
+        r"--keep-levels K goes with --from-image INDEX", r"pass both, e\.g\. --from-image 0 --keep-levels 1"),
+    cli("sample-from-image-past-the-test-set", lambda ws: ["sample", ws.run(), "--from-image", "16"],
+        r"--from-image 16 is outside the test set's 0\.\.15", r"use an index from 0 to 15"),
+    cli("sample-keep-levels-too-many", lambda ws: ["sample", ws.run(), "--from-image", "0", "--keep-levels", "2"],
+        r"--keep-levels must be in 0\.\.1 for this run's 1 level \(z0\), got 2", r"use e\.g\. --keep-levels 1"),
+    api("sample-temperature-negative", lambda ws: _vae().sample(4, temperature=-1),
+        r"temperature must be a finite number >= 0, got -1", r"use e\.g\. temperature=0\.8"),
+    api("sample-temperature-undefined-for-the-prior",
+        lambda ws: VAE(*nets.build("mlp", X_SHAPE, 4, hidden=16), [4], prior=__import__("pyro").distributions.Uniform(
+            -torch.ones(4), torch.ones(4)).to_event(1)).sample(2, temperature=0.5),
+        r"temperature is not defined for the prior p\(z0\), a Uniform", r"use temperature=1 with this one"),
+    # ---- pyro-vae explore (the trained run: one level z0, 16 test images)
+    cli("explore-level-outside", lambda ws: ["explore", ws.run(), "--traverse", "1"],
+        r"level 1 is outside 0\.\.0 \(the run's levels z0\.\.z0\)", r"use a level from 0 to 0"),
+    cli("explore-interpolate-level-outside", lambda ws: ["explore", ws.run(), "--interpolate", "0,1", "--level", "-1"],
+        r"level -1 is outside 0\.\.0", r"use a level from 0 to 0"),
+    cli("explore-image-outside", lambda ws: ["explore", ws.run(), "--traverse", "0", "--image", "16"],
+        r"image 16 is outside the test set's 0\.\.15", r"use an index from 0 to 15"),
+    cli("explore-interpolate-image-outside", lambda ws: ["explore", ws.run(), "--interpolate", "0,99"],
+        r"image 99 is outside the test set's 0\.\.15", r"use an index from 0 to 15"),
+    cli("explore-unknown-mode", lambda ws: ["explore", ws.run(), "--interpolate", "0,1", "--mode", "curvy"],
+        r"unknown mode 'curvy'", r"choose one of: linear, spherical, both"),
+    cli("explore-interpolate-not-a-pair", lambda ws: ["explore", ws.run(), "--interpolate", "3"],
+        r"--interpolate takes two test-image indices I,J, got '3'", r"use e\.g\. --interpolate 0,1"),
+    cli("explore-nothing-to-draw", lambda ws: ["explore", ws.run()],
+        r"nothing to draw", r"pass --traverse LEVEL and/or --interpolate I,J"),
+    cli("explore-out-missing", lambda ws: ["explore", ws.run(), "--traverse", "0", "--out", ws.fresh("nodir")],
+        r"cannot write into \S*nodir: it is not a directory", r"create it or choose another --out"),
     # ---- 4: a checkpoint is validated before it is used
     cli("checkpoint-without-model", lambda ws: ["evaluate", ws.edited_run(_set("model", None)), "--no-progress"],
         r"\S*checkpoint\.pt lacks 'model'", r"train again with --overwrite"),
@@ -468,6 +501,10 @@ CASES = [
         r"needs about [\d,]+ GiB", r"use a smaller --hidden or --latent-dims"),
     cli("free-bits-1e300", lambda ws: _train(ws, "--free-bits", "1e300"),
         r"free_bits 1e\+300 nats per level is beyond any KL", r"--free-bits 0\.5"),
+    cli("kl-balance-without-warmup", lambda ws: _train(ws, "--kl-balance"),
+        r"KL balancing acts during the KL warm-up only", r"--kl-warmup 10000 or --kl-warmup-epochs 10"),
+    cli("kl-balance-with-free-bits", lambda ws: _train(ws, "--kl-balance", "--kl-warmup", "10", "--free-bits", "1"),
+        r"KL balancing and free bits are two objectives", r"--free-bits 0"),
     cli("resume-mid-epoch-other-batch-size",
         lambda ws: ["train", "--out", ws.edited_run(_set("batch", 1)), "--resume", "--batch-size", "16", "--no-progress"],
         r"batch_size: run has 32, asked 16 \(the run stopped inside an epoch", r"resume with the run's settings"),
@@ -479,6 +516,25 @@ CASES = [
         r"Beta likelihood needs data in \(0, 1\)", r"--squeeze 1e-3 on the command line"),
     cli("squeeze-too-large", lambda ws: _train(ws, "--squeeze", "0.7"),
         r"squeeze must be a number in \[0, 0\.5\)", r"--squeeze 1e-3"),
+    # ---- issue 20, 7: the training aids' settings
+    cli("ema-1.5", lambda ws: _train(ws, "--ema", "1.5"),
+        r"ema \(the weight average's decay\) must be a number in \[0, 1\) \(0: off\), got 1\.5", r"use e\.g\. --ema 0\.999"),
+    cli("ema-negative", lambda ws: _train(ws, "--ema", "-1"),
+        r"ema \(the weight average's decay\) must be a number in \[0, 1\) \(0: off\), got -1\.0", r"--ema 0\.999"),
+    cli("ema-nan", lambda ws: _train(ws, "--ema", "nan"),
+        r"ema \(the weight average's decay\) must be a number in \[0, 1\).*got nan", r"--ema 0\.999"),
+    cli("ema-not-a-number", lambda ws: _train(ws, "--ema", "slow"),  # argparse's own error
+        r"argument --ema: expected a number such as 0\.999, got 'slow'", r"such as 0\.999"),
+    cli("skip-grad-norm-negative", lambda ws: _train(ws, "--skip-grad-norm", "-2"),
+        r"skip_grad_norm \(skip updates whose gradient norm exceeds it\) must be a number >= 0 \(0: off\), got -2\.0",
+        r"use e\.g\. --skip-grad-norm 40000"),
+    cli("skip-grad-norm-not-a-number", lambda ws: _train(ws, "--skip-grad-norm", "big"),  # argparse's own error
+        r"argument --skip-grad-norm: expected a number such as 40000, got 'big'", r"such as 40000"),
+    api("weight-average-decay-1", lambda ws: callbacks.WeightAverage(1.0),
+        r"ema \(the weight average's decay\) must be a number in \[0, 1\) \(0: off\), got 1\.0",
+        r"use e\.g\. callbacks\.WeightAverage\(0\.999\)"),
+    api("gradient-skip-negative", lambda ws: callbacks.GradientSkip(-2),
+        r"skip_grad_norm .* must be a number >= 0 \(0: off\), got -2", r"use e\.g\. callbacks\.GradientSkip\(40000\)"),
     api("fit-negative-grad-clip", lambda ws: _fit(_x(), grad_clip=-1.0),
         r"grad_clip must be a number >= 0 \(0: no clipping\), got -1\.0", r"grad_clip=1\.0"),
     api("fit-fractional-epochs", lambda ws: _fit(_x(), epochs=2.5),

@@ -216,12 +216,15 @@ def test_chain_train_then_evaluate(idx_dir, tmp_path):
         assert math.isfinite(m["test_kl_z0"]) and math.isfinite(m["test_kl_z1"]) and "test_kl_z2" not in m
     assert [m["kl_weight"] for m in metrics] == [0.4, 0.8]
 
-    # plots.save_levels: 4 images x (L + 2) rows of 1 + 8 tiles (28 x 28), make_grid padding 2
+    # plots.save_levels: 4 images x (L + 2) rows of 1 + 8 tiles (28 x 28), make_grid padding 2, each pixel
+    # drawn 2 x 2, with the rows' labels on the left and a title line on top
     from PIL import Image
 
-    images, samples, levels, tile, pad = 4, 8, 2, 28, 2
+    images, samples, levels, tile, pad, zoom = 4, 8, 2, 28, 2, 2
     with Image.open(out / "levels.png") as png:
-        assert png.size == ((samples + 1) * (tile + pad) + pad, images * (levels + 1) * (tile + pad) + pad)
+        width, height = png.size
+    assert width - zoom * ((samples + 1) * (tile + pad) + pad) > 50
+    assert 0 < height - zoom * (images * (levels + 1) * (tile + pad) + pad) < 40
 
     assert cli.main(["evaluate", str(out), "--iw-samples", "5", "--limit", "50", "--no-progress"]) == 0
     summary = json.loads((out / "eval.json").read_text())
@@ -233,6 +236,37 @@ def test_chain_train_then_evaluate(idx_dir, tmp_path):
                                                     "iw_log_likelihood"))
     assert summary["kl_z0"] + summary["kl_z1"] == pytest.approx(summary["kl"], abs=1e-4)
     assert summary["elbo"] == pytest.approx(summary["reconstruction"] - summary["kl"], abs=1e-2)
+
+
+def test_sample_temperatures_and_from_image(idx_dir, tmp_path, capsys):
+    """``pyro-vae sample --temperature`` (one value: a plain grid; a list: one labelled row each) and
+    ``--from-image INDEX --keep-levels K`` on a tiny two-level chain."""
+    from PIL import Image
+
+    out = tmp_path / "chain"
+    assert cli.main(["train", "--data-dir", str(idx_dir), "--out", str(out), "--epochs", "1", "--latent-dims", "4,8",
+                     "--guide", "top-down", "--hidden", "16", "--batch-size", "256", "--no-progress"]) == 0
+    for flag in ("--temperature", "--from-image", "--keep-levels"):
+        assert flag in _flags("sample") and flag in _help("sample", capsys)
+    tile, zoom = 28 + 2, 2
+    assert cli.main(["sample", str(out), "--temperature", "0.5", "--n", "16"]) == 0
+    with Image.open(out / "samples_t0.5.png") as png:  # 16 samples, 8 a row, make_grid as samples.png
+        assert png.size == (2 + 8 * tile, 2 + 2 * tile)
+    assert cli.main(["sample", str(out), "--temperature", "0,0.5,1"]) == 0  # 3 rows of 8, labelled
+    with Image.open(out / "samples_t0_0.5_1.png") as png:
+        width, height = png.size
+        assert width > zoom * (2 + 8 * tile) and 0 < height - zoom * (2 + 3 * tile) < 40
+        first = png.convert("L").crop((width - zoom * (2 + 8 * tile), height - zoom * (2 + 3 * tile), width, height))
+    row0 = torch.tensor(list(first.getdata()), dtype=torch.float).reshape(first.size[1], first.size[0])
+    tiles = [row0[zoom * 2:zoom * 30, zoom * (2 + j * tile):zoom * (30 + j * tile)] for j in range(8)]
+    assert all(torch.equal(tiles[0], t) for t in tiles[1:])  # t = 0: every level at its mean, one picture
+    assert cli.main(["sample", str(out), "--from-image", "5", "--keep-levels", "1", "--n", "4"]) == 0
+    with Image.open(out / "from5_keep1.png") as png:  # the image, then 4 draws: one row
+        assert png.size[0] > zoom * (2 + 5 * tile) and 0 < png.size[1] - zoom * (2 + tile) < 40
+    assert cli.main(["sample", str(out), "--from-image", "5", "--keep-levels", "2", "--temperature", "0.5,1",
+                     "--out", str(tmp_path / "kept.png")]) == 0
+    assert (tmp_path / "kept.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
 
 
 def test_resume_of_a_chain_with_another_guide_is_refused(idx_dir, tmp_path, capsys):

@@ -1,0 +1,30 @@
+"""Whether the modules' parameters must be registered in Pyro's param store at this call.
+
+``pyro.module(name, module)`` inside a ``model``/``guide`` puts every parameter
+through ``pyro.param`` at every call, so that whoever traces the call for its
+parameters (``pyro.infer.SVI.step`` does at every step) finds them. For a deep
+chain that is hundreds of ``pyro.param`` calls a step. Inside a step of
+:class:`~pyro_vae.svi.TorchOptimSVI` whose optimizer already holds every
+parameter (its steady state), nobody records them: a module that has
+registered once in this param store may skip the call there.
+"""
+
+import contextlib
+import contextvars
+
+_HELD = contextvars.ContextVar("pyro_vae_parameters_held", default=False)
+
+
+def held():
+    """True inside :func:`held_by_optimizer`: the step's parameters are already in its optimizer."""
+    return _HELD.get()
+
+
+@contextlib.contextmanager
+def held_by_optimizer():
+    """Within: the running step's optimizer holds every parameter (see the module's doc)."""
+    token = _HELD.set(True)
+    try:
+        yield
+    finally:
+        _HELD.reset(token)
