@@ -98,7 +98,7 @@ def measure(levels, args, device, x):
     take = chain.TransitionMemo.take
 
     def twice():
-        chain.TransitionMemo.take = lambda self, level, parent: None
+        chain.TransitionMemo.take = lambda self, level, parent, module: None
         try:
             svi_twice.step(x)
         finally:

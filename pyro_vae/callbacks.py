@@ -40,7 +40,7 @@ import torch
 
 from . import settings
 from .errors import InputError
-from .evaluate import elbo_terms, level_record
+from .evaluate import elbo_terms, level_order, level_record
 from .loop import TrainingDiverged
 
 
@@ -191,7 +191,9 @@ class Evaluation(Callback):
     """Adds ``{prefix}_elbo`` and, per level, ``{prefix}_kl_z0``, ``{prefix}_kl_z1``, ... (each level's
     share of the KL, nats per data point), ``{prefix}_active_units_z<l>`` and ``{prefix}_unit_kl_z<l>``
     (nats per unit, where defined; see :func:`~pyro_vae.evaluate.level_record`), from one draw of z
-    per data point of ``x``, to each epoch's record: how the levels collapse, or not, over training.
+    per data point of ``x`` (two for a guide that does not draw in the model's order, such as the
+    bottom-up guide, whose active units are read from draws: the ELBO is then their average), to each
+    epoch's record: how the levels collapse, or not, over training.
 
     Args:
         x: held-out data ``(M, *x_shape)`` on the training device.
@@ -203,6 +205,7 @@ class Evaluation(Callback):
 
     def __init__(self, x, prefix="test", every=1):
         self.x, self.prefix, self.every = x, prefix, int(every)
+        self._draws = None
 
     @property
     def state_key(self):
@@ -214,7 +217,9 @@ class Evaluation(Callback):
         was_training = loop.vae.training
         loop.vae.eval()
         with evaluation_weights(loop):
-            terms = elbo_terms(loop.vae, self.x, num_samples=1, moments=self.x.shape[0] >= 2)
+            if self._draws is None:  # two where the active units come from draws (see evaluate.active_units)
+                self._draws = 1 if level_order(loop.vae, self.x) == "model" else 2
+            terms = elbo_terms(loop.vae, self.x, num_samples=self._draws, moments=self.x.shape[0] >= 2)
         loop.vae.train(was_training)
         loop.record[f"{self.prefix}_elbo"] = float(terms["elbo"].mean())
         loop.record.update(level_record(terms, self.prefix))

@@ -50,22 +50,27 @@ class TransitionMemo:
     The top-down guide merges each level's encoder term with p(z_l | z_l-1) at the parent it drew;
     the model, replaying that draw, needs the very same distribution. The guide :meth:`put` s it,
     keyed by the level and the identity of the parent tensor (held by a weak reference), and the model
-    :meth:`take` s it: a different parent (a value a user conditions on, a fresh draw) is a miss, and
-    an entry is taken at most once, so a later call, with other parameters, never reads a stale one.
+    :meth:`take` s it: a different parent (a value a user conditions on, a fresh draw) is a miss, so is
+    the same parent once the transition's weights changed in place (an optimizer step, a weight
+    average swapped in) or under another grad mode (a guide run under ``no_grad``), and an entry is
+    taken at most once.
     Copies and pickles of the owner start empty.
     """
 
     def __init__(self):
         self._entries = {}
 
-    def put(self, level, parent, transition):
-        """Keep ``transition`` (a distribution) computed at ``parent`` ``(*batch, D_l-1)`` for ``level``."""
-        self._entries[level] = (weakref.ref(parent), transition)
+    def put(self, level, parent, transition, module):
+        """Keep ``transition`` (a distribution) computed by ``module`` at ``parent`` ``(*batch, D_l-1)``."""
+        self._entries[level] = (weakref.ref(parent), transition, _state(module))
 
-    def take(self, level, parent):
-        """The distribution kept for ``level`` if it was computed at this very ``parent`` tensor, else None."""
+    def take(self, level, parent, module):
+        """The distribution kept for ``level`` if it was computed at this very ``parent`` tensor, by
+        ``module`` with the same weights (no in-place change since) and in the same grad mode; else None."""
         entry = self._entries.pop(level, None)
-        return entry[1] if entry is not None and entry[0]() is parent else None
+        if entry is None or entry[0]() is not parent or entry[2] != _state(module):
+            return None
+        return entry[1]
 
     def clear(self):
         self._entries.clear()
@@ -75,6 +80,11 @@ class TransitionMemo:
 
     def __getstate__(self):
         return {"_entries": {}}
+
+
+def _state(module):
+    """What must not change for a kept transition to stand: grad mode and every weight's version."""
+    return torch.is_grad_enabled(), tuple(t._version for t in module.parameters())
 
 
 def gaussian_parts(d, who, why="the top-down guide merges Gaussians", fix=" or use guide='bottom-up'"):

@@ -48,6 +48,9 @@ def _parser():
     e.add_argument("run_dir", help="run directory made by pyro-vae train")
     e.add_argument("--iw-samples", type=int, default=1000, help="K importance samples per image (default 1000)")
     e.add_argument("--elbo-samples", type=int, default=10, help="draws of z per image for the ELBO (default 10)")
+    e.add_argument("--mixture", type=int, default=32, metavar="M",
+                   help="the bottom-up guide's per-level KL shares need q's marginals, estimated by mixtures of M "
+                        "guide draws: raise M, and compare, to see their bias (default 32)")
     e.add_argument("--device", help="cpu or cuda (default: the run's)")
     e.add_argument("--limit", type=int, help="evaluate only the first N test images")
     e.add_argument("--checkpoint", help="best (best.pt, the best validation epoch) or last (checkpoint.pt) "
@@ -225,6 +228,8 @@ def _evaluate(args):
                          "--elbo-samples 10")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be positive, got {args.limit}; use e.g. --limit 1000")
+    if args.mixture < 1:
+        raise InputError(f"--mixture must be a positive number of draws, got {args.mixture}; use e.g. --mixture 256")
     run_dir = Path(args.run_dir)
     config = RunConfig.from_checkpoint(load_run_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
     # default: the best validation epoch where the run kept one (never an epoch chosen on the test set)
@@ -241,7 +246,7 @@ def _evaluate(args):
         pyro.set_rng_seed(args.seed)  # the same run and settings give the same eval.json
         with pyro.validation_enabled(False):
             summary = evaluate(vae, x_test, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, mixture=args.mixture)
         summary.update(dataset=config.dataset, binarize=config.binarize, checkpoint=name,
                        epoch=int(load_run_checkpoint(run_dir / name)["epoch"]))
         if config.squeeze:

@@ -170,10 +170,11 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32,
         max_rows: bound on draws x data points at once (``None``: :func:`default_max_rows`).
         mixture: for a bottom-up chain, M fresh guide draws per data point whose mixture
             (1/M) sum_m q(z_l | z_l+1^(m)) estimates the marginal q(z_l | x).
-        moments: also return, per latent site, ``mean_<site>`` ``(N, D_l)``, the guide's mean of
-            each unit averaged over the draws, and ``prior_var_<site>`` ``(N, D_l)``, the model's
-            variance of each unit at the guide's draws of its parents: :func:`activity` of the
-            two is what :func:`active_units` counts, from the same draws as the ELBO.
+        moments: also return, per latent site, ``residual_<site>`` ``(N, D_l)``, each unit's
+            standardised residual against the model averaged over the draws, and ``within_<site>``
+            ``(N, D_l)``, the variance of that average from the draws alone (0 for one draw):
+            :func:`activity` of the two is what :func:`active_units` counts, from the same draws
+            as the ELBO.
 
     Returns:
         dict of tensors of shape ``(N,)``: ``elbo``, ``reconstruction``
@@ -197,12 +198,15 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32,
                 d = _log_densities(vae, xb, k, dim)
                 terms = _chunk_terms(vae, xb, d, order, mixture, dim)
                 if moments:
-                    for name, (mean, spread) in _site_moments(d["guide_trace"], d["model_trace"], d["log_pz"]).items():
-                        terms.update({"mean_" + name: mean, "prior_var_" + name: spread})
+                    for name, r in _residuals(d["guide_trace"], d["model_trace"], d["log_pz"], order).items():
+                        terms.update({"residual_" + name: r, "residual_sq_" + name: r ** 2})
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value.sum(0)
                 done += k
             out = {key: value / num_samples for key, value in sums.items()}
+            for name in (d["log_pz"] if moments else ()):  # the variance of each point's average, from its draws
+                spread = (out.pop("residual_sq_" + name) - out["residual_" + name] ** 2).clamp(min=0)
+                out["within_" + name] = spread / (num_samples - 1) if num_samples > 1 else torch.zeros_like(spread)
             out["kl"] = sum(out[("kl_" if order == "model" else "logratio_") + name] for name in d["log_pz"])
             out["elbo"] = out["reconstruction"] - out["kl"]
             parts.append(out)
@@ -291,25 +295,24 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
 
 @torch.no_grad()
 def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
-    """Active units per latent site, scale-free: dimensions u of z_l whose **activity**
-    ``Var_x(E_q[u | x]) / E[Var_p(u | parents)]`` exceeds ``threshold``.
+    """Active units per latent site, measured against the model's own conditional: dimensions u of
+    z_l whose **activity** ``Var_x(E_q[(u - mu_p(parents)) / sigma_p(parents) | x])`` exceeds ``threshold``.
 
-    The numerator is Burda et al.'s (2016) statistic: how much the guide's mean of the unit moves
-    across data points. The denominator is the model's own spread of the unit at that point: the
-    variance of p(z0) for the top level (1 for the standard normal prior, so there the count is
-    Burda et al.'s exactly) and of p(z_l | z_l-1) at the guide's draws of the parents for a
-    conditional level, averaged over data and draws. So a unit counts as active when its posterior
-    mean moves by more than a tenth (threshold 0.01) of the model's own standard deviation there,
-    whatever scale the learned transitions give each unit.
+    ``mu_p`` and ``sigma_p`` are the mean and standard deviation of the unit under the model at the
+    guide's draws of its parents: p(z0) for the top level (0 and 1 under N(0, I), so there, for a
+    guide that draws z0 first, this is Burda et al.'s (2016) count exactly: Var_x(E_q[u | x]) > 0.01),
+    p(z_l | z_l-1) for a lower level. The standardised residual says what the posterior moves *beyond*
+    what the model predicts from the level above, in the model's own units at that point: a unit that
+    only copies or inherits the levels above (q = p there) has activity 0, and a level measured in
+    units 100 times smaller has the same activity.
 
-    ``E_q[z_l | x]`` is the mean of the guide's distribution at that site,
-    averaged over ``num_samples`` draws of the levels the guide samples
-    before it (exact for the first level the guide draws). For a flow (an
-    IAF posterior), which has no closed-form mean, it is
-    :func:`~pyro_vae.posteriors.location`, the image of its base Gaussian's
-    mean: averaging a few draws instead would add their variance, and count
-    collapsed units as active. Sites with neither use the average of the draws.
-    A prior without a closed-form variance (a flow) gets the variance of 256 of its draws.
+    The inner expectation is over ``num_samples`` joint draws of the guide per data point. Where the
+    guide draws in the model's order (one level, the top-down guide) each draw contributes the guide's
+    mean at the site (:func:`~pyro_vae.posteriors.location`; for an IAF the image of its base's mean),
+    given the same parents the model conditions on; otherwise (the bottom-up guide) the drawn value.
+    The spread of the draws' average within each data point is subtracted (an unbiased estimate of the
+    variance across data of the exact expectation, needing ``num_samples >= 2``). A prior without a
+    closed-form mean or variance (a flow) gets those of 256 of its draws.
 
     Args:
         vae: a :class:`pyro_vae.VAE`.
@@ -323,44 +326,54 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
     vae.check_data(x)
     if x.shape[0] < 2:
         raise InputError("active units need at least 2 data points (a variance across data)")
-    means, spreads = {}, {}
+    means, within = {}, {}
     with pyro.validation_enabled(False):
-        dim = particle_dim(vae, x)
+        dim, order = particle_dim(vae, x), level_order(vae, x)
         for xb in _batches(x, batch_size):
             with pyro.plate("eval_particles", num_samples, dim=dim):
                 guide_tr = poutine.trace(vae.guide).get_trace(xb)
                 model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(xb)
             names = [n for n, site in guide_tr.nodes.items() if site["type"] == "sample"
                      and not site_is_subsample(site) and not site["is_observed"]]
-            for name, (mean, spread) in _site_moments(guide_tr, model_tr, names).items():
-                means.setdefault(name, []).append(mean.mean(0))
-                spreads.setdefault(name, []).append(spread.mean(0))
+            for name, r in _residuals(guide_tr, model_tr, names, order).items():
+                means.setdefault(name, []).append(r.mean(0))
+                within.setdefault(name, []).append(_within(r))
     out = {}
     for name, parts in means.items():
-        a = activity(torch.cat(parts), torch.cat(spreads[name]))
+        a = activity(torch.cat(parts), torch.cat(within[name]))
         out[name] = (int((a > threshold).sum()), a)
     return out
 
 
-def _site_moments(guide_tr, model_tr, names):
-    """Per latent site: the guide's mean of each unit (:func:`~pyro_vae.posteriors.location`, else the
-    draw) and the model's variance of it at the guide's draws of its parents, each ``(k, B, D)``."""
+def _residuals(guide_tr, model_tr, names, order):
+    """Per latent site, ``(k, B, D)``: the guide's mean (order ``"model"``) or draw, minus the model's
+    mean there, over the model's standard deviation there (see :func:`active_units`)."""
     out = {}
     for name in names:
         site = guide_tr.nodes[name]
-        try:
-            mean = location(site["fn"])
-        except NotImplementedError:
-            mean = site["value"]
-        shape = site["value"].shape
-        out[name] = (mean.expand(shape), _variance(model_tr.nodes[name]["fn"]).expand(shape))
+        value = site["value"]
+        if order == "model":
+            try:
+                value = location(site["fn"]).expand(value.shape)
+            except NotImplementedError:
+                pass
+        mean, variance = _moments(model_tr.nodes[name]["fn"])
+        out[name] = (value - mean) / variance.sqrt()
     return out
 
 
-def activity(means, variances):
-    """Each unit's activity from the guide's means ``(N, D)`` (one per data point) and the model's
-    variances ``(N, D)`` there: ``Var_x(E_q[u | x]) / mean(Var_p(u | parents))``, ``(D,)``."""
-    return means.var(dim=0, unbiased=False) / variances.mean(0)
+def _within(r):
+    """The variance of the average of the ``k`` draws ``r`` ``(k, B, D)`` within each data point,
+    ``(B, D)`` (0 for one draw, where it cannot be told)."""
+    k = r.shape[0]
+    return r.var(0, unbiased=True) / k if k > 1 else torch.zeros_like(r[0])
+
+
+def activity(means, within):
+    """Each unit's activity, ``(D,)``: the variance across data points of ``means`` ``(N, D)`` (the
+    average standardised residual of each data point), less the average of ``within`` ``(N, D)``, the
+    variance of those averages from the draws alone; at least 0."""
+    return (means.var(dim=0, unbiased=False) - within.mean(0)).clamp(min=0)
 
 
 def level_record(terms, prefix, threshold=0.01):
@@ -370,24 +383,25 @@ def level_record(terms, prefix, threshold=0.01):
     unit, where :func:`elbo_terms` defines it)."""
     record = {f"{prefix}_{key}": float(v.mean()) for key, v in terms.items() if key.startswith("kl_")}
     for key in terms:
-        if key.startswith("mean_"):
-            name = key[len("mean_"):]
-            a = activity(terms[key], terms["prior_var_" + name])
+        if key.startswith("residual_"):
+            name = key[len("residual_"):]
+            a = activity(terms[key], terms["within_" + name])
             record[f"{prefix}_active_units_{name}"] = int((a > threshold).sum())
         elif key.startswith("unit_kl_"):
             record[f"{prefix}_{key}"] = [round(float(v), 4) for v in terms[key].mean(0)]
     return record
 
 
-def _variance(fn):
-    """The model's variance of a latent site, per unit (``fn.variance``, else that of 256 draws)."""
+def _moments(fn):
+    """The model's mean and variance of a latent site per unit (closed form, else from 256 draws)."""
     try:
-        return fn.variance
+        return fn.mean, fn.variance
     except NotImplementedError:
-        return fn.sample((256,)).var(0)
+        draws = fn.sample((256,))
+        return draws.mean(0), draws.var(0)
 
 
-def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress=True):
+def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress=True, mixture=32):
     """Test-set summary: mean per data point of the ELBO, its terms and the IW estimate.
 
     Args:
@@ -397,6 +411,8 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
         batch_size: its data points per chunk (``None``: its default).
         elbo_samples: draws per data point for :func:`elbo_terms`.
         progress: show a tqdm bar over the IW estimate.
+        mixture: M for the bottom-up guide's KL shares (see :func:`elbo_terms`); its value is in
+            the summary (``kl_mixture``) for such a guide.
 
     Returns:
         dict of floats (nats per data point): ``elbo``, ``reconstruction``,
@@ -410,13 +426,13 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
     was_training = vae.training
     vae.eval()
     try:
-        return _summary(vae, x, iw_samples, elbo_samples, batch_size, progress)
+        return _summary(vae, x, iw_samples, elbo_samples, batch_size, progress, mixture)
     finally:
         vae.train(was_training)  # the VAE goes back in the mode it came in
 
 
-def _summary(vae, x, iw_samples, elbo_samples, batch_size, progress):
-    terms = elbo_terms(vae, x, num_samples=elbo_samples)
+def _summary(vae, x, iw_samples, elbo_samples, batch_size, progress, mixture):
+    terms = elbo_terms(vae, x, num_samples=elbo_samples, mixture=mixture)
     summary = {key: float(value.mean()) for key, value in terms.items() if not key.startswith("unit_kl_")}
     summary.update({key: [round(float(v), 4) for v in value.mean(0)] for key, value in terms.items()
                     if key.startswith("unit_kl_")})
@@ -426,6 +442,8 @@ def _summary(vae, x, iw_samples, elbo_samples, batch_size, progress):
         summary.update({f"activity_{name}": [round(float(v), 4) for v in a] for name, (_, a) in units.items()})
     summary.update(n=int(x.shape[0]), elbo_samples=int(elbo_samples), iw_samples=int(iw_samples),
                    latent_dims=list(getattr(vae, "latent_dims", [])))
+    if any(key.startswith("logratio_") for key in terms) and any(key.startswith("kl_z") for key in terms):
+        summary["kl_mixture"] = int(mixture)  # the shares are estimated: say with how many draws
     if iw_samples:
         from tqdm.auto import tqdm
 

@@ -135,20 +135,29 @@ class BalancedKLELBO(FreeBitsELBO):
     """``Trace_ELBO`` with NVAE's KL balancing (Vahdat & Kautz 2020, section 3.2 and their
     ``kl_balancer``) during the KL warm-up.
 
-    While a latent site's scale (``beta * kl_weight``, set by the warm-up) is below 1, level l's
-    KL enters the loss multiplied by ``gamma_l = s_l / mean(s)`` with
-    ``s_l = (mean over the batch of |KL_l| + 0.01) / alpha_l`` and ``alpha_l`` the level's number
-    of units over the smallest level's: a level that holds little KL gets a small weight, so the
-    warm-up does not push it to collapse; the ``gamma`` are treated as constants (no gradient
-    flows through them) and average to 1. Once the scale reaches 1 the loss is the ELBO's. Like
-    free bits, during the warm-up it is a training objective, **not** a bound.
+    While the warm-up holds ``vae.kl_weight`` below 1, level l's KL enters the loss multiplied by
+    ``gamma_l = s_l / mean(s)`` with ``s_l = (mean over the batch of |KL_l| + 0.01) / alpha_l`` and
+    ``alpha_l`` the level's number of units over the smallest level's: a level that holds little KL
+    gets a small weight, so the warm-up does not push it to collapse; the ``gamma`` are treated as
+    constants (no gradient flows through them) and average to 1. The sites' own scales (β, the warm-up
+    weight, a subsampled plate's N/B) apply as in ``Trace_ELBO``. Once ``kl_weight`` is 1 the loss is
+    ``Trace_ELBO``'s. Like free bits, during the warm-up it is a training objective, **not** a bound.
+    The per-level KLs are those of a guide that draws in the model's order (one level, or the top-down
+    guide); :meth:`pyro_vae.VAE.check_elbo` refuses it for the bottom-up guide of a chain.
 
     Args:
+        vae: the :class:`~pyro_vae.VAE` (anything with a ``kl_weight``) whose warm-up gates it.
         **kwargs: passed to ``Trace_ELBO`` (``num_particles``, ``vectorize_particles``, ...).
     """
 
-    def __init__(self, analytic_kl=False, **kwargs):
+    balances_kl = True
+
+    def __init__(self, vae, analytic_kl=False, **kwargs):
+        if not hasattr(vae, "kl_weight"):
+            raise InputError(f"BalancedKLELBO needs the VAE whose KL warm-up it follows (an object with a "
+                             f"kl_weight), got {type(vae).__name__}; pass BalancedKLELBO(vae)")
         super().__init__(0.0, analytic_kl=analytic_kl, **kwargs)
+        self.vae = vae
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         objective = 0.0
@@ -156,10 +165,11 @@ class BalancedKLELBO(FreeBitsELBO):
             if site["type"] == "sample" and site["is_observed"]:
                 objective = objective + site["log_prob_sum"]
         kls = self.site_kls(model_trace, guide_trace)
+        warming = self.vae.kl_weight < 1
         gammas = balance({name: kl for name, (kl, _) in kls.items()},
-                         {name: model_trace.nodes[name]["fn"].event_shape.numel() for name in kls})
+                         {name: model_trace.nodes[name]["fn"].event_shape.numel() for name in kls}) if warming else {}
         for name, (kl, scale) in kls.items():
-            objective = objective - scale * (gammas[name] if scale < 1 else 1.0) * kl.sum()
+            objective = objective - scale * gammas.get(name, 1.0) * kl.sum()
         return -torch_item(objective), -objective
 
 

@@ -5,8 +5,11 @@ through ``pyro.param`` at every call, so that whoever traces the call for its
 parameters (``pyro.infer.SVI.step`` does at every step) finds them. For a deep
 chain that is hundreds of ``pyro.param`` calls a step. Inside a step of
 :class:`~pyro_vae.svi.TorchOptimSVI` whose optimizer already holds every
-parameter (its steady state), nobody records them: a module that has
-registered once in this param store may skip the call there.
+parameter it captured (its steady state: a step after the capturing one, the
+param store no larger than then), nobody records them: a module that has
+registered once in this param store, with as many trainable parameters as it
+has now, may put just one of them through ``pyro.param`` (what Pyro's ELBOs
+need to call ``backward`` at all).
 """
 
 import contextlib

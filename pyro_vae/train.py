@@ -62,12 +62,13 @@ def build_vae(config, x_shape):
                guide=config.guide, hidden=config.hidden, skip=config.skip)
 
 
-def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=False):
+def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=None):
     """A Pyro ELBO by name (``trace``, ``meanfield``, ``jit``); particles are vectorised.
 
     With ``free_bits > 0``: a :class:`~pyro_vae.objectives.FreeBitsELBO`
     (analytic KL per level for ``meanfield``; ``jit`` is refused); with
-    ``kl_balance``: a :class:`~pyro_vae.objectives.BalancedKLELBO` (likewise).
+    ``kl_balance`` a VAE: a :class:`~pyro_vae.objectives.BalancedKLELBO` that
+    balances its levels while its ``kl_weight`` is below 1 (likewise).
     """
     settings.check({"elbo": name, "num_particles": num_particles, "free_bits": free_bits})
     kwargs = dict(num_particles=num_particles, vectorize_particles=num_particles > 1,
@@ -77,7 +78,7 @@ def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=False):
     if kl_balance:
         if name == "jit":
             raise InputError("the jit ELBO compiles the loss once and cannot balance the KL; use elbo='trace'")
-        return BalancedKLELBO(analytic_kl=name == "meanfield", **kwargs)
+        return BalancedKLELBO(kl_balance, analytic_kl=name == "meanfield", **kwargs)
     if name == "jit":
         kwargs["ignore_jit_warnings"] = True
     return ELBOS[name](**kwargs)
@@ -153,7 +154,7 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     pyro.set_rng_seed(seed)
     generator = torch.Generator(device=x_train.device).manual_seed(seed)
     data = data_.Batches(x_train, batch_size, generator, dynamic_binarize=dynamic_binarize)
-    loss_fn = make_elbo(elbo, num_particles, free_bits, kl_balance)
+    loss_fn = make_elbo(elbo, num_particles, free_bits, vae if kl_balance else None)
     vae.check_elbo(loss_fn)
     svi = TorchOptimSVI(vae.model, vae.guide, loss_fn, lr, grad_clip=grad_clip)
     parts = [DivergenceGuard(patience=max_bad_steps)] + ([KLWeight(KLWarmup(kl_warmup))] if kl_warmup else [])

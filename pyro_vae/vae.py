@@ -165,7 +165,7 @@ class VAE(nn.Module):
         self._kl_weight, self._compiled_scale = 1.0, None
         self.check_each_call = True  # model/guide check x (finite, shape, support) at every call
         self._transitions_drawn = TransitionMemo()  # the top-down guide's p(z_l | z_l-1), for the model
-        self._registered_in = None  # id of the param store of the last pyro.module(self.name, self)
+        self._registered_in = None  # (id of the param store, trainable parameters) at the last pyro.module
 
         levels = len(latent_dims) - 1  # L; empty module lists for one level keep the foundation's parameters
         if transitions is None:
@@ -247,14 +247,19 @@ class VAE(nn.Module):
         """Raise :class:`InputError` if the Pyro ELBO object ``elbo`` is invalid with this guide.
 
         ``TraceMeanField_ELBO`` (and subclasses) or any ELBO with
-        ``analytic_kl`` set (:class:`~pyro_vae.objectives.FreeBitsELBO`) with
-        the bottom-up guide of a chain is refused; everything else passes.
+        ``analytic_kl`` set (:class:`~pyro_vae.objectives.FreeBitsELBO`), and
+        :class:`~pyro_vae.objectives.BalancedKLELBO`, with the bottom-up guide
+        of a chain are refused; everything else passes.
         """
         from pyro.infer import TraceMeanField_ELBO
 
         analytic = isinstance(elbo, TraceMeanField_ELBO) or getattr(elbo, "analytic_kl", False)
         if analytic and self.levels and self.guide_order == "bottom-up":
             raise InputError(MEANFIELD_BOTTOM_UP)
+        if getattr(elbo, "balances_kl", False) and self.levels and self.guide_order == "bottom-up":
+            raise InputError("KL balancing weighs each level's KL, but the bottom-up guide's per-level terms "
+                             "are not KLs (it draws z_l before z_l-1); use guide='top-down' (--guide top-down) "
+                             "with KL balancing")
 
     # ------------------------------------------------------------------ Pyro
     def model(self, x=None, batch_size=None, size=None):
@@ -325,7 +330,7 @@ class VAE(nn.Module):
                 q = getattr(head, "gaussian", head)(d[level])  # a flow head's Gaussian half, else the whole head
                 if level > 0:
                     p = self.transitions[level - 1](z[-1])
-                    self._transitions_drawn.put(level, z[-1], p)  # the model replaying z[-1] reuses it
+                    self._transitions_drawn.put(level, z[-1], p, self.transitions[level - 1])  # for the model
                     q = precision_weighted(q, p)
                 if hasattr(head, "flow"):
                     q = head.flow(q, d[level])  # the flow goes after the merge
@@ -336,7 +341,7 @@ class VAE(nn.Module):
     def _transition(self, level, parent):
         """p(z_level | parent): the one the top-down guide computed at this very ``parent`` tensor (the
         model replaying the guide's draw), else computed here; ``parent`` ``(*batch, D)``."""
-        kept = self._transitions_drawn.take(level, parent)
+        kept = self._transitions_drawn.take(level, parent, self.transitions[level - 1])
         return kept if kept is not None else self.transitions[level - 1](parent)
 
     def _ladder_features(self, h):
@@ -536,15 +541,15 @@ class VAE(nn.Module):
         """``pyro.module(self.name, self)``, refusing a name whose parameters in the store are another module's.
 
         Inside a step whose optimizer already holds the parameters (:mod:`pyro_vae.registration`), once
-        this VAE registered them in this param store, only the first goes through ``pyro.param``: one param
-        site is what tells Pyro's ELBOs that the trace has something to train (they call ``backward`` only
-        then), and the optimizer needs no more."""
+        this VAE registered them in this param store, and as long as as many of them are trainable as then
+        (one unfrozen since registers them all again, and the optimizer takes it in at the next step),
+        only the first goes through ``pyro.param``: one param site is what tells Pyro's ELBOs that the
+        trace has something to train (they call ``backward`` only then), and the optimizer needs no more."""
         store = pyro.get_param_store()
-        if registration.held() and self._registered_in == id(store):
-            for pname, param in self.named_parameters():
-                if param.requires_grad:  # as pyro.module, which leaves frozen ones out of the store
-                    pyro.param(f"{self.name}$$${pname}", param)
-                    return
+        trainable = [(pname, p) for pname, p in self.named_parameters() if p.requires_grad]
+        if trainable and registration.held() and self._registered_in == (id(store), len(trainable)):
+            pyro.param(f"{self.name}$$${trainable[0][0]}", trainable[0][1])  # frozen ones stay out, as pyro.module
+            return
         for pname, param in self.named_parameters():
             key = f"{self.name}$$${pname}"
             if key in store and store[key] is not param:
@@ -553,7 +558,7 @@ class VAE(nn.Module):
                                  "pyro.clear_param_store() before building it")
             break  # one parameter tells: pyro.module registers them all together
         pyro.module(self.name, self)
-        self._registered_in = id(store)
+        self._registered_in = (id(store), len(trainable))  # a parameter unfrozen later registers again
 
     def _event_dims(self, x):
         """``len(x_shape)``: from ``x`` when given (its dims after the batch dim), else from ``x_shape``."""

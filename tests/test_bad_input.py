@@ -410,6 +410,8 @@ CASES = [
         r"\S*garbage/checkpoint\.pt is not a readable pyro_vae checkpoint", r"train there with --overwrite"),
     cli("evaluate-no-run", lambda ws: ["evaluate", ws.folder("notes", {"notes.txt": b"not a run"}), "--no-progress"],
         r"no checkpoint at \S*notes/checkpoint\.pt", r"train a run there first"),
+    cli("evaluate-mixture-zero", lambda ws: ["evaluate", ws.run(), "--mixture", "0", "--no-progress"],
+        r"--mixture must be a positive number of draws, got 0", r"use e\.g\. --mixture 256"),
     cli("evaluate-garbage-checkpoint",
         lambda ws: ["evaluate", ws.folder("garbage", GARBAGE_CHECKPOINT), "--no-progress"],
         r"\S*garbage/checkpoint\.pt is not a readable pyro_vae checkpoint",

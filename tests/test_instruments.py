@@ -49,7 +49,7 @@ def test_the_top_down_step_computes_each_transition_once(images, monkeypatch, pa
     grads = [p.grad.clone() for p in vae.parameters()]
 
     vae.zero_grad()
-    monkeypatch.setattr(chain.TransitionMemo, "take", lambda self, level, parent: None)  # compute twice
+    monkeypatch.setattr(chain.TransitionMemo, "take", lambda self, level, parent, module: None)  # compute twice
     calls[0] = 0
     pyro.set_rng_seed(1)
     again = elbo.differentiable_loss(vae.model, vae.guide, x)
@@ -167,6 +167,34 @@ def test_active_units_do_not_depend_on_the_scale_a_level_is_measured_in(guide):
     assert (raw < 0.01).all()
 
 
+def test_a_level_that_only_follows_the_model_has_no_active_unit(monkeypatch):
+    """q(z1 | z0, x) = p(z1 | z0): z1's posterior mean moves with x through z0 (Burda et al.'s
+    statistic counts every unit), but the level adds nothing: activity 0, with either kind of draw."""
+    from linear_gaussian import conditional
+
+    from evaluate_helpers import exact_chain_data
+
+    vae, mean, cov, blocks, x = exact_chain_data([2, 3], "top-down", n=3000)
+
+    def collapsed(x, batch_size=None):
+        with pyro.plate("data", x.shape[0]):
+            z0 = pyro.sample("z0", conditional(mean, cov, blocks, 0, [(blocks[-1], x)]))
+            pyro.sample("z1", vae.transitions[0](z0))
+
+    vae.guide = collapsed
+    pyro.set_rng_seed(0)
+    count, act = evaluate.active_units(vae, x, num_samples=10)["z1"]
+    assert count == 0 and act.max() < 1e-3
+    means = torch.stack([vae.transitions[0](conditional(mean, cov, blocks, 0, [(blocks[-1], x)]).sample()).base_dist.loc
+                         for _ in range(10)]).mean(0)
+    assert (means.var(0, unbiased=False) > 0.01).all()  # the old statistic: every unit "active"
+    # read from the draws, as for a guide in another order: the draws' own noise is taken out
+    monkeypatch.setattr(evaluate, "level_order", lambda vae, x: "other")
+    pyro.set_rng_seed(0)
+    count, act = evaluate.active_units(vae, x, num_samples=10)["z1"]
+    assert count == 0, act
+
+
 def test_active_units_of_the_top_level_under_n01_are_burdas():
     from evaluate_helpers import exact_chain_data
 
@@ -206,7 +234,7 @@ def test_the_per_epoch_active_units_are_those_of_active_units(images):
     record = evaluate.level_record(terms, "val", threshold=1e-4)
     count, activity = evaluate.active_units(vae, x, num_samples=1, threshold=1e-4)["z0"]
     assert record["val_active_units_z0"] == count
-    torch.testing.assert_close(evaluate.activity(terms["mean_z0"], terms["prior_var_z0"]), activity)
+    torch.testing.assert_close(evaluate.activity(terms["residual_z0"], terms["within_z0"]), activity)
 
 
 def test_a_chain_run_draws_its_levels_kl_over_epochs(tmp_path, idx_dir):
@@ -251,12 +279,12 @@ def test_balanced_kl_is_the_elbo_after_the_warm_up_and_reweights_during_it(image
     vae = make_chain([2, 3, 4], "top-down")
     x = images[:16]
     plain, grads = _losses(vae, x, Trace_ELBO(), 1.0)
-    balanced, grads_b = _losses(vae, x, BalancedKLELBO(), 1.0)
+    balanced, grads_b = _losses(vae, x, BalancedKLELBO(vae), 1.0)
     assert torch.equal(plain, balanced)
     for g, h in zip(grads, grads_b):
         torch.testing.assert_close(g, h)
     # during the warm-up: -log p(x | z) + w * sum_l gamma_l KL_l at the same draws
-    loss, _ = _losses(vae, x, BalancedKLELBO(), 0.1)
+    loss, _ = _losses(vae, x, BalancedKLELBO(vae), 0.1)
     vae.kl_weight = 0.1
     pyro.set_rng_seed(2)
     guide_tr = poutine.trace(vae.guide).get_trace(x)
@@ -324,3 +352,65 @@ def test_skipping_the_registration_leaves_frozen_parameters_frozen(images):
             svi.step(images[:8])
     assert not any(p.requires_grad for p in vae.encoder.parameters())
     assert all(torch.equal(a, b) for a, b in zip(frozen, vae.encoder.parameters()))
+
+
+def test_a_parameter_unfrozen_after_the_first_steps_is_trained(images):
+    from pyro_vae.svi import TorchOptimSVI
+
+    vae = make_chain([2, 3], "top-down")
+    vae.decoder.requires_grad_(False)
+    svi = TorchOptimSVI(vae.model, vae.guide, Trace_ELBO(), 1e-2)
+    with pytest.warns(UserWarning, match="requires_grad=False"):
+        for _ in range(3):
+            svi.step(images[:8])
+    vae.decoder.requires_grad_(True)  # fine-tuning: the decoder joins now
+    before = [p.detach().clone() for p in vae.decoder.parameters()]
+    for _ in range(3):
+        svi.step(images[:8])
+    assert all(not torch.equal(a, b) for a, b in zip(before, vae.decoder.parameters()))
+    held = {id(p) for group in svi.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in held for p in vae.parameters())
+
+
+def test_a_kept_transition_is_not_reused_under_other_weights_or_grad_mode(images):
+    vae = make_chain([2, 3], "top-down")
+    x = images[:5]
+    with torch.no_grad():  # z drawn without gradients, then the model scored with them
+        guide_tr = poutine.trace(vae.guide).get_trace(x)
+    model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x)
+    model_tr.log_prob_sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.transitions.parameters())
+    # weights changed in place between the guide and the model: the model computes p(z1 | z0) afresh
+    z0 = poutine.trace(vae.guide).get_trace(x).nodes["z0"]["value"]
+    with torch.no_grad():
+        for p in vae.transitions.parameters():
+            p.add_(0.5)
+    tr = poutine.trace(poutine.condition(vae.model, data={"z0": z0})).get_trace(x)
+    torch.testing.assert_close(tr.nodes["z1"]["fn"].base_dist.loc, vae.transitions[0](z0).base_dist.loc)
+
+
+def test_kl_balancing_follows_the_warm_up_weight_alone(images):
+    """Not the sites' scale, which also holds beta and a subsampled plate's N/B."""
+    from pyro_vae.objectives import BalancedKLELBO
+
+    x = images[:16]
+    vae = make_chain([2, 3], "top-down")
+    vae.beta = 0.5  # after the warm-up: the ELBO with beta, no balancing
+    torch.testing.assert_close(_losses(vae, x, BalancedKLELBO(vae), 1.0)[0], _losses(vae, x, Trace_ELBO(), 1.0)[0])
+    vae.beta = 1.0
+
+    def scaled(elbo, weight):  # a minibatch of a data set ten times its size: every site scaled by 10
+        vae.kl_weight = weight
+        pyro.set_rng_seed(2)
+        return elbo.differentiable_loss(vae.model, vae.guide, x, size=10 * x.shape[0]).detach()
+
+    assert not torch.allclose(scaled(BalancedKLELBO(vae), 0.5), scaled(Trace_ELBO(), 0.5))  # still balancing
+    torch.testing.assert_close(scaled(BalancedKLELBO(vae), 1.0), scaled(Trace_ELBO(), 1.0))
+
+
+def test_kl_balancing_is_refused_for_the_bottom_up_guide_of_a_chain(images):
+    from pyro_vae import InputError, fit
+
+    vae = make_chain([2, 3], "bottom-up")
+    with pytest.raises(InputError, match="bottom-up guide's per-level terms are not KLs"):
+        fit(vae, images[:32], epochs=1, batch_size=16, kl_warmup=4, kl_balance=True, progress=False, log=None)
