@@ -44,7 +44,8 @@ def train_chain(guide, x_train, x_test, args, device):
 
     vae.eval()
     summary = evaluate.evaluate(vae, x_test, iw_samples=args.iw_samples, progress=False)
-    levels = ", ".join(f"z{i}: KL {summary[f'kl_z{i}']:.2f} nats, {summary[f'active_units_z{i}']}/{d} active"
+    # kl_z<l>: each level's share of the KL in the model's order (comparable across the two guides)
+    levels = ", ".join(f"z{i}: KL share {summary[f'kl_z{i}']:.2f} nats, {summary[f'active_units_z{i}']}/{d} active"
                        for i, d in enumerate(vae.latent_dims))
     print(f"{guide}: test ELBO {summary['elbo']:.2f}  IW log p(x) (K={args.iw_samples}) "
           f"{summary['iw_log_likelihood']:.2f}  [{levels}]", flush=True)
