@@ -456,22 +456,30 @@ class WeightAverage(Callback):
     def __init__(self, decay):
         settings.check({"ema": decay})
         self.decay = float(decay)
-        self.updates, self.weights = 0, None
+        self.updates, self.weights, self._resumed = 0, None, False
 
     def state_dict(self):
         return {"decay": self.decay, "updates": self.updates, "weights": self.weights}
 
     def load_state_dict(self, state):
+        if float(state["decay"]) != self.decay:
+            raise InputError(f"the checkpoint's weight average has decay {float(state['decay']):g}, this part "
+                             f"{self.decay:g}; resume with callbacks.WeightAverage({float(state['decay']):g}) "
+                             f"(--ema {float(state['decay']):g})")
         self.updates = int(state["updates"])
         self.weights = {k: v.clone() for k, v in state["weights"].items()}
+        self._resumed = True
 
     def on_fit_start(self, loop):
-        """Start the average at the VAE's weights, or move a resumed one to the VAE's device."""
+        """Start the average at the VAE's weights (a part used again in a new run starts again), or move a
+        resumed one to the VAE's device."""
         current = loop.vae.state_dict()
-        if self.weights is None:
+        if not self._resumed:
+            self.updates = 0
             self.weights = {k: v.detach().clone() for k, v in current.items()}
         else:  # a checkpoint is loaded on the CPU: follow the model's device
             self.weights = {k: v.to(current[k].device) if k in current else v for k, v in self.weights.items()}
+        self._resumed = False
 
     def on_step_end(self, loop, batch, loss):
         """Average after an update applied (a foreign SVI object without ``updated``: after a finite loss)."""

@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from . import settings
 from .errors import InputError
 from .config import PRESETS
 from .checkpoints import write_text_atomic
@@ -76,6 +77,7 @@ def _parser():
     s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png; samples_tT.png with --temperature; "
                                  "fromINDEX_keepK.png, or fromINDEX_keepK_tT.png, with --from-image)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--device", help="cpu or cuda (default: the run's)")
     _add_explore_flags(sub)
     return p
 
@@ -157,7 +159,7 @@ def _add_training_flags(t):
                         "(default 0: off)")
     t.add_argument("--ema", type=_number_like(0.999), metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay, e.g. 0.999; "
-                        "held-out ELBOs, best.pt, the pictures, evaluate and sample use it (default 0: off)")
+                        "held-out ELBOs, best.pt, the pictures, evaluate, sample and explore use it (default 0: off)")
     t.add_argument("--max-bad-steps", type=int,
                    help="stop after this many consecutive steps with a non-finite loss or gradient, each "
                         f"skipped (default {DEFAULTS.max_bad_steps})")
@@ -213,7 +215,9 @@ def _train(args):
     print(f"trained {last['epoch']} epochs: train loss {last['train_loss']:.2f}, "
           f"{held_out} ELBO {last[key]:.2f} nats/{unit}")
     pictures = "samples.png reconstructions.png levels.png curves.png" if is_image(vae) else "curves.png"
-    print(f"wrote {out}/: config.json metrics.jsonl checkpoint.pt {pictures}")
+    pictures += " kl_levels.png" if len(vae.latent_dims) > 1 else ""
+    kept = " best.pt" if (out / "best.pt").exists() else ""
+    print(f"wrote {out}/: config.json metrics.jsonl checkpoint.pt{kept} {pictures}")
 
 
 def _evaluate(args):
@@ -228,6 +232,7 @@ def _evaluate(args):
                          "--elbo-samples 10")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be positive, got {args.limit}; use e.g. --limit 1000")
+    settings.check({"seed": args.seed}, cli=True)
     if args.mixture < 1:
         raise InputError(f"--mixture must be a positive number of draws, got {args.mixture}; use e.g. --mixture 256")
     run_dir = Path(args.run_dir)
@@ -337,12 +342,13 @@ def _sample(args):
     if args.from_image is not None and args.from_image < 0:
         raise InputError(f"--from-image takes a test image's index >= 0, got {args.from_image}; use e.g. "
                          "--from-image 0")
+    settings.check({"seed": args.seed}, cli=True)
     path = _sample_path(args, temperatures)
     plots._format(path)  # a known picture format, before any work
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: the directory {path.parent} does not exist; create it or choose "
                          "another --out")
-    vae, config = load_run(args.run_dir)
+    vae, config = load_run(args.run_dir, device=args.device)
     if not is_image(vae):
         raise InputError(f"{args.run_dir} was trained on {config.dataset} data of shape {vae.x_shape}, not images; "
                          "draw samples in Python with vae.sample(n) or pyro.infer.Predictive(vae.model, ...)")

@@ -114,7 +114,7 @@ class RunConfig:
     # settings that change the model or its data; a resume must not change them
     MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",
                   "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze", "skip")
-    RESUME_KEYS = MODEL_KEYS + ("data_dir", "val_size", "seed")
+    RESUME_KEYS = MODEL_KEYS + ("data_dir", "val_size", "seed", "ema")
 
     def check_resume(self, saved, mid_epoch, where):
         """Raise :class:`InputError` unless this config can continue the run saved with ``saved``
@@ -130,8 +130,9 @@ class RunConfig:
                              f"({'; '.join(differing)}); resume with the run's settings or train into a new "
                              "directory")
 
-    def validate(self):
-        """Raise :class:`InputError` naming the first bad setting."""
+    def validate(self, device=True):
+        """Raise :class:`InputError` naming the first bad setting (``device=False``: all but the device,
+        for a saved run whose device is a record of where it trained, not a request)."""
         if self.dataset not in DATASETS:
             raise InputError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.dataset == "counts":
@@ -173,7 +174,8 @@ class RunConfig:
             raise InputError(MEANFIELD_BOTTOM_UP)
         settings.check({key: getattr(self, key) for key in TRAINING_KEYS}, cli=True)
         self._check_size()
-        resolve_device(self.device)
+        if device:
+            resolve_device(self.device)
         return self
 
     def _check_size(self):
@@ -209,7 +211,7 @@ class RunConfig:
             raise InputError(f"{path} holds no run configuration (no 'config' dict); it was not written by "
                              "pyro-vae train, or it is damaged: train again with --overwrite")
         try:
-            return cls.from_dict(config).validate()
+            return cls.from_dict(config).validate(device=False)  # a CUDA run is read on a CPU-only machine too
         except InputError as err:
             raise InputError(f"{path} holds a configuration that is not valid: {err}") from None
         except (TypeError, ValueError) as err:

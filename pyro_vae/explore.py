@@ -138,7 +138,7 @@ def stddev(d, device="cpu"):
     of ``device``, where the distribution lives) left as it was.
     """
     try:
-        return d.variance.sqrt()
+        return _finite_spread(d.variance.sqrt(), d)
     except NotImplementedError:
         pass
     device = torch.device(device)
@@ -147,6 +147,15 @@ def stddev(d, device="cpu"):
     with torch.random.fork_rng(devices=forked):
         torch.manual_seed(0)
         return d.sample((4096,)).std(dim=0)
+
+
+def _finite_spread(std, d):
+    """``std``, refusing a distribution whose variance is infinite or undefined (a Cauchy, a Student t
+    with df <= 2): a traversal in its standard deviations has no finite step."""
+    if not bool(torch.isfinite(std).all()):
+        raise InputError(f"{type(d).__name__} has an infinite or undefined variance, so a traversal cannot step "
+                         "in its standard deviations; traverse a level whose distribution has a finite variance")
+    return std
 
 
 def model_scale(vae, zs, level):

@@ -2,6 +2,7 @@
 generation grids (labelled with matplotlib), training curves."""
 
 import contextlib
+import functools
 import io
 import json
 from pathlib import Path
@@ -32,13 +33,28 @@ def save_grid(images, path, **grid):
     write_bytes_atomic(path, buffer.getvalue())
 
 
+def _drawing(fn):
+    """A picture function that leaves the VAE's train/eval mode and the caller's random streams as they
+    were: it draws in eval mode from a fork of torch's RNG (the CUDA one too on a CUDA VAE)."""
+    @functools.wraps(fn)
+    def wrapper(vae, *args, **kwargs):
+        training, device = vae.training, vae.device
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                            return fn(vae, *args, **kwargs)
+        finally:
+            vae.train(training)
+    return wrapper
+
+
+@_drawing
 def save_samples(vae, path, n=64, nrow=8, temperature=1.0):
     """Save a grid of E[x | zL] for ``n`` draws of the whole chain from the model (images ``(n, C, H, W)``),
     every level drawn at ``temperature`` (:meth:`pyro_vae.VAE.sample`)."""
-    vae.eval()
     save_grid(vae.sample(n, temperature=temperature).clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
 
 
+@_drawing
 def save_temperatures(vae, path, temperatures, n=8, seed=0):
     """Save one labelled row of ``n`` samples (images ``(n, C, H, W)``) per temperature in ``temperatures``.
 
@@ -46,7 +62,6 @@ def save_temperatures(vae, path, temperatures, n=8, seed=0):
     was), so column j holds the same draw at each temperature: with Gaussian levels
     the same noise, scaled by t.
     """
-    vae.eval()
     rows = []
     for t in temperatures:
         with _seeded(seed, vae.device):
@@ -55,6 +70,7 @@ def save_temperatures(vae, path, temperatures, n=8, seed=0):
                        title=f"{n} samples per temperature (each column: one draw, at every temperature)")
 
 
+@_drawing
 def save_generated(vae, x, path, keep_levels, temperatures=(1.0,), n=8, seed=0, kept="draw"):
     """Save conditional generation from one data point: per temperature a labelled row of ``x`` and then
     ``n`` draws of :meth:`pyro_vae.VAE.generate_from` (its ``keep_levels`` top levels kept from the guide,
@@ -64,7 +80,6 @@ def save_generated(vae, x, path, keep_levels, temperatures=(1.0,), n=8, seed=0, 
     Args:
         x: one image ``(1, C, H, W)`` on the VAE's device.
     """
-    vae.eval()
     rows = []
     for t in temperatures:
         with _seeded(seed, vae.device):
@@ -74,6 +89,7 @@ def save_generated(vae, x, path, keep_levels, temperatures=(1.0,), n=8, seed=0, 
     save_labelled_grid(torch.cat(rows).cpu(), path, n + 1, [f"t = {t:g}" for t in temperatures], title=title)
 
 
+@_drawing
 def save_reconstructions(vae, x, path, n=32):
     """Save ``n`` test images (odd columns) beside their reconstructions (even columns).
 
@@ -82,13 +98,13 @@ def save_reconstructions(vae, x, path, n=32):
     """
     from torchvision.utils import make_grid
 
-    vae.eval()
     x = x[:n]
     recon = vae.reconstruct(x).clamp(0, 1)
     pairs = torch.stack([x, recon], dim=1).reshape(-1, *x.shape[1:])  # x0, r0, x1, r1, ...
     save_grid(make_grid(pairs.cpu(), nrow=16, padding=2, pad_value=1.0), path)
 
 
+@_drawing
 def save_levels(vae, x, path, images=4, samples=8, kept="draw"):
     """Save what each latent level controls, as ``levels.png``, with each row labelled on its left.
 
@@ -108,7 +124,6 @@ def save_levels(vae, x, path, images=4, samples=8, kept="draw"):
     Returns:
         ``(left, top)``: where the tile grid starts in the picture (see :func:`save_labelled_grid`).
     """
-    vae.eval()
     x = x[:images]
     draws = [vae.resample_below(x, level, samples, kept=kept).clamp(0, 1) for level in range(vae.levels + 2)]
     rows = [torch.cat([x[i:i + 1], d[i]]) for i in range(x.shape[0]) for d in draws]

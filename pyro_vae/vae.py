@@ -34,6 +34,7 @@ bottom-up guide of a chain it is not, and it raises an :class:`InputError`
 import contextlib
 import inspect
 import itertools
+import operator
 
 import pyro
 import pyro.poutine as poutine
@@ -377,13 +378,13 @@ class VAE(nn.Module):
                 sample. 1 (default) is the model itself, bit for bit; 0 puts every level at
                 its location given the level above (a mixture prior: one component's mean).
         """
-        return self._generate([], n, check_temperature(temperature))
+        return self._generate([], _count(n), check_temperature(temperature))
 
     @torch.no_grad()
     def sample_latents(self, n, temperature=1.0):
         """The levels of ``n`` draws from the model at ``temperature`` (as in :meth:`sample`, which
         draws the same values from the same RNG state): ``[z0, ..., zL]``, each ``(n, D_l)``."""
-        return self._draw_levels([], int(n), check_temperature(temperature))
+        return self._draw_levels([], _count(n), check_temperature(temperature))
 
     @torch.no_grad()
     def resample_below(self, x, level, n=1, temperature=1.0, kept="draw"):
@@ -575,6 +576,17 @@ class VAE(nn.Module):
     def _mean(self, out, event_dims):
         """E[x | decoder output] ``(*batch, *x_shape)`` (a user's likelihood may take ``mean(out)`` alone)."""
         return self.likelihood.mean(out, event_dims) if self._mean_takes_dims else self.likelihood.mean(out)
+
+
+def _count(n):
+    """``n`` as a number of draws: a positive integer (an integral tensor or NumPy number too)."""
+    try:
+        count = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
+        raise InputError(f"the number of draws must be a positive integer, got {n!r}; pass e.g. n=64")
+    return count
 
 
 def _cat(parts):

@@ -414,3 +414,69 @@ def test_kl_balancing_is_refused_for_the_bottom_up_guide_of_a_chain(images):
     vae = make_chain([2, 3], "bottom-up")
     with pytest.raises(InputError, match="bottom-up guide's per-level terms are not KLs"):
         fit(vae, images[:32], epochs=1, batch_size=16, kl_warmup=4, kl_balance=True, progress=False, log=None)
+
+
+# ---------------------------------------------------------------- review fixes (items 5-7 and the CLI)
+def test_pictures_leave_the_vaes_mode_and_the_callers_random_stream(images, tmp_path):
+    from pyro_vae import plots
+
+    vae = make_chain([2, 3], "top-down")
+    for draw in (lambda: plots.save_samples(vae, tmp_path / "s.png", n=4),
+                 lambda: plots.save_levels(vae, images[:2], tmp_path / "l.png", images=1, samples=2),
+                 lambda: plots.save_reconstructions(vae, images[:4], tmp_path / "r.png", n=4)):
+        vae.train()
+        state = torch.get_rng_state()
+        draw()
+        assert vae.training and torch.equal(state, torch.get_rng_state())
+
+
+def test_sample_counts_are_checked(images):
+    from pyro_vae import InputError
+
+    vae = make_chain([2, 3], "top-down")
+    assert vae.sample(torch.tensor(2)).shape[0] == 2
+    for n in (2.5, -1, 0, True):
+        with pytest.raises(InputError, match="number of draws must be a positive integer"):
+            vae.sample(n)
+
+
+def test_a_weight_average_used_again_starts_again_and_refuses_another_decay(images):
+    from pyro_vae import InputError, callbacks, fit
+
+    ema = callbacks.WeightAverage(0.5)
+    vae = make_chain([2, 3], "top-down")
+    fit(vae, images[:32], epochs=1, batch_size=16, progress=False, log=None, callbacks=[ema])
+    assert ema.updates == 2
+    fresh = make_chain([2, 3], "top-down")
+    start = {k: v.clone() for k, v in fresh.state_dict().items()}
+    skip_all = callbacks.GradientSkip(1e-12)  # no update: the average must stay at this run's start
+    fit(fresh, images[:32], epochs=1, batch_size=16, progress=False, log=None, callbacks=[skip_all, ema])
+    assert ema.updates == 0  # counted from this run's start, not the last one's
+    for k, v in start.items():
+        torch.testing.assert_close(ema.weights[k], v)
+    state = ema.state_dict()
+    with pytest.raises(InputError, match="decay 0.5, this part 0.9"):
+        callbacks.WeightAverage(0.9).load_state_dict(state)
+
+
+def test_a_run_trained_on_cuda_is_read_on_a_cpu_only_machine(tmp_path, idx_dir, capsys):
+    """The saved device is where the run trained, not a request: --device cpu reads it anywhere."""
+    from pyro_vae import cli
+    from pyro_vae.checkpoints import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--data-dir", str(idx_dir), "--latent-dims", "2,3",
+                     "--guide", "top-down", "--hidden", "16", "--epochs", "1", "--batch-size", "128",
+                     "--no-progress"]) in (0, None)
+    payload = load_checkpoint(run / "checkpoint.pt")
+    payload["config"]["device"] = "cuda"
+    save_checkpoint(run / "checkpoint.pt", payload)
+    if torch.cuda.is_available():
+        pytest.skip("a machine with a GPU reads it without --device")
+    assert cli.main(["evaluate", str(run), "--device", "cpu", "--iw-samples", "2", "--limit", "8",
+                     "--no-progress"]) in (0, None)
+    assert cli.main(["sample", str(run), "--device", "cpu", "--n", "4", "--out", str(tmp_path / "s.png")]) in (0, None)
+    assert (tmp_path / "s.png").exists()
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run), "--iw-samples", "2", "--limit", "8", "--no-progress"]) == 2
+    assert "use --device cpu" in capsys.readouterr().err
