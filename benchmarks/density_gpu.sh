@@ -15,14 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; TRAIN_S=${TRAIN_S:-360}; EVAL_S=${EVAL_S:-150}; K=${K:-5000}; LIMIT=${LIMIT:-}
 mkdir -p "$OUT"
 R=${RUNS:-$(mktemp -d)}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-if [ -d .data/fashion-mnist ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
-  mkdir -p /usr/share/datasets/fashion-mnist && cp .data/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/
-fi
-PY=${PY:-python3}
+. benchmarks/device_env.sh  # wheels, data, PY
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 log() { echo "== $(date -u +%T) $*" | tee -a "$R/density_gpu.log"; }

@@ -13,14 +13,7 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 W=$(mktemp -d)
 log() { echo "== $(date -u +%T) $*" | tee -a "$OUT/gpu_check.log"; }
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-if [ -d .data/fashion-mnist ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
-  mkdir -p /usr/share/datasets/fashion-mnist && cp .data/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/
-fi
-PY=${PY:-python3}
+. benchmarks/device_env.sh  # wheels, data, PY
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 log "device $DEV: $($PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')")"

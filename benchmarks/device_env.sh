@@ -1,0 +1,11 @@
+# Sourced by the scripts run on the lent GPU machine (gpu_check.sh, density_gpu.sh), from the repository
+# root: pyro-ppl from the wheels carried in .whl/, Fashion-MNIST from .data/ where Debian's package is
+# missing, and PY, the Python to run (default python3).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+if [ -d .data/fashion-mnist ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  mkdir -p /usr/share/datasets/fashion-mnist && cp .data/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/
+fi
+PY=${PY:-python3}
