@@ -27,13 +27,21 @@ from .errors import InputError
 from .posteriors import location
 
 
-def particle_dim(vae, x):
-    """The dim of the evaluation's particle plate: left of every plate of the model and guide
-    (``-(max_plate_nesting + 1)``, found by tracing both once on one data point; -2 for a VAE alone)."""
+def _probe(vae, x):
+    """The guide's and the model's traces on one data point, drawn without touching the caller's
+    random stream: what :func:`particle_dim` and :func:`level_order` read."""
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # the probe draws nothing from the caller's random stream
+    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
         guide_tr = poutine.trace(vae.guide).get_trace(x[:1])
         model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x[:1])
+    return guide_tr, model_tr
+
+
+def particle_dim(vae, x, traces=None):
+    """The dim of the evaluation's particle plate: left of every plate of the model and guide
+    (``-(max_plate_nesting + 1)``, found by tracing both once on one data point, or from ``traces``
+    of :func:`_probe`; -2 for a VAE alone)."""
+    guide_tr, model_tr = traces or _probe(vae, x)
     nesting = max((len(site["cond_indep_stack"]) for tr in (guide_tr, model_tr) for site in tr.nodes.values()
                    if site["type"] == "sample"), default=0)
     return -(nesting + 1)
@@ -99,14 +107,12 @@ def _unit_terms(guide_tr, model_tr, sites, shape):
     return out
 
 
-def level_order(vae, x):
+def level_order(vae, x, traces=None):
     """How the guide draws the latent sites, compared with the model: ``"model"`` (the same order: each
     site's E_q[log q - log p] is that level's share of the KL), ``"reversed"`` (a bottom-up chain: its
-    shares are estimated, see :func:`elbo_terms`) or ``"other"``. Traced once on one data point."""
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
-        guide_tr = poutine.trace(vae.guide).get_trace(x[:1])
-        model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x[:1])
+    shares are estimated, see :func:`elbo_terms`) or ``"other"``. Traced once on one data point (or
+    read from ``traces`` of :func:`_probe`)."""
+    guide_tr, model_tr = traces or _probe(vae, x)
     latent = [n for n, s in model_tr.nodes.items()
               if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
     drawn = [n for n in guide_tr.nodes if n in latent]
@@ -123,7 +129,8 @@ def _shares_reversed(vae, xb, d, mixture, dim):
     expectation), the share of z_l is C_l - C_{l-1}; they add up to the total exactly. The guide draws
     z_L first, so q(z_0..z_l | x) = q(z_l | x) prod_{j<l} q(z_j | z_j+1), and the marginal q(z_l | x)
     (l < L) is estimated by a mixture over ``mixture`` fresh guide draws of the levels below it:
-    (1/M) sum_m q(z_l | z_l+1^(m)). That log-estimate is biased down by O(1/M).
+    (1/M) sum_m q(z_l | z_l+1^(m)). That log-estimate is biased down, by an amount that falls with M
+    and grows with how much sharper q(z_l | z_l+1) is than q(z_l | x).
     """
     names = [f"z{level}" for level in range(vae.levels + 1)]
     with pyro.plate("eval_mixture", mixture, dim=dim):
@@ -155,8 +162,8 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32,
 
     The KL per level is each level's **share of the total KL in the model's order** (z0 first):
     ``kl_z<l>`` = KL(q(z_0..z_l | x) || p(z_0..z_l)) - KL(q(z_0..z_l-1 | x) || p(z_0..z_l-1)),
-    which is >= 0 and adds up to the total ``kl`` for every guide, so the numbers of a top-down and a
-    bottom-up chain compare. Where the guide draws in the model's order (one level, the top-down guide)
+    which is >= 0 (exactly; the bottom-up estimates below can dip under 0 by noise) and adds up to the
+    total ``kl`` for every guide, so the numbers of a top-down and a bottom-up chain compare. Where the guide draws in the model's order (one level, the top-down guide)
     it is E_q[log q(z_l | x, z_<l) - log p(z_l | z_<l)], exact. The bottom-up guide draws z_L first: its
     shares need q's marginals and are estimated (see ``mixture``), and its per-site terms
     E_q[log q(z_l | z_l+1) - log p(z_l | z_l-1)], which are *not* KLs (they can be negative), are
@@ -189,7 +196,8 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32,
     max_rows = default_max_rows(x) if max_rows is None else int(max_rows)
     parts = []
     with pyro.validation_enabled(False):
-        dim, order = particle_dim(vae, x), level_order(vae, x)
+        traces = _probe(vae, x)
+        dim, order = particle_dim(vae, x, traces), level_order(vae, x, traces)
         for xb in _batches(x, batch_size):
             chunk = max(1, min(num_samples, max_rows // xb.shape[0]))
             sums, done = {}, 0
@@ -328,7 +336,8 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
         raise InputError("active units need at least 2 data points (a variance across data)")
     means, within = {}, {}
     with pyro.validation_enabled(False):
-        dim, order = particle_dim(vae, x), level_order(vae, x)
+        traces = _probe(vae, x)
+        dim, order = particle_dim(vae, x, traces), level_order(vae, x, traces)
         for xb in _batches(x, batch_size):
             with pyro.plate("eval_particles", num_samples, dim=dim):
                 guide_tr = poutine.trace(vae.guide).get_trace(xb)

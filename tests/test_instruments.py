@@ -189,7 +189,7 @@ def test_a_level_that_only_follows_the_model_has_no_active_unit(monkeypatch):
                          for _ in range(10)]).mean(0)
     assert (means.var(0, unbiased=False) > 0.01).all()  # the old statistic: every unit "active"
     # read from the draws, as for a guide in another order: the draws' own noise is taken out
-    monkeypatch.setattr(evaluate, "level_order", lambda vae, x: "other")
+    monkeypatch.setattr(evaluate, "level_order", lambda vae, x, traces=None: "other")
     pyro.set_rng_seed(0)
     count, act = evaluate.active_units(vae, x, num_samples=10)["z1"]
     assert count == 0, act
