@@ -48,7 +48,6 @@ import contextlib
 import math
 
 import pyro
-import pyro.poutine as poutine
 import torch
 
 from .errors import InputError
@@ -105,14 +104,9 @@ def posterior_levels(vae, x, at="mean"):
             given the means drawn before it (:func:`pyro_vae.posteriors.location`
             for a flow); ``"sample"``: one draw of the guide.
     """
-    from .vae import _AtMean
-
     _check_choice("at", at, ("mean", "sample"))
     with _evaluating(vae):
-        x = _images(vae, x)
-        with _AtMean() if at == "mean" else contextlib.nullcontext():
-            trace = poutine.trace(vae.guide).get_trace(x)
-    return [trace.nodes[f"z{level}"]["value"] for level in range(vae.levels + 1)]
+        return vae._guide_levels(_images(vae, x), vae.levels + 1, kept="mean" if at == "mean" else "draw")
 
 
 def decode(vae, zs):
