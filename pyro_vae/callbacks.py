@@ -20,6 +20,9 @@ Built in (what :func:`pyro_vae.fit` assembles from its keywords):
 :class:`Checkpoint`   hands the loop's state to ``save`` every N steps, every
                       epoch, on SIGINT/SIGTERM and after an early stop
 :class:`KeepBest`     hands the state to ``save`` when a metric is the best yet
+:class:`DataParallel` one process of a ``torchrun`` group: rank 0's weights at
+                      the start, the stop signals every rank agrees on, every
+                      rank's RNG in the checkpoint
 ====================  ======================================================
 
 Training aids (VDVAE's), which :func:`pyro_vae.train.train` adds for ``--skip-grad-norm`` and
@@ -33,12 +36,15 @@ Training aids (VDVAE's), which :func:`pyro_vae.train.train` adds for ``--skip-gr
 """
 
 import contextlib
+import hashlib
 import math
 import time
 
+import pyro
 import torch
 
-from . import settings
+from . import distributed, settings
+from .checkpoints import rng_state, set_rng_state
 from .errors import InputError
 from .evaluate import elbo_terms, level_order, level_record
 from .loop import TrainingDiverged
@@ -200,7 +206,8 @@ class Evaluation(Callback):
         prefix: the metrics' prefix (``"test"``, ``"val"``).
         every: evaluate every this many epochs (and at the last).
 
-    With a :class:`WeightAverage` part in the loop, the averaged weights are evaluated.
+    With a :class:`WeightAverage` part in the loop, the averaged weights are evaluated. Under
+    ``torchrun`` rank 0 evaluates and every rank gets its numbers (so that every rank chooses alike).
     """
 
     def __init__(self, x, prefix="test", every=1):
@@ -214,6 +221,9 @@ class Evaluation(Callback):
     def on_epoch_end(self, loop):
         if loop.epoch % self.every and loop.epoch < loop.epochs:
             return
+        loop.record.update(distributed.from_main(lambda: self._measure(loop)))  # under torchrun: rank 0's
+
+    def _measure(self, loop):
         was_training = loop.vae.training
         loop.vae.eval()
         with evaluation_weights(loop):
@@ -221,8 +231,7 @@ class Evaluation(Callback):
                 self._draws = 1 if level_order(loop.vae, self.x) == "model" else 2
             terms = elbo_terms(loop.vae, self.x, num_samples=self._draws, moments=self.x.shape[0] >= 2)
         loop.vae.train(was_training)
-        loop.record[f"{self.prefix}_elbo"] = float(terms["elbo"].mean())
-        loop.record.update(level_record(terms, self.prefix))
+        return {f"{self.prefix}_elbo": float(terms["elbo"].mean()), **level_record(terms, self.prefix)}
 
 
 class _Monitor:
@@ -523,3 +532,63 @@ def evaluation_weights(loop):
         if isinstance(cb, WeightAverage) and cb.weights is not None:
             return cb.swapped(loop.vae)
     return contextlib.nullcontext(loop.vae)
+
+
+class DataParallel(Callback):
+    """Makes the loop one process of a data-parallel group (``torchrun``; see :mod:`pyro_vae.distributed`),
+    with a :class:`~pyro_vae.svi.DataParallelSVI` as its ``svi``. :func:`pyro_vae.fit` adds it first when a
+    process group of two or more processes exists.
+
+    * ``on_fit_start``: every rank takes rank 0's parameters and buffers (as DDP does when it wraps a
+      model), and its own RNG stream: on a resume, its saved state where the checkpoint came from a
+      group with this rank, else one seeded from rank 0's saved state and the rank.
+    * ``on_step_start``: this rank's pending SIGINT/SIGTERM rides on the step's all-reduce; BatchNorm
+      running statistics are rank 0's (DDP's ``broadcast_buffers``).
+    * ``on_step_end``: ``loop.signalled`` becomes what the ranks agreed on, so every rank stops (and
+      checkpoints) after the same step.
+    * state: the group's size and every rank's RNG state (so that a resume with as many processes is
+      bitwise); building it is a collective, which every rank reaches at the same checkpoints.
+    """
+
+    def __init__(self, group):
+        self.group = group
+        self._saved = None
+        self._norm_buffers = []
+
+    def state_dict(self):
+        return {"size": self.group.size, "rng": distributed.gather(rng_state())}
+
+    def load_state_dict(self, state):
+        self._saved = state
+
+    def on_fit_start(self, loop):
+        if not hasattr(loop.svi, "stop_requested"):
+            raise InputError("the DataParallel part needs the loop's svi to be a pyro_vae.svi.DataParallelSVI")
+        distributed.broadcast_tensors(list(loop.vae.state_dict(keep_vars=True).values()))
+        self._norm_buffers = [b for m in loop.vae.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                              for b in m.buffers()]
+        if loop.resume_rng is not None:
+            saved = (self._saved or {}).get("rng") or []
+            if self.group.rank < len(saved):
+                loop.resume_rng = saved[self.group.rank]
+            elif self.group.rank > 0:
+                loop.resume_rng = _rng_for_rank(loop.resume_rng, self.group.rank)
+        self._saved = None
+
+    def on_step_start(self, loop, batch):
+        loop.svi.stop_requested = loop.signals[0] if loop.signals else 0
+        if self._norm_buffers:
+            distributed.broadcast_tensors(self._norm_buffers)
+
+    def on_step_end(self, loop, batch, loss):
+        loop.signalled = [loop.svi.stop_agreed] if loop.svi.stop_agreed else []
+
+
+def _rng_for_rank(state, rank):
+    """A fresh RNG state for ``rank``, seeded from another state's bytes and the rank (deterministic)."""
+    digest = hashlib.sha256(bytes(state["torch"].tolist()) + rank.to_bytes(4, "little")).digest()
+    kept = rng_state()
+    pyro.set_rng_seed(int.from_bytes(digest[:4], "little"))
+    fresh = rng_state()
+    set_rng_state(kept)
+    return fresh

@@ -5,10 +5,11 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
-from . import settings
+from . import distributed, settings
 from .errors import InputError
 from .config import PRESETS
 from .checkpoints import write_text_atomic
@@ -208,6 +209,8 @@ def _train(args):
     with pyro.validation_enabled(False):  # the data are checked once; skip Pyro's per-step argument checks
         vae, history = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
                              progress=not args.no_progress)
+    if not distributed.is_main():  # under torchrun rank 0 reports
+        return
     out = Path(args.out)
     last = history[-1]
     unit = "image" if is_image(vae) else "data point"
@@ -241,9 +244,14 @@ def _evaluate(args):
     best = args.checkpoint == "best" or (args.checkpoint is None and config.val_size and config.keep_best
                                          and (run_dir / "best.pt").exists())
     name = "best.pt" if best else "checkpoint.pt"
-    with RunLock(run_dir):
-        vae, config = load_run(run_dir, device=args.device, checkpoint=name)
-        _, x_test = load_data(config, vae.device)
+    distributed.init(args.device or config.device)  # under torchrun: the IW estimate is sharded across ranks
+    main = distributed.is_main()
+    with RunLock(run_dir) if main else contextlib.nullcontext():
+        def load():
+            vae, run_config = load_run(run_dir, device=args.device, checkpoint=name)
+            return vae, run_config, load_data(run_config, vae.device)[1]
+
+        vae, config, x_test = distributed.main_first(load)
         if args.limit is not None:
             x_test = x_test[:args.limit]
         import pyro
@@ -251,9 +259,13 @@ def _evaluate(args):
         pyro.set_rng_seed(args.seed)  # the same run and settings give the same eval.json
         with pyro.validation_enabled(False):
             summary = evaluate(vae, x_test, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
-                               progress=not args.no_progress, mixture=args.mixture)
+                               progress=not args.no_progress, mixture=args.mixture, seed=args.seed)
+        if not main:
+            return
         summary.update(dataset=config.dataset, binarize=config.binarize, checkpoint=name,
                        epoch=int(load_run_checkpoint(run_dir / name)["epoch"]))
+        if distributed.current() is not None:
+            summary["processes"] = distributed.current().size
         if config.squeeze:
             summary.update(squeeze=config.squeeze, squeeze_log_jacobian=float(
                 x_test[0].numel() * math.log(1 - 2 * config.squeeze)))  # add to any log-likelihood for unsqueezed x
@@ -423,28 +435,60 @@ def _explore(args):
 
 
 def main(argv=None):
-    """Entry point of ``pyro-vae``; returns the exit status."""
+    """Entry point of ``pyro-vae``; returns the exit status.
+
+    Under ``torchrun`` every process runs this; an error that every rank meets alike is printed once, by
+    rank 0 (see :func:`pyro_vae.distributed.main_first`), one that a single rank meets by that rank.
+    """
     args = _parser().parse_args(argv)
     try:
+        if distributed.launched() and args.command in ("sample", "explore"):
+            raise InputError(f"pyro-vae {args.command} runs in one process; start it without torchrun")
         {"train": _train, "evaluate": _evaluate, "sample": _sample, "explore": _explore}[args.command](args)
     except InputError as err:
-        print(f"pyro-vae: error: {err}", file=sys.stderr)
+        _say(f"error: {err}", err.rank_specific)
         return 2
     except TrainingDiverged as err:
-        print(f"pyro-vae: training stopped: {err}", file=sys.stderr)
+        _say(f"training stopped: {err}")
         return 1
     except TrainingInterrupted as err:
-        print(f"pyro-vae: interrupted by {err}; checkpoint written to {Path(args.out) / 'checkpoint.pt'}.\n"
-              f"Continue with: pyro-vae train --out {args.out} --resume", file=sys.stderr)
+        _say(f"interrupted by {err}; checkpoint written to {Path(args.out) / 'checkpoint.pt'}.\n"
+             f"Continue with: {_command()} train --out {args.out} --resume")
         return 128 + err.signal
+    except distributed.PeerLost as err:  # every surviving rank says so: which one saw what
+        _say(f"error: {err}. Continue with: {_command()} train --out DIR --resume", True)
+        return 1
     except OSError as err:  # the environment: a full disk, no permission, a path that is a file
-        print(f"pyro-vae: error: {describe_os_error(err)}", file=sys.stderr)
+        _say(f"error: {describe_os_error(err)}", True)
         return 1
     except KeyboardInterrupt:
-        print("pyro-vae: interrupted; the last checkpoint written is kept. "
-              "Continue with: pyro-vae train --out DIR --resume", file=sys.stderr)
+        _say(f"interrupted; the last checkpoint written is kept. Continue with: {_command()} train --out DIR "
+             "--resume")
         return 130
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _rank():
+    return int(os.environ.get("RANK", "0")) if distributed.launched() else 0
+
+
+def _say(message, this_rank_only=False):
+    """Print ``pyro-vae: message`` to stderr: in one process always; under ``torchrun`` on rank 0, or on any
+    rank (naming it) for what only that rank met."""
+    rank = _rank()
+    if rank == 0:
+        print(f"pyro-vae: {message}", file=sys.stderr)
+    elif this_rank_only:
+        print(f"pyro-vae (rank {rank}): {message}", file=sys.stderr)
+
+
+def _command():
+    """How the user started this: ``pyro-vae``, or ``torchrun ... -m pyro_vae`` under torchrun."""
+    if not distributed.launched():
+        return "pyro-vae"
+    return f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', 'N')} -m pyro_vae"
 
 
 if __name__ == "__main__":

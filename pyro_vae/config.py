@@ -12,7 +12,7 @@ import os
 import torch
 
 from . import data as data_
-from . import likelihoods, nets, posteriors, priors, settings
+from . import distributed, likelihoods, nets, posteriors, priors, settings
 from .chain import MEANFIELD_BOTTOM_UP
 from .errors import InputError
 from .vae import GUIDES
@@ -232,9 +232,10 @@ class RunConfig:
 
 
 def resolve_device(name):
-    """``torch.device(name)``, refusing CUDA where no GPU exists."""
+    """``torch.device(name)``, refusing CUDA where no GPU exists; under ``torchrun`` a bare ``cuda`` is
+    this process's GPU, ``cuda:LOCAL_RANK``."""
     try:
-        device = torch.device(name)
+        device = torch.device(distributed.device_for(name))
     except RuntimeError as err:
         raise InputError(f"unknown device {name!r}; use cpu or cuda") from err
     if device.type == "cuda" and not torch.cuda.is_available():

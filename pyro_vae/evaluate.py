@@ -16,6 +16,7 @@ in the model, one ``"data"`` plate at dim -1), including users' own networks.
 Scales such as β are ignored here: these are the unscaled log-densities.
 """
 
+import contextlib
 import math
 
 import pyro
@@ -23,6 +24,7 @@ import pyro.poutine as poutine
 from pyro.poutine.util import site_is_subsample
 import torch
 
+from . import distributed
 from .errors import InputError
 from .posteriors import location
 
@@ -253,8 +255,17 @@ def default_max_rows(x, cpu_rows=20000, fraction=0.25, bytes_per_value=64):
     return max(cpu_rows, int(fraction * total // per_row))
 
 
+def iw_batch_size(x, num_samples, max_rows=None):
+    """:func:`iw_log_likelihood`'s default data points per batch: 100, or on CUDA as many as ``max_rows``
+    (default :func:`default_max_rows`) holds with all ``num_samples`` particles at once."""
+    if x.device.type != "cuda":
+        return 100
+    return max(100, (default_max_rows(x) if max_rows is None else int(max_rows)) // int(num_samples))
+
+
 @torch.no_grad()
-def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, progress=None):
+def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, progress=None, seed=None,
+                      offset=0):
     """Importance-weighted estimate of log p(x) for each data point, in nats.
 
     ``log (1/K) sum_k exp(log p(x, z_k) - log q(z_k | x))`` with z_k ~ q(z | x),
@@ -270,6 +281,12 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
         max_rows: bound on particles x data points decoded at once
             (``None``: :func:`default_max_rows`, from the GPU's memory on CUDA).
         progress: optional callable ``progress(n_done)`` called after each batch.
+        seed: ``None``: draw from the global RNG. An integer: the draws of the batch that starts at data
+            point ``i`` come from an RNG seeded by ``(seed, offset + i)`` alone (the global RNG is left as
+            it was), so that any split of the data into runs of whole batches (``offset`` the first
+            point's index in the whole set) gives the same estimates: how :func:`evaluate` shards the
+            estimate across ``torchrun`` processes.
+        offset: see ``seed``.
 
     Returns:
         ``(N,)`` tensor of estimates.
@@ -281,24 +298,42 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
     num_samples = int(num_samples)
     max_rows = default_max_rows(x) if max_rows is None else int(max_rows)
     if batch_size is None:
-        batch_size = max(100, max_rows // num_samples) if x.device.type == "cuda" else 100
+        batch_size = iw_batch_size(x, num_samples, max_rows)
     out = []
     with pyro.validation_enabled(False):
         dim = particle_dim(vae, x)
-        for xb in _batches(x, batch_size):
-            chunk = max(1, min(num_samples, max_rows // xb.shape[0]))
-            total = torch.full((xb.shape[0],), -math.inf, device=xb.device, dtype=xb.dtype)
-            done = 0
-            while done < num_samples:
-                k = min(chunk, num_samples - done)
-                d = _log_densities(vae, xb, k, dim)
-                log_w = d["log_px_z"] + sum(d["log_pz"].values()) - sum(d["log_qz"].values())
-                total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
-                done += k
-            out.append(total - math.log(num_samples))
+        for start, xb in zip(range(0, x.shape[0], batch_size), _batches(x, batch_size)):
+            with _seeded(seed, offset + start, xb.device):
+                out.append(_iw_batch(vae, xb, num_samples, max_rows, dim))
             if progress is not None:
                 progress(xb.shape[0])
-    return torch.cat(out)
+    return torch.cat(out) if out else x.new_zeros(0)
+
+
+def _iw_batch(vae, xb, num_samples, max_rows, dim):
+    """The IW estimates ``(B,)`` of one batch, its K particles drawn in chunks of at most ``max_rows // B``."""
+    chunk = max(1, min(num_samples, max_rows // xb.shape[0]))
+    total = torch.full((xb.shape[0],), -math.inf, device=xb.device, dtype=xb.dtype)
+    done = 0
+    while done < num_samples:
+        k = min(chunk, num_samples - done)
+        d = _log_densities(vae, xb, k, dim)
+        log_w = d["log_px_z"] + sum(d["log_pz"].values()) - sum(d["log_qz"].values())
+        total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
+        done += k
+    return total - math.log(num_samples)
+
+
+@contextlib.contextmanager
+def _seeded(seed, index, device):
+    """Within: the global torch RNG (and ``device``'s) seeded by ``(seed, index)``; restored after. ``seed``
+    ``None``: nothing changes."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(index)) % 2 ** 63)
+        yield
 
 
 @torch.no_grad()
@@ -410,7 +445,7 @@ def _moments(fn):
         return draws.mean(0), draws.var(0)
 
 
-def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress=True, mixture=32):
+def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress=True, mixture=32, seed=None):
     """Test-set summary: mean per data point of the ELBO, its terms and the IW estimate.
 
     Args:
@@ -422,6 +457,12 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
         progress: show a tqdm bar over the IW estimate.
         mixture: M for the bottom-up guide's KL shares (see :func:`elbo_terms`); its value is in
             the summary (``kl_mixture``) for such a guide.
+        seed: seeds the IW estimate batch by batch (see :func:`iw_log_likelihood`; ``None``: the global RNG).
+
+    Under ``torchrun`` (a process group of two or more, :mod:`pyro_vae.distributed`) every rank calls
+    it with the whole ``x``: the IW estimate is sharded (each rank takes a run of whole batches, and the
+    per-point estimates are gathered), which with a ``seed`` gives the one-process numbers; the ELBO, its
+    terms and the active units are rank 0's. Every rank returns the same summary.
 
     Returns:
         dict of floats (nats per data point): ``elbo``, ``reconstruction``,
@@ -435,12 +476,33 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
     was_training = vae.training
     vae.eval()
     try:
-        return _summary(vae, x, iw_samples, elbo_samples, batch_size, progress, mixture)
+        summary = distributed.from_main(lambda: _summary(vae, x, elbo_samples, mixture))
+        summary["iw_samples"] = int(iw_samples)
+        if iw_samples:
+            summary["iw_log_likelihood"] = float(_sharded_iw(vae, x, iw_samples, batch_size, progress, seed).mean())
+        return summary
     finally:
         vae.train(was_training)  # the VAE goes back in the mode it came in
 
 
-def _summary(vae, x, iw_samples, elbo_samples, batch_size, progress, mixture):
+def _sharded_iw(vae, x, iw_samples, batch_size, progress, seed):
+    """The IW estimates ``(N,)`` of :func:`iw_log_likelihood`; under ``torchrun`` each rank estimates a run
+    of whole batches and the pieces are gathered."""
+    from tqdm.auto import tqdm
+
+    group = distributed.current()
+    batch_size = batch_size or iw_batch_size(x, iw_samples)
+    part = group.shard_slice(x.shape[0], batch_size) if group is not None else slice(0, x.shape[0])
+    ll = x.new_zeros(0)
+    if part.stop > part.start:
+        with tqdm(total=part.stop - part.start, desc=f"IW log p(x), K={iw_samples}", unit="img",
+                  disable=not (progress and distributed.is_main())) as bar:
+            ll = iw_log_likelihood(vae, x[part], num_samples=iw_samples, batch_size=batch_size,
+                                   progress=bar.update, seed=seed, offset=part.start)
+    return torch.cat([piece.to(x.device) for piece in distributed.gather(ll.cpu())])
+
+
+def _summary(vae, x, elbo_samples, mixture):
     terms = elbo_terms(vae, x, num_samples=elbo_samples, mixture=mixture)
     summary = {key: float(value.mean()) for key, value in terms.items() if not key.startswith("unit_kl_")}
     summary.update({key: [round(float(v), 4) for v in value.mean(0)] for key, value in terms.items()
@@ -449,15 +511,8 @@ def _summary(vae, x, iw_samples, elbo_samples, batch_size, progress, mixture):
         units = active_units(vae, x)
         summary.update({f"active_units_{name}": count for name, (count, _) in units.items()})
         summary.update({f"activity_{name}": [round(float(v), 4) for v in a] for name, (_, a) in units.items()})
-    summary.update(n=int(x.shape[0]), elbo_samples=int(elbo_samples), iw_samples=int(iw_samples),
+    summary.update(n=int(x.shape[0]), elbo_samples=int(elbo_samples),
                    latent_dims=list(getattr(vae, "latent_dims", [])))
     if any(key.startswith("logratio_") for key in terms) and any(key.startswith("kl_z") for key in terms):
         summary["kl_mixture"] = int(mixture)  # the shares are estimated: say with how many draws
-    if iw_samples:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=x.shape[0], desc=f"IW log p(x), K={iw_samples}", unit="img",
-                  disable=not progress) as bar:
-            ll = iw_log_likelihood(vae, x, num_samples=iw_samples, batch_size=batch_size, progress=bar.update)
-        summary["iw_log_likelihood"] = float(ll.mean())
     return summary

@@ -10,7 +10,7 @@ hooks of its :class:`~pyro_vae.callbacks.Callback` parts at fixed points::
             on_step_start(loop, batch)       # e.g. the KL warm-up sets vae.kl_weight
             loss = svi.step(batch)           # None if the non-finite guard skipped it
             on_step_end(loop, batch, loss)   # progress bar, running loss, checkpoint every N
-            (SIGINT/SIGTERM seen right after the step: on_interrupt(loop, signum), then stop)
+            (SIGINT/SIGTERM seen right after the step, loop.signalled: on_interrupt(loop, signum), then stop)
             (loop.should_stop set by a part: stop here)
         loop.history gets loop.record = {"epoch": n}
         on_epoch_end(loop)                   # parts fill loop.record; evaluation, log, checkpoint
@@ -93,6 +93,13 @@ class Loop:
     (one record per completed epoch), ``record`` (the current epoch's, in
     ``on_epoch_end``). A part sets ``should_stop = True`` to end the run after
     the current step or epoch.
+
+    Stop signals: ``signals`` lists the SIGINT/SIGTERM received so far (live);
+    right after each step the loop copies it to ``signalled``, which the parts
+    may rewrite in ``on_step_end`` (:class:`~pyro_vae.callbacks.DataParallel`
+    puts there what every rank agreed on); the loop then stops if it is not
+    empty. ``resume_rng``: the RNG state the first resumed step draws from (set
+    by :meth:`load_state_dict`; a part may replace it in ``on_fit_start``).
     """
 
     def __init__(self, vae, svi, data, epochs, callbacks=(), max_bad_steps=10):
@@ -101,7 +108,7 @@ class Loop:
         self.max_bad_steps = int(max_bad_steps)
         self.epoch = self.step = self.batch = self.bad_steps = 0
         self.history, self.record, self.should_stop = [], None, False
-        self._resume_rng = None
+        self.signals, self.signalled, self.resume_rng = [], [], None
         keys = [cb.state_key for cb in self.callbacks if cb.state_dict() is not None]
         twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
@@ -130,40 +137,40 @@ class Loop:
         for cb in self.callbacks:
             if cb.state_key in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][cb.state_key])
-        self._resume_rng = state["rng"]
+        self.resume_rng = state["rng"]
 
     # ------------------------------------------------------------ the order of things
     def run(self, state=None):
         """Train up to ``epochs`` (continuing ``state`` if given); returns ``history``."""
         if state is not None:
             self.load_state_dict(state)
-        with catch_stop_signals() as stop, self.vae.data_checked():
+        with catch_stop_signals() as self.signals, self.vae.data_checked():
             try:
                 self._call("on_fit_start")
                 while self.epoch < self.epochs and not self.should_stop:
-                    self._run_epoch(stop)
+                    self._run_epoch()
             except BaseException as err:
                 self._call("on_exception", err)
                 raise
             self._call("on_fit_end")
         return self.history
 
-    def _run_epoch(self, stop):
+    def _run_epoch(self):
         self.vae.train()
         batches = self.data.epoch(skip=self.batch)
-        if self._resume_rng is not None:  # after redrawing the batches already done
-            set_rng_state(self._resume_rng)
-            self._resume_rng = None
+        if self.resume_rng is not None:  # after redrawing the batches already done
+            set_rng_state(self.resume_rng)
+            self.resume_rng = None
         self._call("on_epoch_start")
         for xb in batches:
             self._call("on_step_start", xb)
             self.step += 1
             self.batch += 1
             loss = self._guarded_step(xb)
-            signalled = list(stop)  # a signal that arrives during the hooks is seen after the next step
+            self.signalled = list(self.signals)  # one arriving during the hooks is seen after the next step
             self._call("on_step_end", xb, loss)
-            if signalled:
-                self._interrupt(signalled[0])
+            if self.signalled:
+                self._interrupt(self.signalled[0])
             if self.should_stop:
                 return
         self.epoch += 1

@@ -18,12 +18,14 @@ also veto a finite step: gradients are dropped, nothing else changes.
 """
 
 import math
+import signal
 
 import pyro
 import pyro.poutine as poutine
 import torch
 
-from . import registration
+from . import distributed, registration
+from .errors import InputError
 
 
 def make_optimizer(params, lr):
@@ -82,15 +84,7 @@ class TorchOptimSVI:
                 gradients are dropped and no parameter changes.
         """
         self.updated = False
-        store = pyro.get_param_store()
-        if self.optimizer is None or len(store) != self._store_size:
-            with poutine.trace(param_only=True) as capture:
-                loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
-            self._capture([site["value"].unconstrained() for site in capture.trace.nodes.values()])
-            self._store_size = len(store)
-        else:
-            with registration.held_by_optimizer():  # nothing re-registers what the optimizer holds
-                loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
+        loss = self._loss_and_grads(*args, **kwargs)
         if self.optimizer is None:  # nothing to train yet (no parameter has been created)
             return loss
         grad_norm = self._grad_norm() if math.isfinite(loss) else loss
@@ -102,6 +96,18 @@ class TorchOptimSVI:
             self.updated = True
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def _loss_and_grads(self, *args, **kwargs):
+        """The ELBO's ``loss_and_grads`` on the arguments (capturing the parameters where needed); the loss."""
+        store = pyro.get_param_store()
+        if self.optimizer is None or len(store) != self._store_size:
+            with poutine.trace(param_only=True) as capture:
+                loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
+            self._capture([site["value"].unconstrained() for site in capture.trace.nodes.values()])
+            self._store_size = len(store)
+            return loss
+        with registration.held_by_optimizer():  # nothing re-registers what the optimizer holds
+            return self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
 
     def _capture(self, params):
         """Create the optimizer over ``params``, or add those it does not hold yet."""
@@ -142,3 +148,62 @@ class TorchOptimSVI:
             self._pending_state = state
         else:
             self.optimizer.load_state_dict(state)
+
+
+class DataParallelSVI(TorchOptimSVI):
+    """:class:`TorchOptimSVI` for one process of a data-parallel group (``torchrun``; see
+    :mod:`pyro_vae.distributed`).
+
+    ``step(batch)`` takes the **global** batch (the same on every rank); this rank runs the ELBO's
+    ``loss_and_grads`` on its shard (``group.shard(batch)``), then one ``all_reduce`` sums, across the
+    ranks, every gradient, the loss and each rank's stop request. The gradients are then those of the
+    whole batch's loss (a sum over its data points, as in one process), so every rank applies the update
+    one process would have applied, and the non-finite guard, gradient clipping and ``skip_if`` decide
+    the same way everywhere. A gradient that is ``None`` on every rank stays ``None`` (Adam then leaves
+    that parameter alone, as it would in one process). Parameters captured by a step are overwritten
+    with rank 0's values (the part :class:`~pyro_vae.callbacks.DataParallel` broadcasts the rest of the
+    model at the start).
+
+    Attributes:
+        group: the :class:`~pyro_vae.distributed.Group`.
+        stop_requested: a signal number this rank wants to stop on (0: none), sent with the next step.
+        stop_agreed: after a step, the largest such number of any rank (0: none): every rank stops
+            after the same step.
+
+    Returns from ``step``: the whole batch's loss, the same float on every rank.
+    """
+
+    def __init__(self, model, guide, elbo, lr, grad_clip=None, group=None):
+        super().__init__(model, guide, elbo, lr, grad_clip=grad_clip)
+        self.group = group if group is not None else distributed.current()
+        if self.group is None:
+            raise InputError("DataParallelSVI needs a process group of two or more processes (run under "
+                             "torchrun); in one process use TorchOptimSVI")
+        self.stop_requested = self.stop_agreed = 0
+
+    def _loss_and_grads(self, batch, *args, **kwargs):
+        shard = self.group.shard(batch)
+        loss = super()._loss_and_grads(shard, *args, **kwargs) if shard.shape[0] else 0.0
+        return self._reduce(loss, batch)
+
+    def _reduce(self, loss, batch):
+        params = self._params() if self.optimizer is not None else []
+        dtype = params[0].dtype if params else torch.get_default_dtype()
+        device = params[0].device if params else batch.device
+        had = [0.0 if p.grad is None else 1.0 for p in params]
+        tail = torch.tensor(had + [float(loss), float(self.stop_requested)], dtype=dtype, device=device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                          for p in params] + [tail])
+        distributed.all_reduce_sum(flat)
+        grads, tail = flat.split([sum(p.numel() for p in params), tail.numel()])
+        tail = tail.tolist()
+        for p, g, count in zip(params, grads.split([p.numel() for p in params]), tail):
+            p.grad = g.view_as(p).to(p.dtype) if count else None
+        self.stop_agreed = (int(self.stop_requested) or int(signal.SIGTERM)) if tail[-1] > 0 else 0
+        return tail[-2]
+
+    def _capture(self, params):
+        params = list(dict.fromkeys(params))
+        known = set() if self.optimizer is None else {id(p) for p in self._params()}
+        super()._capture(params)
+        distributed.broadcast_tensors([p for p in params if id(p) not in known])

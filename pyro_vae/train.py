@@ -38,15 +38,15 @@ import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from . import data as data_
-from . import likelihoods, nets, plots, posteriors, priors, rundir, settings
-from .callbacks import (Checkpoint, DivergenceGuard, EarlyStopping, EpochLog, EpochStats, Evaluation, GradientSkip,
-                        KeepBest, KLWeight, ProgressBar, WeightAverage)
+from . import distributed, likelihoods, nets, plots, posteriors, priors, rundir, settings
+from .callbacks import (Checkpoint, DataParallel, DivergenceGuard, EarlyStopping, EpochLog, EpochStats, Evaluation,
+                        GradientSkip, KeepBest, KLWeight, ProgressBar, WeightAverage)
 from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, write_text_atomic
 from .config import BINARIZE, DATASETS, RunConfig, resolve_device  # noqa: F401 (public here since 0.1)
 from .errors import InputError
 from .loop import Loop, TrainingDiverged, TrainingInterrupted  # noqa: F401 (public here since 0.1)
 from .objectives import BalancedKLELBO, FreeBitsELBO, KLWarmup
-from .svi import TorchOptimSVI
+from .svi import DataParallelSVI, TorchOptimSVI
 from .vae import VAE
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "jit": JitTrace_ELBO}
@@ -139,6 +139,15 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         TrainingDiverged: ``max_bad_steps`` consecutive non-finite steps.
         TrainingInterrupted: SIGINT or SIGTERM (after ``checkpoint`` was called).
 
+    Under ``torchrun`` (a process group of two or more processes, yours or
+    :func:`pyro_vae.distributed.init`'s): every rank calls ``fit`` with the
+    whole data; ``batch_size`` is the global batch, of which each rank takes
+    its share, and the gradients are summed across ranks every step
+    (:class:`~pyro_vae.svi.DataParallelSVI`, :class:`~pyro_vae.callbacks.DataParallel`),
+    so the steps are those of one process on the whole batch. Each rank draws
+    its own noise (``seed + rank``); only rank 0 logs, shows progress and calls
+    ``checkpoint``; the held-out ELBO is rank 0's, shared.
+
     Global state: ``fit`` seeds torch's, Python's and NumPy's RNGs with ``seed``
     (``pyro.set_rng_seed``), and nothing else. It leaves the param store (the
     entries it added are removed at the end) and Pyro's validation as they are;
@@ -151,19 +160,29 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     vae.check_data(x_train)
     if x_test is not None:
         vae.check_data(x_test)
-    pyro.set_rng_seed(seed)
-    generator = torch.Generator(device=x_train.device).manual_seed(seed)
+    group = distributed.current()
+    if group is not None and batch_size < group.size:
+        raise InputError(f"batch size {batch_size} is smaller than the {group.size} processes, which each take a "
+                         f"share of every batch; use a batch size of {group.size} or more")
+    pyro.set_rng_seed(seed + (group.rank if group else 0))  # under torchrun every rank draws its own noise
+    generator = torch.Generator(device=x_train.device).manual_seed(seed)  # the same batches on every rank
     data = data_.Batches(x_train, batch_size, generator, dynamic_binarize=dynamic_binarize)
     loss_fn = make_elbo(elbo, num_particles, free_bits, vae if kl_balance else None)
     vae.check_elbo(loss_fn)
-    svi = TorchOptimSVI(vae.model, vae.guide, loss_fn, lr, grad_clip=grad_clip)
-    parts = [DivergenceGuard(patience=max_bad_steps)] + ([KLWeight(KLWarmup(kl_warmup))] if kl_warmup else [])
+    svi = (DataParallelSVI if group else TorchOptimSVI)(vae.model, vae.guide, loss_fn, lr, grad_clip=grad_clip)
+    parts = ([DataParallel(group)] if group else []) + [DivergenceGuard(patience=max_bad_steps)]
+    parts += [KLWeight(KLWarmup(kl_warmup))] if kl_warmup else []
     parts += [EpochStats()] + ([Evaluation(x_test, "test")] if x_test is not None else []) + list(callbacks)
-    parts += [EpochLog(log)] if log is not None else []
-    parts += [ProgressBar()] if progress else []
-    parts += [Checkpoint(checkpoint, checkpoint_every)] if checkpoint is not None else []
+    main = group is None or group.main  # under torchrun only rank 0 logs, shows progress and saves
+    parts += [EpochLog(log)] if log is not None and main else []
+    parts += [ProgressBar()] if progress and main else []
+    parts += [Checkpoint(checkpoint if main else _nothing, checkpoint_every)] if checkpoint is not None else []
     with _store_entries_dropped(vae):
         return Loop(vae, svi, data, epochs, parts, max_bad_steps).run(state)
+
+
+def _nothing(state):
+    """The checkpoint writer of a rank other than 0: the state is built (a collective) but not written."""
 
 
 @contextlib.contextmanager
@@ -305,10 +324,10 @@ def _selection_parts(config, x_val, run, callbacks):
     """The parts that choose (early stopping, the best checkpoint): they read the validation ELBO where a
     validation split exists (the test set is then read only by ``evaluate``), else the test ELBO."""
     if x_val is None:
-        return [*callbacks, *([KeepBest(run.save_best, "test_elbo")] if config.keep_best else [])]
+        return [*callbacks, *([KeepBest(distributed.on_main(run.save_best), "test_elbo")] if config.keep_best else [])]
     return [Evaluation(x_val, "val"), *callbacks,
             *([EarlyStopping("val_elbo", config.patience)] if config.patience else []),
-            *([KeepBest(run.save_best, "val_elbo")] if config.keep_best else [])]
+            *([KeepBest(distributed.on_main(run.save_best), "val_elbo")] if config.keep_best else [])]
 
 
 class RunDirectory:
@@ -353,19 +372,26 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
     """
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)
-    config.validate()
-    if resume and overwrite:
-        raise InputError("choose one of resume and overwrite, not both")
-    created = rundir.prepare(out_dir)  # the output location is checked before any data are loaded
+    distributed.init(config.device)  # under torchrun: join the group (else nothing)
+    main = distributed.is_main()  # rank 0 checks first, locks and writes; see distributed.main_first
+
+    def check():
+        config.validate()
+        if resume and overwrite:
+            raise InputError("choose one of resume and overwrite, not both")
+        return main and rundir.prepare(out_dir)  # the output location is checked before any data are loaded
+
+    created = distributed.main_first(check)
     out = Path(out_dir)
-    with rundir.RunLock(out):
+    with rundir.RunLock(out) if main else contextlib.nullcontext():
         try:
-            state, (x_train, x_val, x_test), vae = _prepare_run(config, out, resume, overwrite)
+            state, (x_train, x_val, x_test), vae = distributed.main_first(
+                lambda: _prepare_run(config, out, resume, overwrite))
         except InputError:
             if created:
                 rundir.remove_if_unused(out)
             raise
-        return _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, callbacks)
+        return _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures and main, callbacks)
 
 
 def _prepare_run(config, out, resume, overwrite):
@@ -397,10 +423,11 @@ def _prepare_run(config, out, resume, overwrite):
 
 def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, callbacks):
     """Train in the locked run directory ``out`` and write its files."""
-    if state is None:  # a new run (or --overwrite): nothing of an old run may be taken for this one's
-        for stale in ("checkpoint.pt", "best.pt", "metrics.jsonl", "eval.json"):
-            (out / stale).unlink(missing_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    if distributed.is_main():
+        if state is None:  # a new run (or --overwrite): nothing of an old run may be taken for this one's
+            for stale in ("checkpoint.pt", "best.pt", "metrics.jsonl", "eval.json"):
+                (out / stale).unlink(missing_ok=True)
+        write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     run = RunDirectory(out, config, x_train.shape[1:])
     aids = _training_aids(config)
@@ -425,4 +452,5 @@ def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, ca
         plots.save_curves(out / "metrics.jsonl", out / "curves.png")
         if len(vae.latent_dims) > 1:
             plots.save_level_curves(out / "metrics.jsonl", out / "kl_levels.png")
+    distributed.barrier()  # under torchrun: no rank returns before rank 0 has written the run's files
     return vae, history
