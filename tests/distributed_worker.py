@@ -5,7 +5,8 @@ tests/test_distributed.py (one launch, several checks: starting processes is the
    deterministic function of the weights and the data): rank 0 saves the weights, which the test
    compares with one process's.
 2. ``fit`` twice with the real noise and one seed: the weights must be equal (the run as a whole is
-   reproducible), while the ranks' RNG streams differ (seed + rank).
+   reproducible), while the ranks' RNG streams differ (seed + rank); a run stopped after its third step
+   and resumed from that state with two processes ends bitwise where the unbroken run ends.
 3. ``evaluate`` sharded across the ranks against the one-process ``iw_log_likelihood`` on rank 0.
 4. The command line inside this launch: ``pyro-vae train`` (rank 0 writes, the others do not),
    ``pyro-vae evaluate`` (the process group is the script's own and stays up), and bad input (each
@@ -64,6 +65,21 @@ def main(out):
         fit(vae, x, epochs=1, batch_size=256, lr=1e-3, seed=5, progress=False, log=None, callbacks=[seen])
         weights.append(vae.state_dict())
     report["reproducible"] = all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    # stopped after step 3 (inside the first epoch) and resumed with as many processes: bitwise the same
+    first = out / "step3.pt"
+    keep_first = distributed.on_main(lambda state: None if first.exists() else torch.save(state, first))
+    pyro.clear_param_store()
+    vae = small_vae()
+    fit(vae, x, epochs=2, batch_size=64, lr=1e-3, seed=7, progress=False, log=None, checkpoint=keep_first,
+        checkpoint_every=3)
+    unbroken = vae.state_dict()
+    distributed.barrier()
+    pyro.clear_param_store()
+    vae = small_vae(seed=1)  # other weights: the state must bring everything back
+    fit(vae, x, epochs=2, batch_size=64, lr=1e-3, seed=7, progress=False, log=None,
+        state=torch.load(first, weights_only=False))
+    report["resumed_bitwise"] = all(torch.equal(unbroken[k], v) for k, v in vae.state_dict().items())
     report["rng_per_rank"] = seen.draws
     mine = torch.cat([v.reshape(-1) for v in weights[0].values()])
     others = distributed.gather(mine)

@@ -81,11 +81,12 @@ def test_two_processes_take_the_steps_one_process_takes_on_the_whole_batch(worke
         torch.testing.assert_close(theirs[name], value, rtol=0, atol=1e-6, msg=name)
 
 
-def test_each_rank_draws_its_own_noise_and_a_seed_reproduces_the_run(worker):
+def test_each_rank_draws_its_own_noise_a_seed_reproduces_the_run_and_a_resume_is_bitwise(worker):
     reports, _, _ = worker
     first, second = reports[0]["rng_per_rank"]
     assert first != second  # seed + rank
     assert all(r["reproducible"] for r in reports)
+    assert all(r["resumed_bitwise"] for r in reports)  # each rank took back its own RNG stream
     assert all(r["weights_equal_across_ranks"] for r in reports)
 
 
