@@ -1,13 +1,15 @@
 # The two commands: `make demo` and `make test`. Both set everything up first.
+# `make docs` builds the API reference (Sphinx) into docs/_build/html.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 DEMO   ?= runs/demo
 DEMO_EPOCHS ?= 3
 DEMO_IW ?= 200
 
-.PHONY: demo test setup data clean
+.PHONY: demo test setup data graphviz docs clean
 
 setup: $(STAMP)
 
@@ -31,13 +33,36 @@ data:
 	  echo "dataset-fashion-mnist is not installed and apt needs root; torchvision will download the data"; \
 	fi
 
-demo: setup data
+# graphviz's dot program, which pyro.render_model needs for model.png (make demo installs it where apt can)
+graphviz:
+	@if command -v dot >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz) >/dev/null \
+	    || echo "apt-get could not install graphviz; runs will say model.png was not written"; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz) >/dev/null \
+	    || echo "apt-get could not install graphviz; runs will say model.png was not written"; \
+	else \
+	  echo "graphviz is not installed and apt needs root; runs will say model.png was not written"; \
+	fi
+
+demo: setup data graphviz
 	$(BIN)/pyro-vae train --dataset fashion-mnist --arch mlp --epochs $(DEMO_EPOCHS) --out $(DEMO) --overwrite
 	$(BIN)/pyro-vae evaluate $(DEMO) --iw-samples $(DEMO_IW)
-	@echo "Pictures and metrics are in $(DEMO)/: samples.png reconstructions.png levels.png curves.png metrics.jsonl eval.json"
+	@echo "Pictures and metrics are in $(DEMO)/: samples.png reconstructions.png levels.png curves.png model.png metrics.jsonl eval.json"
 
 test: setup data
 	$(BIN)/python -m pytest -q
+
+# The API reference, one page per module (docs/api/), warnings as errors. -E: a fresh
+# environment every time, so that a warning in a page Sphinx would not re-read still fails.
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx -E -W --keep-going -b html docs docs/_build/html
+	@echo "API reference: docs/_build/html/index.html"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,30 +9,30 @@ bitwise exact with any set of parts.
 
 Built in (what :func:`pyro_vae.fit` assembles from its keywords):
 
-====================  ======================================================
-:class:`KLWeight`     sets ``vae.kl_weight`` from a schedule before each step
-:class:`DivergenceGuard` stops a run whose loss explodes while staying finite
-:class:`EpochStats`   ``train_loss``, ``seconds``, ``kl_weight`` of each epoch
-:class:`Evaluation`   ``test_elbo`` and ``test_kl_*`` on held-out data
-:class:`EarlyStopping` stops when a metric has not improved for ``patience``
-:class:`ProgressBar`  a tqdm bar per epoch
-:class:`EpochLog`     one line per epoch
-:class:`Checkpoint`   hands the loop's state to ``save`` every N steps, every
-                      epoch, on SIGINT/SIGTERM and after an early stop
-:class:`KeepBest`     hands the state to ``save`` when a metric is the best yet
-:class:`DataParallel` one process of a ``torchrun`` group: rank 0's weights at
-                      the start, the stop signals every rank agrees on, every
-                      rank's RNG in the checkpoint
-====================  ======================================================
+========================  ======================================================
+:class:`KLWeight`         sets ``vae.kl_weight`` from a schedule before each step
+:class:`DivergenceGuard`  stops a run whose loss explodes while staying finite
+:class:`EpochStats`       ``train_loss``, ``seconds``, ``kl_weight`` of each epoch
+:class:`Evaluation`       ``test_elbo`` and ``test_kl_*`` on held-out data
+:class:`EarlyStopping`    stops when a metric has not improved for ``patience``
+:class:`ProgressBar`      a tqdm bar per epoch
+:class:`EpochLog`         one line per epoch
+:class:`Checkpoint`       hands the loop's state to ``save`` every N steps, every
+                          epoch, on SIGINT/SIGTERM and after an early stop
+:class:`KeepBest`         hands the state to ``save`` when a metric is the best yet
+:class:`DataParallel`     one process of a ``torchrun`` group: rank 0's weights at
+                          the start, the stop signals every rank agrees on, every
+                          rank's RNG in the checkpoint
+========================  ======================================================
 
 Training aids (VDVAE's), which :func:`pyro_vae.train.train` adds for ``--skip-grad-norm`` and
 ``--ema`` and a Python user passes in ``callbacks=[...]``:
 
-====================  ======================================================
-:class:`GradientSkip` skips updates whose gradient norm exceeds a threshold
-:class:`WeightAverage` an exponential moving average of the weights, which
-                      held-out data are evaluated with (:func:`evaluation_weights`)
-====================  ======================================================
+========================  ======================================================
+:class:`GradientSkip`     skips updates whose gradient norm exceeds a threshold
+:class:`WeightAverage`    an exponential moving average of the weights, which
+                          held-out data are evaluated with (:func:`evaluation_weights`)
+========================  ======================================================
 """
 
 import contextlib

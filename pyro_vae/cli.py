@@ -14,6 +14,7 @@ from .errors import InputError
 from .config import PRESETS
 from .checkpoints import write_text_atomic
 from .rundir import describe_os_error
+from .callbacks import Callback
 from .train import ELBOS, RunConfig, TrainingDiverged, TrainingInterrupted
 
 DEFAULTS = RunConfig()
@@ -53,7 +54,7 @@ def _parser():
     e.add_argument("--mixture", type=int, default=32, metavar="M",
                    help="the bottom-up guide's per-level KL shares need q's marginals, estimated by mixtures of M "
                         "guide draws: raise M, and compare, to see their bias (default 32)")
-    e.add_argument("--device", help="cpu or cuda (default: the run's)")
+    _add_device_flags(e)
     e.add_argument("--limit", type=int, help="evaluate only the first N test images")
     e.add_argument("--checkpoint", help="best (best.pt, the best validation epoch) or last (checkpoint.pt) "
                                         "(default: best where the run has a validation split and kept best.pt)")
@@ -78,7 +79,7 @@ def _parser():
     s.add_argument("--out", help="PNG path (default RUN_DIR/samples.png; samples_tT.png with --temperature; "
                                  "fromINDEX_keepK.png, or fromINDEX_keepK_tT.png, with --from-image)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--device", help="cpu or cuda (default: the run's)")
+    _add_device_flags(s)
     _add_explore_flags(sub)
     return p
 
@@ -102,20 +103,68 @@ def _add_explore_flags(sub):
     x.add_argument("--mode", default="both", help="linear, spherical or both (default both: one row each)")
     x.add_argument("--level", type=int, help="with --interpolate: only this level (default: every level)")
     x.add_argument("--out", help="directory for the pictures (default RUN_DIR)")
-    x.add_argument("--device", help="cpu or cuda (default: the run's)")
+    _add_device_flags(x)
+
+
+def _add_device_flags(p):
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA where PyTorch sees a GPU, else cpu; the default, and it says which), cpu, "
+                        "cuda or cuda:K")
+    p.add_argument("--cuda", dest="device", action="store_const", const="cuda",
+                   help="the same as --device cuda (the flag of Pyro's own examples)")
+
+
+def _chosen_device(asked):
+    """``asked``, with ``auto`` resolved to ``cuda`` where PyTorch sees a GPU and to ``cpu`` elsewhere
+    (saying which on stdout, once under torchrun)."""
+    if asked != "auto":
+        return asked
+    import torch
+
+    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    why = "PyTorch sees a CUDA GPU" if chosen == "cuda" else "PyTorch sees no CUDA GPU"
+    _NEWS.append(f"device {chosen} (--device auto: {why}; --device cpu or cuda to choose)")
+    return chosen
+
+
+_NEWS = []  # what the command says on stdout once its input has passed every check (see _announce)
+
+
+def _announce():
+    """Print the news kept for the moment the work starts (rank 0 only): bad input stays one line on
+    stderr and nothing on stdout."""
+    if _rank() == 0:
+        for line in _NEWS:
+            print(line, flush=True)
+    _NEWS.clear()
+
+
+class _Announcement(Callback):
+    """Says the kept news when training starts: every check of the input has passed by then."""
+
+    def on_fit_start(self, loop):
+        _announce()
 
 
 def _add_model_flags(t):
     """``train``: the output, the data and the model."""
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--dataset", help="fashion-mnist, mnist, or counts (a count matrix in --data-file) "
+    t.add_argument("--dataset", help="fashion-mnist, mnist, cifar-10, folder (the images in --data-dir), tensor "
+                                     "(an image tensor in --data-file) or counts (a count matrix in --data-file) "
                                      f"(default {DEFAULTS.dataset})")
     t.add_argument("--data-dir", help="directory holding the IDX files (looked at before Debian's "
-                                      "package and torchvision's download)")
+                                      "package and torchvision's download), CIFAR-10's cifar-10-batches-py, "
+                                      "or with --dataset folder the images (or one sub-folder of them per class)")
     t.add_argument("--data-file", help="with --dataset counts: a cells x genes (documents x words) count matrix, "
-                                       ".npz, .csv(.gz) or .mtx(.gz)")
+                                       ".npz, .csv(.gz) or .mtx(.gz); with --dataset tensor: images (N, H, W), "
+                                       "(N, C, H, W) or (N, H, W, C), uint8 or floats in [0, 1], .npy or .pt")
     t.add_argument("--transpose", action="store_true", default=None,
                    help="with --data-file: the file is genes x cells, as 10x Genomics .mtx files are")
+    t.add_argument("--image-size", type=int, metavar="N",
+                   help="resize images so that the shorter side is N, then crop the centre N x N (a multiple of "
+                        "4 for --arch conv; default: the images' own size)")
+    t.add_argument("--channels", type=int, metavar="1|3",
+                   help="1: grey, 3: colour (default: as the images are; a folder is grey if every image is)")
     t.add_argument("--arch", help=f"mlp or conv (default {DEFAULTS.arch})")
     t.add_argument("--latent-dims", "--latent-dim", type=_sizes, metavar="D0[,D1,...]",
                    help="sizes of the latent levels, top (z0) to bottom, e.g. 16,32,64; one number is "
@@ -153,7 +202,7 @@ def _add_training_flags(t):
     t.add_argument("--batch-size", type=int, help=f"minibatch size (default {DEFAULTS.batch_size})")
     t.add_argument("--lr", type=float, help=f"Adam learning rate (default {DEFAULTS.lr})")
     t.add_argument("--seed", type=int, help=f"random seed (default {DEFAULTS.seed})")
-    t.add_argument("--device", help="cpu or cuda (default cpu)")
+    _add_device_flags(t)
     t.add_argument("--grad-clip", type=float, help="clip the total gradient norm to this (default 0: off)")
     t.add_argument("--skip-grad-norm", type=_number_like(40000), metavar="THRESHOLD",
                    help="skip (count, log, do not apply) every update whose total gradient norm exceeds this "
@@ -186,6 +235,11 @@ def _add_training_flags(t):
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="log to TensorBoard in OUT/tensorboard (tensorboard --logdir OUT/tensorboard): per step the "
+                        "loss, KL weight, gradient norm and learning rate, per epoch the metrics and pictures; give "
+                        "it again with --resume to go on with the same stream (needs pip install "
+                        "'pyro-vae[tensorboard]')")
 
 
 def _train(args):
@@ -206,9 +260,11 @@ def _train(args):
         config = RunConfig(**given)
     import pyro
 
+    # a resumed run that logged to TensorBoard goes on logging into the same stream, flag or not
+    tensorboard = args.tensorboard or (args.resume and (Path(args.out) / "tensorboard").is_dir())
     with pyro.validation_enabled(False):  # the data are checked once; skip Pyro's per-step argument checks
         vae, history = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, tensorboard=tensorboard, callbacks=[_Announcement()])
     if not distributed.is_main():  # under torchrun rank 0 reports
         return
     out = Path(args.out)
@@ -220,6 +276,8 @@ def _train(args):
     pictures = "samples.png reconstructions.png levels.png curves.png" if is_image(vae) else "curves.png"
     pictures += " kl_levels.png" if len(vae.latent_dims) > 1 else ""
     kept = " best.pt" if (out / "best.pt").exists() else ""
+    pictures += " model.png" if (out / "model.png").exists() else ""
+    kept += " tensorboard/" if tensorboard else ""
     print(f"wrote {out}/: config.json metrics.jsonl checkpoint.pt{kept} {pictures}")
 
 
@@ -252,6 +310,7 @@ def _evaluate(args):
             return vae, run_config, load_data(run_config, vae.device)[1]
 
         vae, config, x_test = distributed.main_first(load)
+        _announce()
         if args.limit is not None:
             x_test = x_test[:args.limit]
         import pyro
@@ -365,6 +424,7 @@ def _sample(args):
         raise InputError(f"{args.run_dir} was trained on {config.dataset} data of shape {vae.x_shape}, not images; "
                          "draw samples in Python with vae.sample(n) or pyro.infer.Predictive(vae.model, ...)")
     source = _source_image(args, vae, config) if args.from_image is not None else None
+    _announce()
     pyro.set_rng_seed(args.seed)
     inside = path.parent.resolve() == Path(args.run_dir).resolve()
     with RunLock(args.run_dir) if inside else contextlib.nullcontext():  # a writer in the run directory
@@ -421,6 +481,7 @@ def _explore(args):
                          "use pyro_vae.explore.traverse and interpolate in Python")
     _, x_test = load_data(config, vae.device)
     pair = _explore_checks(args, vae.levels, x_test.shape[0])
+    _announce()
     written = []
     with RunLock(args.run_dir) if out.resolve() == Path(args.run_dir).resolve() else contextlib.nullcontext():
         for level in dict.fromkeys(args.traverse or []):
@@ -444,6 +505,7 @@ def main(argv=None):
     try:
         if distributed.launched() and args.command in ("sample", "explore"):
             raise InputError(f"pyro-vae {args.command} runs in one process; start it without torchrun")
+        args.device = _chosen_device(args.device)
         {"train": _train, "evaluate": _evaluate, "sample": _sample, "explore": _explore}[args.command](args)
     except InputError as err:
         _say(f"error: {err}", err.rank_specific)
@@ -466,6 +528,7 @@ def main(argv=None):
              "--resume")
         return 130
     finally:
+        _NEWS.clear()
         distributed.shutdown()
     return 0
 

@@ -18,7 +18,7 @@ from .errors import InputError
 from .vae import GUIDES
 
 BINARIZE = ("dynamic", "fixed", "none")
-DATASETS = (*data_.DATASETS, "counts")
+DATASETS = (*data_.DATASETS, *data_.LOCAL_IMAGES, "counts")
 # named settings for the published protocols (applied under the user's own flags)
 PRESETS = {
     # Tomczak & Welling 2018 (VampPrior), as Norouzi et al. 2020 (Exemplar VAE) ran it on Fashion-MNIST: gated
@@ -63,6 +63,14 @@ class RunConfig:
     files), the last 10% of a seeded shuffle of its rows held out as the
     test set; it needs ``binarize="none"`` and the MLP.
 
+    ``dataset`` ``"folder"`` reads the images in ``data_dir``
+    (:func:`pyro_vae.data.load_folder`), ``"tensor"`` the image tensor in
+    ``data_file`` (:func:`pyro_vae.data.load_image_tensor`), each split as
+    count data are; ``"cifar-10"`` is :func:`pyro_vae.data.load_cifar10`
+    (its own test set). ``image_size`` resizes every image data set to
+    ``image_size x image_size`` (shorter side, then a centre crop; 0: as it
+    is); ``channels`` makes it grey (1) or colour (3) (0: as it is).
+
     ``binarize``: ``"dynamic"`` redraws Bernoulli(x) for every training batch
     (a new binarisation each epoch) and binarises the test set once with a
     fixed seed; ``"fixed"`` binarises both once; ``"none"`` keeps grey values.
@@ -79,6 +87,8 @@ class RunConfig:
     data_dir: str | None = None
     data_file: str | None = None
     transpose: bool = False
+    image_size: int = 0
+    channels: int = 0
     arch: str = "mlp"
     latent_dims: list = dataclasses.field(default_factory=lambda: [50])
     guide: str = "bottom-up"
@@ -113,7 +123,7 @@ class RunConfig:
 
     # settings that change the model or its data; a resume must not change them
     MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",
-                  "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze", "skip")
+                  "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze", "skip", "image_size", "channels")
     RESUME_KEYS = MODEL_KEYS + ("data_dir", "val_size", "seed", "ema")
 
     def check_resume(self, saved, mid_epoch, where):
@@ -144,11 +154,33 @@ class RunConfig:
                                  "pass --binarize none with --dataset counts")
             if self.arch == "conv":
                 raise InputError("--dataset counts holds vectors, which the conv networks cannot read; use --arch mlp")
+            if self.image_size or self.channels:
+                raise InputError("--image-size and --channels are for images; a count matrix is read as it is, "
+                                 "leave them out with --dataset counts")
+        elif self.dataset == "tensor":
+            if not self.data_file:
+                raise InputError("--dataset tensor needs the images: pass --data-file PATH (.npy or .pt) holding "
+                                 "(N, H, W), (N, C, H, W) or (N, H, W, C)")
+            if self.transpose or self.data_dir:
+                raise InputError("--dataset tensor reads --data-file alone; leave out --transpose and --data-dir")
         elif self.data_file or self.transpose:
-            raise InputError("--data-file and --transpose are for --dataset counts; images are found with "
-                             "--data-dir")
+            raise InputError("--data-file and --transpose are for --dataset counts (and --data-file for --dataset "
+                             "tensor); images are found with --data-dir")
+        if self.dataset == "folder" and not self.data_dir:
+            raise InputError("--dataset folder needs the images: pass --data-dir DIR holding them, or one sub-folder "
+                             "of images per class")
         if self.arch not in nets.ARCHS:
             raise InputError(f"unknown arch {self.arch!r}; choose one of: {', '.join(nets.ARCHS)}")
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size < 0:
+            raise InputError(f"--image-size must be a whole number >= 1 (or 0: the images' own size), got "
+                             f"{self.image_size!r}; use e.g. --image-size 32")
+        if self.arch == "conv" and self.image_size % 4:
+            raise InputError(f"--image-size {self.image_size} does not suit the conv networks, which need a multiple "
+                             f"of 4 (at least 4); use e.g. --image-size {max(4, round(self.image_size / 4) * 4)}, "
+                             "or --arch mlp")
+        if isinstance(self.channels, bool) or self.channels not in data_.CHANNELS:
+            raise InputError(f"--channels must be 1 (grey) or 3 (colour), or 0 (as the images are), got "
+                             f"{self.channels!r}; use e.g. --channels 3")
         likelihoods.from_name(self.likelihood, self.gaussian_scale)
         if self.binarize not in BINARIZE:
             raise InputError(f"unknown binarize {self.binarize!r}; choose one of: {', '.join(BINARIZE)}")
@@ -180,7 +212,8 @@ class RunConfig:
 
     def _check_size(self):
         """Refuse networks whose parameters and Adam's state alone cannot fit in this machine's memory."""
-        x_dim = 784 if self.dataset != "counts" else 1
+        x_dim = 1 if self.dataset == "counts" else 3 * self.image_size ** 2 if self.image_size else \
+            3072 if self.dataset == "cifar-10" else 784
         h, dims = self.hidden, self.latent_dims
         params = 2 * x_dim * h + 4 * h * h + 4 * h * sum(dims) + 3 * h * h * (len(dims) - 1)
         need = 16 * params  # float32 weights, gradients and two Adam moments

@@ -13,6 +13,14 @@ The files are read by torchvision's own dataset class
 (:class:`torchvision.datasets.FashionMNIST`); gzipped files are unpacked
 once into the cache (``$PYRO_VAE_CACHE`` or ``~/.cache/pyro_vae``).
 
+Any other images: a folder of image files (:func:`load_folder`, read with
+:class:`torchvision.datasets.ImageFolder` when it has one sub-folder per
+class), a ``.npy``/``.pt`` file holding an image tensor
+(:func:`load_image_tensor`) and CIFAR-10 (:func:`load_cifar10`, torchvision's
+``cifar-10-batches-py`` read by this module). All of them, and the IDX data
+sets too, can be made grey or colour and resized to a square size
+(:func:`fit_images`); they come back as ``(N, C, H, W)`` float32 in [0, 1].
+
 Count data (cells x genes, documents x words) come from ``.npz``, ``.csv``
 or Matrix Market ``.mtx`` files (:func:`read_counts`, as a
 ``scipy.sparse`` matrix; :func:`load_counts`, as a dense tensor).
@@ -24,6 +32,7 @@ import csv
 import gzip
 import hashlib
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +43,8 @@ from .errors import InputError
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-DATASETS = ("fashion-mnist", "mnist")
+DATASETS = ("fashion-mnist", "mnist", "cifar-10")  # load_images' names; "folder" and "tensor" are LOCAL_IMAGES
+LOCAL_IMAGES = ("folder", "tensor")
 _INSTALL_HINT = {
     "fashion-mnist": "install Debian's package (sudo apt-get install dataset-fashion-mnist), "
                      "or pass --data-dir DIR holding the four *-ubyte(.gz) files, or allow network access",
@@ -112,23 +122,36 @@ def _read(cls, root, train):
     return ds.data, ds.targets
 
 
-def load_images(name="fashion-mnist", data_dir=None, download=True):
-    """Load a 28x28 grey-image data set as floats in [0, 1].
+def load_images(name="fashion-mnist", data_dir=None, download=True, image_size=0, channels=0):
+    """Load an image data set with its own train and test split as floats in [0, 1].
 
     Args:
-        name: ``"fashion-mnist"`` or ``"mnist"``.
+        name: ``"fashion-mnist"``, ``"mnist"`` (28x28 grey) or ``"cifar-10"``
+            (32x32 colour, :func:`load_cifar10`).
         data_dir: directory to look in first (see the module docstring).
         download: try torchvision's downloader when no local copy is found.
+        image_size, channels: as :func:`fit_images` (0: as the data set is).
 
     Returns:
-        ``(x_train, y_train, x_test, y_test)``: images ``(N, 1, 28, 28)``
-        float32 in [0, 1] and labels ``(N,)`` int64, on the CPU.
+        ``(x_train, y_train, x_test, y_test)``: images ``(N, C, H, W)``
+        (``(N, 1, 28, 28)`` for the IDX data sets as they are) float32 in
+        [0, 1] and labels ``(N,)`` int64, on the CPU.
 
     Raises:
         InputError: if no source works; the message lists every source tried.
     """
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    _check_fit(image_size, channels)
+    if name == "cifar-10":
+        return load_cifar10(data_dir, download, image_size, channels)
+    x_tr, y_tr, x_te, y_te = _load_idx(name, data_dir, download)
+    return fit_images(x_tr.unsqueeze(1), image_size, channels), y_tr, fit_images(x_te.unsqueeze(1), image_size,
+                                                                                 channels), y_te
+
+
+def _load_idx(name, data_dir, download):
+    """Fashion-MNIST or MNIST as uint8 ``(N, 28, 28)`` images and labels, from the first source that works."""
     cls = _torchvision_class(name)
     tried = []
     sources = []
@@ -167,13 +190,13 @@ def load_images(name="fashion-mnist", data_dir=None, download=True):
                                  f"an empty data set cannot be trained on; {_FILES_HINT}") from err
             raise InputError(f"could not read {name} files in {src}: {_describe(err)}; "
                              f"{_FILES_HINT}") from err
-        return _to_float(x_tr), y_tr, _to_float(x_te), y_te
+        return x_tr, y_tr, x_te, y_te
     if download and data_dir is None:
         root = cache_dir() / "download"
         try:
             ds_tr = cls(str(root), train=True, download=True)
             ds_te = cls(str(root), train=False, download=True)
-            return _to_float(ds_tr.data), ds_tr.targets, _to_float(ds_te.data), ds_te.targets
+            return ds_tr.data, ds_tr.targets, ds_te.data, ds_te.targets
         except Exception as err:
             tried.append(f"torchvision download into {root}: {type(err).__name__}: {err}")
     else:
@@ -182,8 +205,331 @@ def load_images(name="fashion-mnist", data_dir=None, download=True):
                      + f"\nTo fix: {_INSTALL_HINT[name]}.")
 
 
-def _to_float(images):
-    return images.unsqueeze(1).float().div_(255.0)
+# ------------------------------------------------------------------ any images
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
+TENSOR_FORMATS = (".npy", ".pt", ".pth")
+CHANNELS = (0, 1, 3)  # 0: as the images are
+_GREY_MODES = ("1", "L", "LA", "La")  # PIL modes read as one channel
+_LAYOUTS = "(N, H, W), (N, C, H, W) or (N, H, W, C) with C 1 or 3"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
+
+
+def _check_fit(image_size, channels):
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 0:
+        raise InputError(f"image_size must be a whole number >= 1 (or 0: the images' own size), got {image_size!r}; "
+                         "use e.g. image_size=32")
+    if isinstance(channels, bool) or channels not in CHANNELS:
+        raise InputError(f"channels must be 1 (grey) or 3 (colour), or 0 (as the images are), got {channels!r}; "
+                         "use e.g. channels=3")
+
+
+def _luma(x):
+    """ITU-R 601-2 luma (as PIL's ``convert("L")``) of ``(N, 3, H, W)``: uint8 rounded to uint8, floats as floats."""
+    w = torch.tensor([299, 587, 114]).view(1, 3, 1, 1)
+    if x.dtype == torch.uint8:
+        return (x.to(torch.int32) * w).sum(1, keepdim=True).add_(500).div_(1000, rounding_mode="floor").to(torch.uint8)
+    return (x * (w / 1000).to(x.dtype)).sum(1, keepdim=True).clamp_(0, 1)
+
+
+def fit_images(x, image_size=0, channels=0):
+    """Images ``(N, C, H, W)``, uint8 0..255 or floats in [0, 1], as float32 in [0, 1].
+
+    Args:
+        image_size: resize so that the shorter side is ``image_size`` (bilinear, antialiased) and crop the
+            centre ``image_size x image_size`` (torchvision's ``Resize(n)`` then ``CenterCrop(n)``); 0: keep the
+            size. uint8 images are resized as uint8, so they stay on the grid i/255.
+        channels: 1: grey (colour by ITU-R 601-2 luma, PIL's ``convert("L")``); 3: colour (grey repeated);
+            0: as they are.
+    """
+    _check_fit(image_size, channels)
+    if channels == 1 and x.shape[1] == 3:
+        x = _luma(x)
+    elif channels == 3 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
+        from torchvision.transforms.v2 import functional as F
+
+        x = F.center_crop(F.resize(x.contiguous(), [image_size], antialias=True), [image_size, image_size])
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32).div_(255.0)
+    return x.to(torch.float32).clamp(0, 1)
+
+
+def _image_files(root):
+    """``(files, labels)``: the image files of a flat folder (label 0) or of one sub-folder per class
+    (:class:`torchvision.datasets.ImageFolder`'s files and class indices)."""
+    root = Path(root)
+    if not root.is_dir():
+        problem = "is not a directory" if root.exists() else "does not exist"
+        raise InputError(f"image folder {root} {problem}; pass --data-dir DIR (data_dir) holding the images, "
+                         "or one sub-folder of images per class")
+    entries = sorted(root.iterdir())
+    loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    subdirs = [p for p in entries if p.is_dir()]
+    if loose and subdirs:
+        raise InputError(f"image folder {root} holds both images ({loose[0].name}, ...) and sub-folders "
+                         f"({subdirs[0].name}, ...); put all images directly in it, or each in its class's sub-folder")
+    if loose:
+        return loose, [0] * len(loose)
+    empty = [d.name for d in subdirs if not any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                                                for p in d.rglob("*"))]
+    if not subdirs or len(empty) == len(subdirs):
+        others = [p.name for p in root.rglob("*") if p.is_file()]
+        also = f" (only {len(others)} other files, e.g. {others[0]})" if others else ""
+        raise InputError(f"image folder {root} holds no images{also}; put {', '.join(IMAGE_EXTENSIONS)} files in "
+                         "it, or in one sub-folder per class")
+    if empty:
+        raise InputError(f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:3])} in {root} hold"
+                         f"{'' if len(empty) > 1 else 's'} no images; put images in "
+                         f"{'them' if len(empty) > 1 else 'it'} or remove {'them' if len(empty) > 1 else 'it'}")
+    from torchvision.datasets import ImageFolder
+
+    samples = ImageFolder(str(root)).samples
+    return [Path(f) for f, _ in samples], [label for _, label in samples]
+
+
+def _unreadable(path, err):
+    return InputError(f"could not read the image {path}: {_describe(err)}; remove or replace it")
+
+
+def load_folder(path, image_size=0, channels=0):
+    """Every image in a folder, as ``(x, y)``: ``(N, C, H, W)`` float32 in [0, 1] and labels ``(N,)`` int64.
+
+    The folder holds the images directly (labels 0), or one sub-folder per class, as
+    :class:`torchvision.datasets.ImageFolder` reads it (labels: the classes' indices in name order; images in
+    deeper folders count too). Files are taken by extension (:data:`IMAGE_EXTENSIONS`); others are skipped.
+    Images are read by PIL at 8 bits per value; an alpha channel is dropped.
+
+    Args:
+        path: the folder.
+        image_size: resize each image so that its shorter side is this, then crop the centre square
+            (0: keep the sizes, which must then all be the same).
+        channels: 1 (grey), 3 (colour), or 0: grey if every image is stored grey (PIL modes 1, L, LA),
+            else colour.
+
+    Raises:
+        InputError: a missing or empty folder, a file that is not a readable image, 16-bit or float pixels,
+            images of different sizes without ``image_size``, fewer than 2 images.
+    """
+    _check_fit(image_size, channels)
+    from PIL import Image
+    from torchvision.transforms import functional as F
+
+    files, labels = _image_files(path)
+    if len(files) < 2:
+        raise InputError(f"image folder {path} holds 1 image ({files[0].name}); training and a test set need 2 or "
+                         "more")
+    sizes, grey = [], True
+    for f in files:  # headers only: modes and sizes
+        try:
+            with Image.open(f) as im:
+                mode, size = im.mode, im.size
+        except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
+            raise _unreadable(f, err) from err
+        if mode in ("I", "F") or mode.startswith("I;"):
+            raise InputError(f"{f} has {mode} pixels (16-bit or float); images are read at 8 bits: convert it to "
+                             "8 bits, e.g. Image.open(path).convert('L').save(path)")
+        grey = grey and mode in _GREY_MODES
+        sizes.append(size)
+    c = channels or (1 if grey else 3)
+    if not image_size and len(set(sizes)) > 1:
+        j = next(i for i, s in enumerate(sizes) if s != sizes[0])
+        raise InputError(f"the images in {path} have different sizes ({files[0].name} is {sizes[0][0]}x{sizes[0][1]}, "
+                         f"{files[j].name} {sizes[j][0]}x{sizes[j][1]}); pass --image-size N (image_size=N) to "
+                         "resize and crop them all to N x N")
+    h, w = (image_size, image_size) if image_size else (sizes[0][1], sizes[0][0])
+    x = torch.empty((len(files), c, h, w), dtype=torch.uint8)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if c == 1 else "RGB")
+        except Exception as err:
+            raise _unreadable(f, err) from err
+        if image_size:
+            im = F.center_crop(F.resize(im, image_size, antialias=True), [image_size, image_size])
+        x[i] = F.pil_to_tensor(im)
+    return x.to(torch.float32).div_(255.0), torch.tensor(labels, dtype=torch.int64)
+
+
+def _tensor_in(obj, path):
+    if isinstance(obj, dict):
+        for key in ("images", "x", "data"):
+            if torch.is_tensor(obj.get(key)):
+                return obj[key]
+        tensors = [v for v in obj.values() if torch.is_tensor(v)]
+        if len(tensors) == 1:
+            return tensors[0]
+    if torch.is_tensor(obj):
+        return obj
+    raise InputError(f"{path} holds a {type(obj).__name__}, not an image tensor; torch.save one tensor {_LAYOUTS} "
+                     "(or a dict holding it under 'images')")
+
+
+def read_image_tensor(path):
+    """The images in a ``.npy`` (``numpy.save``) or ``.pt`` (``torch.save``, read with ``weights_only=True``)
+    file as ``(N, C, H, W)``: uint8 as saved, bool as 0/255, floats checked to lie in [0, 1].
+
+    Accepted: ``(N, H, W)``, ``(N, C, H, W)`` or ``(N, H, W, C)`` with ``C`` 1 or 3, of uint8 (0..255), bool or
+    float (values in [0, 1]); a ``.pt`` file may hold a dict with the tensor under ``"images"``. Other integer
+    dtypes are refused (0/1 masks and 0..255 pixels would be ambiguous).
+    """
+    path = Path(path)
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise InputError(f"image tensor file {path} {problem}; pass --data-file (data_file) a .npy (numpy.save) or "
+                         f".pt (torch.save) file of images {_LAYOUTS}")
+    suffix = path.suffix.lower()
+    if suffix not in TENSOR_FORMATS:
+        raise InputError(f"unknown image-tensor format {path.name!r}; save the images with numpy.save (.npy) or "
+                         "torch.save (.pt)")
+    try:
+        if suffix == ".npy":
+            a = np.load(path, allow_pickle=False)
+        else:
+            a = _tensor_in(torch.load(path, map_location="cpu", weights_only=True), path)
+    except InputError:
+        raise
+    except Exception as err:  # numpy and torch raise assorted types for broken or foreign files
+        writer = "numpy.save" if suffix == ".npy" else "torch.save"
+        raise InputError(f"could not read {path} as a {suffix} file: {_describe(err).splitlines()[0]}; pass a file "
+                         f"written by {writer} holding one image tensor {_LAYOUTS}") from err
+    dtype = a.dtype
+    if isinstance(a, np.ndarray):
+        if a.dtype == np.uint8 or a.dtype == np.bool_ or a.dtype.kind == "f":
+            a = torch.from_numpy(np.ascontiguousarray(a.astype(np.float32) if a.dtype.kind == "f" else a))
+        else:
+            a = None
+    elif not (a.dtype in (torch.uint8, torch.bool) or a.dtype.is_floating_point):
+        a = None
+    if a is None:
+        raise InputError(f"{path} holds {dtype} values; save images as uint8 (0..255) or as floats in [0, 1] "
+                         "(e.g. x.astype(np.uint8) for 8-bit pixels)")
+    shape = tuple(a.shape)
+    if a.dim() == 3:
+        a = a.unsqueeze(1)
+    elif a.dim() == 4 and a.shape[1] not in (1, 3) and a.shape[3] in (1, 3):
+        a = a.permute(0, 3, 1, 2)
+    if a.dim() != 4 or a.shape[1] not in (1, 3) or 0 in a.shape:
+        raise InputError(f"{path} holds an array of shape {shape}, not images; save {_LAYOUTS}")
+    if a.shape[0] < 2:
+        raise InputError(f"{path} holds {a.shape[0]} image; training and a test set need 2 or more")
+    if a.dtype == torch.bool:
+        return a.to(torch.uint8).mul_(255)
+    if a.dtype.is_floating_point:
+        a = a.to(torch.float32)
+        bad = ~torch.isfinite(a)
+        if bool(bad.any()):
+            raise InputError(f"{path} holds {int(bad.sum())} NaN or infinite values; images must be finite, in [0, 1]")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 1:
+            raise InputError(f"{path} holds float values in [{lo:.4g}, {hi:.4g}], outside [0, 1]; divide 8-bit pixels "
+                             "by 255 (or save them as uint8)")
+    return a.contiguous()
+
+
+def load_image_tensor(path, image_size=0, channels=0):
+    """:func:`read_image_tensor` through :func:`fit_images`: ``(N, C, H, W)`` float32 in [0, 1]."""
+    _check_fit(image_size, channels)
+    return fit_images(read_image_tensor(path), image_size, channels)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch (a dict of numpy arrays, lists, strings) and nothing that runs other code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 moved numpy.core
+            module = "numpy._core." + module[len("numpy.core."):]
+        return super().find_class(module, name)
+
+
+def _cifar_batch(path):
+    """One batch of torchvision's ``cifar-10-batches-py``: uint8 ``(n, 3, 32, 32)`` and int64 labels."""
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="latin1").load()  # torchvision's encoding
+    except Exception as err:
+        raise InputError(f"could not read the CIFAR-10 batch {path}: {_describe(err)}; extract "
+                         "cifar-10-python.tar.gz again") from err
+    get = (lambda k: batch.get(k, batch.get(k.encode()))) if isinstance(batch, dict) else (lambda k: None)
+    data, labels = get("data"), get("labels")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        labels = None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            and labels is not None and labels.shape == (data.shape[0],)):
+        raise InputError(f"{path} is not a CIFAR-10 batch (a pickled dict of 'data', uint8 (N, 3072), and "
+                         "'labels', N integers); extract cifar-10-python.tar.gz again")
+    return torch.from_numpy(data.copy()).reshape(-1, 3, 32, 32), torch.from_numpy(labels)
+
+
+def _cifar_folder(root):
+    """The folder holding the CIFAR-10 batches under ``root`` (``root/cifar-10-batches-py``, or ``root``
+    itself), or ``None``."""
+    if (root / CIFAR10_FOLDER).is_dir():
+        return root / CIFAR10_FOLDER
+    if any((root / b).is_file() for b in CIFAR10_BATCHES):
+        return root
+    return None
+
+
+def load_cifar10(data_dir=None, download=True, image_size=0, channels=0):
+    """CIFAR-10 (50 000 training and 10 000 test images, 32x32 colour) as floats in [0, 1].
+
+    Looked for in ``data_dir`` (or, without it, in the cache's ``download`` folder): torchvision's
+    ``cifar-10-batches-py`` folder (``data_batch_1`` .. ``data_batch_5``, ``test_batch``), or those files
+    directly in it. Where there is none and ``download`` is on, torchvision's ``CIFAR10(download=True)``
+    fetches and extracts it there first. The batches are read here, in torchvision's format (a pickle,
+    ``encoding="latin1"``, with ``data`` uint8 ``(n, 3072)`` and ``labels``), by an unpickler that loads
+    numpy arrays and nothing else; torchvision's md5 check of the archive's files is not made, so a copy
+    of the batches of one's own (e.g. a small one for tests) reads too.
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test)`` as :func:`load_images` (``image_size``, ``channels``: as
+        :func:`fit_images`).
+    """
+    _check_fit(image_size, channels)
+    if data_dir is not None:
+        root = Path(data_dir)
+        if not root.is_dir():
+            problem = "is not a directory" if root.exists() else "does not exist"
+            raise InputError(f"data directory {root} {problem}; pass a directory holding {CIFAR10_FOLDER} (or "
+                             "the one CIFAR-10 is to be downloaded into)")
+    else:
+        root = cache_dir() / "download"
+    folder = _cifar_folder(root)
+    where = f"{root} holds no CIFAR-10 ({CIFAR10_FOLDER}/ with data_batch_1..5 and test_batch)"
+    if folder is None:
+        if not download:
+            raise InputError(f"{where} and download is off; put torchvision's extracted {CIFAR10_FOLDER} folder "
+                             "in it, or allow the download")
+        try:
+            from torchvision.datasets import CIFAR10
+
+            CIFAR10(str(root), train=True, download=True)
+        except Exception as err:  # no network, a full disk, a broken archive
+            raise InputError(f"{where} and torchvision's download failed ({' '.join(_describe(err).split())}); "
+                             f"extract https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into {root}, or "
+                             "allow network access") from err
+        folder = root / CIFAR10_FOLDER
+    missing = [b for b in CIFAR10_BATCHES if not (folder / b).is_file()]
+    if missing:
+        raise InputError(f"{folder}: no {', '.join(missing)}; CIFAR-10's python version holds data_batch_1 .. "
+                         "data_batch_5 and test_batch: extract cifar-10-python.tar.gz again")
+    train = [_cifar_batch(folder / b) for b in CIFAR10_BATCHES[:5]]
+    x_tr, y_tr = torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])
+    x_te, y_te = _cifar_batch(folder / CIFAR10_BATCHES[5])
+    if not len(x_tr) or not len(x_te):
+        raise InputError(f"the CIFAR-10 batches in {folder} hold {len(x_tr)} training and {len(x_te)} test images; "
+                         "both sets need images: extract cifar-10-python.tar.gz again")
+    return fit_images(x_tr, image_size, channels), y_tr, fit_images(x_te, image_size, channels), y_te
 
 
 # ------------------------------------------------------------------ count matrices

@@ -12,5 +12,10 @@ class InputError(ValueError):
     """
 
     def __init__(self, *args, rank_specific=False):
+        if args and isinstance(args[0], str) and "\nTrace Shapes:" in args[0].replace(" ", "").replace(
+                "TraceShapes:", "Trace Shapes:"):
+            # raised inside a traced model or guide: Pyro re-raises it with the trace's shapes appended, which
+            # say nothing here; the message stays the one line that names the problem and the fix
+            args = (args[0].split("\n", 1)[0], *args[1:])
         super().__init__(*args)
         self.rank_specific = rank_specific

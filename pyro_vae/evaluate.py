@@ -471,7 +471,8 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
         ``iw_log_likelihood`` (if computed); lists ``unit_kl_<site>`` (nats per
         unit, where defined) and ``activity_<site>`` (see :func:`active_units`);
         ints ``active_units_<site>`` per level (of ``latent_dims``), ``n``,
-        ``iw_samples``, ``elbo_samples``; and the list ``latent_dims``.
+        ``iw_samples``, ``elbo_samples``; and the list ``latent_dims``; and ``bits_per_dim``,
+        ``elbo_bits_per_dim`` for data on the grid of a discrete likelihood (see :func:`bits_per_dim`).
     """
     was_training = vae.training
     vae.eval()
@@ -480,9 +481,31 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
         summary["iw_samples"] = int(iw_samples)
         if iw_samples:
             summary["iw_log_likelihood"] = float(_sharded_iw(vae, x, iw_samples, batch_size, progress, seed).mean())
+        summary.update(bits_per_dim(vae, x, summary))
         return summary
     finally:
         vae.train(was_training)  # the VAE goes back in the mode it came in
+
+
+def bits_per_dim(vae, x, summary):
+    """``{"bits_per_dim": ..., "elbo_bits_per_dim": ...}`` from a summary's nats per data point, where the
+    likelihood is discrete over ``levels`` values per dimension (``vae.likelihood.levels``: Bernoulli's 2,
+    the 8-bit discretised logistic's 256) and every value of ``x`` ``(N, *x_shape)`` lies on that grid
+    ``i / (levels - 1)``; else ``{}``.
+
+    The conversion: a log-probability of ``log p`` nats for a data point of ``D = x[0].numel()``
+    dimensions is ``-log p / (D ln 2)`` bits per dimension (``bits_per_dim`` from the IW estimate of
+    log p(x), ``elbo_bits_per_dim`` from the ELBO, a bound: never lower).
+    """
+    levels = getattr(getattr(vae, "likelihood", None), "levels", None)
+    if not levels or x.numel() == 0:
+        return {}
+    scaled = x * (levels - 1)
+    if not bool(((scaled - scaled.round()).abs() <= 1e-3).all() and (x >= 0).all() and (x <= 1).all()):
+        return {}
+    per = x[0].numel() * math.log(2)
+    out = {"bits_per_dim": -summary["iw_log_likelihood"] / per} if "iw_log_likelihood" in summary else {}
+    return {**out, "elbo_bits_per_dim": -summary["elbo"] / per}
 
 
 def _sharded_iw(vae, x, iw_samples, batch_size, progress, seed):

@@ -28,9 +28,16 @@ from .errors import InputError
 
 
 class Likelihood(nn.Module):
-    """Base class: ``channels = 1``."""
+    """Base class: ``channels = 1``; ``levels = None``.
+
+    ``levels``: for a likelihood over a finite set of values per dimension, evenly spaced in [0, 1]
+    (``i / (levels - 1)``), their number: 2 for :class:`Bernoulli` on {0, 1}, 256 for the 8-bit
+    :class:`DiscretizedLogistic`. Its log-probabilities are then log masses, and
+    :func:`pyro_vae.evaluate.evaluate` reports bits per dimension for data on that grid.
+    """
 
     channels = 1
+    levels = None
 
     def check(self, x):
         pass  # any finite value is in the support; finiteness is checked for every likelihood
@@ -43,6 +50,8 @@ class Bernoulli(Likelihood):
     Pyro's VAE tutorial: the log-density is then minus the binary cross-entropy
     (not a normalised density for non-binary x).
     """
+
+    levels = 2
 
     def forward(self, out, event_dims):
         return dist.Bernoulli(logits=out, validate_args=False).to_event(event_dims)
@@ -233,6 +242,7 @@ class DiscretizedLogistic(Likelihood):
             raise InputError(f"DiscretizedLogistic needs k >= 1 components, got {k}; use e.g. k=5")
         self.k, self.bits = int(k), int(bits)
         self.channels = 3 * self.k
+        self.levels = 2 ** self.bits
 
     def _dist(self, out, event_dims):
         logits, loc, log_scale = (t.unflatten(out.dim() - event_dims, (self.k, -1)).movedim(

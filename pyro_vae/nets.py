@@ -35,7 +35,8 @@ def _check_image_shape(x_shape, who, alternative):
     x_shape = _check_x_shape(x_shape)
     if len(x_shape) != 3 or x_shape[1] % 4 or x_shape[2] % 4:
         raise InputError(f"{who} needs images of shape (C, H, W) with H and W multiples of 4, got {x_shape}; "
-                         f"use {alternative} for other shapes")
+                         f"use {alternative} for other shapes (on the command line: --arch mlp, or --image-size N "
+                         "with N a multiple of 4)")
     return x_shape
 
 
@@ -191,7 +192,8 @@ class ConvEncoder(nn.Module):
     Two stride-2 convolutions (H -> H/2 -> H/4) and one convolution whose
     kernel covers the remaining ``H/4 x W/4`` map, so the output is a
     ``features``-channel 1x1 map, flattened. ``H`` and ``W`` must be multiples
-    of 4 (28 x 28 Fashion-MNIST works).
+    of 4 (at least 4: 28 x 28 Fashion-MNIST and 32 x 32 CIFAR-10 work; they need
+    not be equal) and ``C`` is any number of channels (1 grey, 3 colour).
     """
 
     def __init__(self, x_shape, channels=(32, 64), features=256, activation=nn.ReLU):
@@ -218,7 +220,8 @@ class ConvDecoder(nn.Module):
 
     The latent is read as a ``latent_dim``-channel 1x1 map; one transposed
     convolution grows it to ``H/4 x W/4``, two stride-2 transposed
-    convolutions to ``H x W``.
+    convolutions to ``H x W`` (the sizes :class:`ConvEncoder` takes), with
+    ``k * C`` output channels.
     """
 
     def __init__(self, latent_dim, x_shape, channels=(64, 32), out_channels=1, activation=nn.ReLU):

@@ -272,3 +272,74 @@ def save_level_curves(metrics_path, path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     _save_figure(fig, path)
+
+
+GRAPHVIZ_HINT = ("pyro.render_model needs graphviz: the dot program (apt install graphviz, brew install graphviz, "
+                 "conda install graphviz) and the Python package (pip install graphviz)")
+
+
+def model_graph(vae, x):
+    """The VAE's model p(x, z) and guide q(z | x) side by side as one ``graphviz.Digraph``: each as
+    ``pyro.render_model`` draws it (sample sites, the ``data`` plate, site-to-site dependencies and each
+    site's distribution), in clusters labelled "model" and "guide"; in the guide the data point x (grey)
+    points at the levels that read it (every level in the top-down guide, zL in the bottom-up one).
+
+    Args:
+        vae: a :class:`~pyro_vae.VAE`.
+        x: a few data points ``(N, *x_shape)`` on the VAE's device (traced once, with no gradient).
+
+    Raises:
+        InputError: the ``graphviz`` Python package is missing (:data:`GRAPHVIZ_HINT`).
+    """
+    try:
+        import graphviz
+    except ImportError:
+        raise InputError(GRAPHVIZ_HINT) from None
+    import pyro
+
+    graph = graphviz.Digraph(graph_attr={"rankdir": "TB", "label": f"{type(vae).__name__}: model and guide",
+                                         "labelloc": "t"})
+    with torch.no_grad():
+        parts = {"model": pyro.render_model(vae.model, model_args=(x,), render_distributions=True),
+                 "guide": pyro.render_model(vae.guide, model_args=(x,), render_distributions=True)}
+    levels = [f"z{i}" for i in range(len(vae.latent_dims))]
+    readers = levels if getattr(vae, "guide_order", "bottom-up") == "top-down" else levels[-1:]
+    for name, part in parts.items():
+        body = [line.replace("cluster_data", f"cluster_{name}_data")
+                .replace("distribution_description_node", f"{name}_distributions") for line in part.body]
+        with graph.subgraph(name=f"cluster_{name}") as cluster:
+            cluster.attr(label=f"{name}: {'p(x, z)' if name == 'model' else 'q(z | x)'}", style="rounded")
+            body = _prefixed(body, name)
+            if name == "guide":  # the guide's input, one per data point, which Pyro does not see as a site
+                plate = next(i for i, line in enumerate(body) if "label=data" in line)
+                body.insert(plate + 1, "\t\tguide_x [label=x fillcolor=gray shape=ellipse style=filled]\n")
+            cluster.body.extend(body)
+            if name == "guide":
+                for level in readers:
+                    cluster.edge("guide_x", f"guide_{level}", style="dashed")
+    return graph
+
+
+def _prefixed(body, name):
+    """Graphviz statements whose site nodes (``z0``, ``x``, ...) are renamed ``name_z0``, ``name_x``."""
+    import re
+
+    site = re.compile(r"(^\s*|-> )(z\d+|x)(?=[\s\[]|$)")
+    return [site.sub(lambda m: f"{m.group(1)}{name}_{m.group(2)}", line) for line in body]
+
+
+@_drawing
+def save_model_graph(vae, x, path):
+    """Write :func:`model_graph` as a PNG to ``path`` atomically.
+
+    Raises:
+        InputError: graphviz (the Python package or the ``dot`` program) is missing, naming how to get it.
+    """
+    graph = model_graph(vae, x)
+    try:
+        data = graph.pipe(format="png")
+    except Exception as err:  # graphviz.ExecutableNotFound when dot is not installed
+        if type(err).__name__ == "ExecutableNotFound":
+            raise InputError(GRAPHVIZ_HINT) from None
+        raise
+    write_bytes_atomic(path, data)

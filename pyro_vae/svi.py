@@ -57,6 +57,10 @@ class TorchOptimSVI:
             says ``True`` the update is skipped: no parameter and no optimizer
             state changes, and ``step`` still returns the loss.
         updated: whether the last :meth:`step` applied an update.
+        grad_norm: the last step's total gradient norm (before clipping),
+            ``None`` where the step measured none (a non-finite loss, or no
+            parameter yet); what ``train/grad_norm`` logs
+            (:class:`~pyro_vae.tensorboard.TensorBoard`).
     """
 
     def __init__(self, model, guide, elbo, lr, grad_clip=None):
@@ -66,6 +70,7 @@ class TorchOptimSVI:
         self._pending_state = None
         self._store_size = None
         self.skip_if, self.updated = None, False
+        self.grad_norm = None
 
     def step(self, *args, **kwargs):
         """One gradient step; returns the loss that ``elbo`` trains on, a float (the negative ELBO of the
@@ -83,11 +88,12 @@ class TorchOptimSVI:
             NonFiniteStep: the loss or the gradient norm was not finite;
                 gradients are dropped and no parameter changes.
         """
-        self.updated = False
+        self.updated, self.grad_norm = False, None
         loss = self._loss_and_grads(*args, **kwargs)
         if self.optimizer is None:  # nothing to train yet (no parameter has been created)
             return loss
         grad_norm = self._grad_norm() if math.isfinite(loss) else loss
+        self.grad_norm = grad_norm if math.isfinite(loss) else None
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteStep(loss, grad_norm)

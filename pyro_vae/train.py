@@ -23,6 +23,10 @@ Two levels of convenience, both on top of ``vae.model`` and ``vae.guide``:
                            under callbacks/WeightAverage; "model" stays the
                            trained weights, which a resume continues)
       DIR/samples.png, reconstructions.png, levels.png, curves.png   (see plots.py)
+      DIR/model.png        the model and the guide as pyro.render_model draws them
+                           (where graphviz is installed; else one line says how to get it)
+      DIR/tensorboard/     with tensorboard=True (--tensorboard): TensorBoard's event files
+                           (tensorboard --logdir DIR/tensorboard; see tensorboard.py)
 
 Checkpoints are written at the end of every epoch, every ``checkpoint_every``
 steps, and when SIGINT/SIGTERM stops training; resuming from any of them
@@ -31,6 +35,7 @@ continues bitwise as if the run had never stopped (on the CPU).
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import pyro
@@ -87,7 +92,7 @@ def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=None):
 def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="trace", num_particles=1,
         seed=0, dynamic_binarize=False, grad_clip=None, max_bad_steps=10, checkpoint_every=0,
         kl_warmup=0, free_bits=0.0, progress=True, log=print, checkpoint=None, state=None, callbacks=(),
-        kl_balance=False):
+        kl_balance=False, writer=None):
     """Train ``vae`` by SVI on ``vae.model`` and ``vae.guide`` with Adam
     (:class:`~pyro_vae.svi.TorchOptimSVI`: ``pyro.infer.SVI``'s step with one
     torch optimizer), in a :class:`~pyro_vae.loop.Loop` with parts around it.
@@ -129,6 +134,11 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         callbacks: the user's own :class:`~pyro_vae.callbacks.Callback` parts;
             they run after the metrics are in the epoch record and before the
             log line and the checkpoint, which therefore holds their state.
+        writer: log to TensorBoard (:class:`~pyro_vae.tensorboard.TensorBoard`, after
+            ``callbacks``): a ``torch.utils.tensorboard.SummaryWriter`` (to resume, make it with
+            ``purge_step=state["step"] + 1``), a log directory (the part makes the writer, purging
+            on a resume), or a ``TensorBoard`` part; its pictures reconstruct ``x_test`` (else
+            ``x_train``). Needs ``pip install 'pyro-vae[tensorboard]'``.
 
     Returns:
         list of per-epoch metric dicts (``epoch``, ``train_loss``,
@@ -173,12 +183,30 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     parts = ([DataParallel(group)] if group else []) + [DivergenceGuard(patience=max_bad_steps)]
     parts += [KLWeight(KLWarmup(kl_warmup))] if kl_warmup else []
     parts += [EpochStats()] + ([Evaluation(x_test, "test")] if x_test is not None else []) + list(callbacks)
+    parts += [] if writer is None else [_tensorboard_part(writer, x_train if x_test is None else x_test)]
     main = group is None or group.main  # under torchrun only rank 0 logs, shows progress and saves
     parts += [EpochLog(log)] if log is not None and main else []
     parts += [ProgressBar()] if progress and main else []
     parts += [Checkpoint(checkpoint if main else _nothing, checkpoint_every)] if checkpoint is not None else []
     with _store_entries_dropped(vae):
         return Loop(vae, svi, data, epochs, parts, max_bad_steps).run(state)
+
+
+def _tensorboard_part(writer, images):
+    """``fit``'s ``writer=``: a :class:`~pyro_vae.tensorboard.TensorBoard` part as given, or one around it."""
+    from .tensorboard import TensorBoard
+
+    return writer if isinstance(writer, TensorBoard) else TensorBoard(writer, images=images)
+
+
+def _save_model_graph(vae, x, path):
+    """``model.png`` (:func:`pyro_vae.plots.save_model_graph`), or one line on stderr saying why not."""
+    try:
+        plots.save_model_graph(vae, x, path)
+    except InputError as err:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"pyro-vae: {path.name} not written: {err}", file=sys.stderr)
 
 
 def _nothing(state):
@@ -211,21 +239,28 @@ def load_splits(config, device):
     ``x_val`` is ``None`` without ``config.val_size``; otherwise it is the
     **last** ``val_size`` points of the training set (the VampPrior paper's
     protocol: images 50 000-59 999 of Fashion-MNIST's 60 000), which are then
-    not trained on. The test set is Fashion-MNIST's own 10 000 images (for
-    count data: the first 10% of a shuffle seeded by ``seed + 1``). Held-out
+    not trained on. The test set is Fashion-MNIST's own 10 000 images (MNIST's,
+    CIFAR-10's; for count data, an image folder or an image tensor file: the
+    first 10% of a shuffle seeded by ``seed + 1``, at least one point). Held-out
     sets are binarised once, with fixed seeds (test ``seed + 1``, validation
     ``seed + 2``), so every epoch and every evaluation reads the same bits.
     With ``squeeze`` every set is then mapped into [eps, 1 - eps] (:func:`squeeze`).
     """
-    if config.dataset == "counts":
-        x = data_.load_counts(config.data_file, config.transpose)
+    if config.dataset in ("counts", *data_.LOCAL_IMAGES):  # one file or folder: a seeded 10% is the test set
+        if config.dataset == "folder":
+            x = data_.load_folder(config.data_dir, config.image_size, config.channels)[0]
+        elif config.dataset == "tensor":
+            x = data_.load_image_tensor(config.data_file, config.image_size, config.channels)
+        else:
+            x = data_.load_counts(config.data_file, config.transpose)
         if x.shape[0] < 2:
             raise InputError(f"{config.data_file} holds {x.shape[0]} row; training and a test set need 2 or more")
         order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed + 1))
         n_test = max(1, x.shape[0] // 10)
         x_train, x_test = x[order[n_test:]], x[order[:n_test]]
     else:
-        x_train, _, x_test, _ = data_.load_images(config.dataset, config.data_dir)
+        x_train, _, x_test, _ = data_.load_images(config.dataset, config.data_dir, image_size=config.image_size,
+                                                  channels=config.channels)
     x_val = None
     if config.val_size:
         if config.val_size >= x_train.shape[0]:
@@ -350,7 +385,8 @@ class RunDirectory:
         save_checkpoint(self.out / "best.pt", self.payload(state))
 
 
-def train(config, out_dir, resume=False, overwrite=False, progress=True, pictures=True, callbacks=()):
+def train(config, out_dir, resume=False, overwrite=False, progress=True, pictures=True, callbacks=(),
+          tensorboard=False):
     """Run :func:`fit` for a :class:`RunConfig` and keep the run directory ``out_dir``.
 
     Args:
@@ -362,6 +398,10 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
             ``samples.png``, ``reconstructions.png`` and ``levels.png``.
         callbacks: the user's own parts, as in :func:`fit`; their state is
             in ``checkpoint.pt``, so give the same parts again to resume.
+        tensorboard: log to TensorBoard in ``out_dir/tensorboard``
+            (:class:`~pyro_vae.tensorboard.TensorBoard`; give it again to resume (the command line does
+            that itself for a run whose directory has one): the stream goes on
+            from the checkpoint's step). Needs ``pip install 'pyro-vae[tensorboard]'``.
 
     Returns:
         ``(vae, history)``; with ``config.ema`` the VAE holds the weight average.
@@ -379,6 +419,10 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
         config.validate()
         if resume and overwrite:
             raise InputError("choose one of resume and overwrite, not both")
+        if tensorboard:
+            from .tensorboard import summary_writer_class
+
+            summary_writer_class()  # the tensorboard package, before anything is written
         return main and rundir.prepare(out_dir)  # the output location is checked before any data are loaded
 
     created = distributed.main_first(check)
@@ -391,7 +435,8 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
             if created:
                 rundir.remove_if_unused(out)
             raise
-        return _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures and main, callbacks)
+        return _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures and main, callbacks,
+                    tensorboard)
 
 
 def _prepare_run(config, out, resume, overwrite):
@@ -421,29 +466,33 @@ def _prepare_run(config, out, resume, overwrite):
     return state, (x_train, x_val, x_test), vae
 
 
-def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, callbacks):
+def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, callbacks, tensorboard=False):
     """Train in the locked run directory ``out`` and write its files."""
     if distributed.is_main():
         if state is None:  # a new run (or --overwrite): nothing of an old run may be taken for this one's
             for stale in ("checkpoint.pt", "best.pt", "metrics.jsonl", "eval.json"):
                 (out / stale).unlink(missing_ok=True)
+            for stale in (out / "tensorboard").glob("events.out.tfevents.*"):
+                stale.unlink(missing_ok=True)
         write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     run = RunDirectory(out, config, x_train.shape[1:])
     aids = _training_aids(config)
     parts = aids + _selection_parts(config, x_val, run, callbacks)
     warmup = config.kl_warmup or config.kl_warmup_epochs * -(-x_train.shape[0] // config.batch_size)
+    board = _tensorboard_part(out / "tensorboard", x_test if x_val is None else x_val) if tensorboard else None
     history = fit(vae, x_train, None if x_val is not None else x_test, epochs=config.epochs,
                   batch_size=config.batch_size, lr=config.lr,
                   elbo=config.elbo, num_particles=config.num_particles, seed=config.seed,
                   dynamic_binarize=config.binarize == "dynamic", grad_clip=config.grad_clip or None,
                   max_bad_steps=config.max_bad_steps, checkpoint_every=config.checkpoint_every,
                   kl_warmup=warmup, free_bits=config.free_bits, kl_balance=config.kl_balance, progress=progress,
-                  checkpoint=run.save, state=state, callbacks=parts)
+                  checkpoint=run.save, state=state, callbacks=parts, writer=board)
     for part in aids:  # the pictures and the VAE returned hold the weight average, as load_run's does
         if isinstance(part, WeightAverage):
             part.copy_to(vae)
     if pictures:
+        _save_model_graph(vae, x_train[:2], out / "model.png")
         if is_image(vae):
             plots.save_samples(vae, out / "samples.png")
             shown = x_test if x_val is None else x_val  # with a validation split, the test set waits for evaluate

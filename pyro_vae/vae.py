@@ -1,4 +1,4 @@
-"""The latent chain: a VAE's Pyro ``model`` and its two ``guide``s.
+"""The latent chain: a VAE's Pyro ``model`` and its two ``guide`` functions.
 
 Sites for ``latent_dims=[D0, ..., DL]`` (top to bottom; ``B`` is the batch
 size, ``x_shape`` the shape of one data point, e.g. ``(1, 28, 28)``)::
@@ -48,6 +48,7 @@ from . import registration
 from .chain import (GaussianNet, MEANFIELD_BOTTOM_UP, TransitionMemo, check_temperature, mark_bottom_up,
                     mlp_features, precision_weighted, tempered)
 from .errors import InputError
+from .pieces import SiteShapes, check_distribution
 from . import likelihoods as likelihoods_
 from . import posteriors as posteriors_
 
@@ -56,14 +57,52 @@ KEPT = ("draw", "mean")  # what resample_below keeps of the guide: one draw per 
 _NAMES = itertools.count()
 
 
+def encoder_width(encoder, x_shape):
+    """The width ``F`` of the features ``(batch, F)`` that ``encoder`` makes of data ``(batch, *x_shape)``.
+
+    ``encoder.out_features`` where it is an integer; otherwise one dry run on a batch of two zero data
+    points of ``x_shape`` (no gradient, the encoder in eval mode for it, so BatchNorm statistics do not
+    move; lazy modules are initialised by it). Raises :class:`InputError` where it cannot be known (no
+    ``x_shape``) or the encoder's output is not ``(batch, F)``.
+    """
+    features = getattr(encoder, "out_features", None)
+    if isinstance(features, int) and not isinstance(features, bool):
+        return features
+    if x_shape is None:
+        raise InputError("cannot tell the width of the encoder's output: pass x_shape=(...) (the shape of one "
+                         "data point; one dry run of the encoder then finds it), give the encoder an integer "
+                         "attribute out_features, or pass posterior=DiagonalGaussian(width, latent_dim)")
+    like = next(iter(encoder.parameters()), None)
+    probe = torch.zeros(2, *x_shape, device=like.device if like is not None else None,
+                        dtype=like.dtype if like is not None and like.is_floating_point() else None)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            out = encoder(probe)
+    except Exception as err:
+        raise InputError(f"the encoder failed on a batch of data of shape {tuple(probe.shape)} (x_shape "
+                         f"{tuple(x_shape)}): {type(err).__name__}: {err}; check x_shape, or give the encoder an "
+                         "integer attribute out_features") from None
+    finally:
+        encoder.train(was_training)
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != 2:
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise InputError(f"the encoder maps data {tuple(probe.shape)} to {got}, not features (batch, F); end "
+                         "it with nn.Flatten() (or make it return one tensor of features per data point)")
+    return int(out.shape[1])
+
+
 class VAE(nn.Module):
     """A VAE over a latent chain z0 -> z1 -> ... -> zL -> x whose ``model`` and
     ``guide`` are plain Pyro functions.
 
     Args:
         encoder: ``nn.Module`` mapping x ``(*batch, *x_shape)`` to features
-            ``(*batch, F)``; ``F`` is read from ``encoder.out_features`` unless
-            a ``posterior`` is given (one level).
+            ``(*batch, F)``: any module (an ``nn.Sequential`` too). ``F`` is
+            ``encoder.out_features`` where that is an integer, else found by
+            one dry run on ``x_shape`` (:func:`encoder_width`); not needed
+            when a ``posterior`` module is given (one level).
         decoder: ``nn.Module`` mapping z_L ``(*batch, D_L)`` to the likelihood's
             parameters ``(*batch, k * x_shape[0], *x_shape[1:])``,
             ``k = likelihood.channels``.
@@ -149,24 +188,21 @@ class VAE(nn.Module):
         self.decoder = decoder
         self.prior = priors_.wrap(prior)  # set up at the end, once the guide's networks exist
         self.likelihood = likelihoods_.wrap(likelihood)
-        features = getattr(encoder, "out_features", None)
-        family = posteriors_.DiagonalGaussian if posterior is None or isinstance(posterior, nn.Module) else posterior
-        if not isinstance(posterior, nn.Module):
-            if not isinstance(features, int):
-                raise InputError(
-                    "cannot tell the width of the encoder's output: give the encoder an integer "
-                    "attribute out_features, or pass posterior=DiagonalGaussian(width, latent_dim)"
-                )
-            posterior = posteriors_.build(family, features + above[-1], latent_dims[-1])
-        self.posterior = posterior
         x_shape = x_shape or getattr(encoder, "x_shape", None) or getattr(decoder, "x_shape", None)
         self.x_shape = tuple(x_shape) if x_shape is not None else None
+        family = posteriors_.DiagonalGaussian if posterior is None or isinstance(posterior, nn.Module) else posterior
+        needs_width = not isinstance(posterior, nn.Module) or len(latent_dims) > 1 and guide == "top-down"
+        features = encoder_width(encoder, self.x_shape) if needs_width else None
+        if not isinstance(posterior, nn.Module):
+            posterior = posteriors_.build(family, features + above[-1], latent_dims[-1])
+        self.posterior = posterior
         self._mean_takes_dims = len(inspect.signature(self.likelihood.mean).parameters) >= 2
         self.beta = float(beta)
         self._kl_weight, self._compiled_scale = 1.0, None
         self.check_each_call = True  # model/guide check x (finite, shape, support) at every call
         self._transitions_drawn = TransitionMemo()  # the top-down guide's p(z_l | z_l-1), for the model
         self._registered_in = None  # (id of the param store, trainable parameters) at the last pyro.module
+        self._pieces_checked = set()  # "model", "guide": each piece's distribution checked at its first call
 
         levels = len(latent_dims) - 1  # L; empty module lists for one level keep the foundation's parameters
         if transitions is None:
@@ -184,9 +220,6 @@ class VAE(nn.Module):
             self.guide_transitions.extend(GaussianNet(latent_dims[i + 1], latent_dims[i], hidden, head=family)
                                           for i in range(levels))
         elif levels:
-            if not isinstance(features, int):
-                raise InputError("the top-down guide needs the encoder's width: give the encoder an integer "
-                                 "attribute out_features")
             self.ladder.extend(mlp_features(features if i == levels - 1 else hidden, hidden)
                                for i in range(levels))
             self.ladder_heads.extend(posteriors_.build(family, hidden + above[i], latent_dims[i]) for i in range(levels))
@@ -280,7 +313,7 @@ class VAE(nn.Module):
         """
         self._register()
         n, device = self._batch(x, batch_size)
-        with self._data_plate(n, size, device):
+        with self._data_plate(n, size, device), self._first_call_checked("model", n, x):
             with self._kl_scale():
                 zs = [pyro.sample("z0", self.prior())]
                 for level in range(1, self.levels + 1):
@@ -301,7 +334,7 @@ class VAE(nn.Module):
         """
         self._register()
         n, device = self._batch(x, None)
-        with self._data_plate(n, size, device):
+        with self._data_plate(n, size, device), self._first_call_checked("guide", n, x):
             h = self.encoder(x)
             self._transitions_drawn.clear()  # nothing of an earlier call is kept alive
             if self.guide_order == "top-down" and self.levels:
@@ -331,6 +364,9 @@ class VAE(nn.Module):
                 q = getattr(head, "gaussian", head)(d[level])  # a flow head's Gaussian half, else the whole head
                 if level > 0:
                     p = self.transitions[level - 1](z[-1])
+                    if "guide" not in self._pieces_checked:  # before the merge, which would fail less clearly
+                        check_distribution(p, self._piece_name("model", level), (self.latent_dims[level],),
+                                           z[-1].shape[-2] if z[-1].dim() > 1 else None)
                     self._transitions_drawn.put(level, z[-1], p, self.transitions[level - 1])  # for the model
                     q = precision_weighted(q, p)
                 if hasattr(head, "flow"):
@@ -338,6 +374,33 @@ class VAE(nn.Module):
             with self._kl_scale():
                 z.append(pyro.sample(f"z{level}", q))
         return z[0]
+
+    @contextlib.contextmanager
+    def _first_call_checked(self, role, n, x):
+        """At the first call of ``role`` (``"model"``, ``"guide"``) that gets this far: every piece's
+        distribution checked at its site (:class:`~pyro_vae.pieces.SiteShapes`); later calls: nothing."""
+        if role in self._pieces_checked:
+            yield
+            return
+        sites = {f"z{level}": (self._piece_name(role, level), (dim,)) for level, dim in enumerate(self.latent_dims)}
+        if role == "model":
+            x_shape = tuple(x.shape[1:]) if x is not None else self.x_shape
+            if x_shape is not None:
+                sites["x"] = (f"the likelihood {type(self.likelihood).__name__}, on the decoder's output,", x_shape)
+        with SiteShapes(sites, n):
+            yield
+        self._pieces_checked.add(role)
+
+    def _piece_name(self, role, level):
+        """The piece that makes site ``z<level>`` in ``role``, as an error message names it."""
+        if role == "model":
+            return "the prior p(z0)" if level == 0 else \
+                f"transitions[{level - 1}], p(z{level} | z{level - 1}),"
+        if level == self.levels:
+            return f"the posterior head {type(self.posterior).__name__}, q(z{level} | x),"
+        if self.guide_order == "top-down":
+            return f"ladder_heads[{level}], q(z{level} | x{', z' + str(level - 1) if level else ''}),"
+        return f"guide_transitions[{level}], q(z{level} | z{level + 1}),"
 
     def _transition(self, level, parent):
         """p(z_level | parent): the one the top-down guide computed at this very ``parent`` tensor (the

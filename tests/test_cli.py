@@ -352,3 +352,63 @@ def test_fit_gaussian_accepts_values_outside_unit_interval():
     history = pyro_vae.fit(_small_vae(pyro_vae.likelihoods.Gaussian()), x, epochs=1, batch_size=8,
                            progress=False)
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
+
+
+def test_device_auto_is_the_default_and_says_which_it_chose(idx_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data-dir", str(idx_dir), "--out", str(out), "--epochs", "1", "--hidden", "16",
+                     "--latent-dim", "2", "--no-progress"]) == 0
+    assert "device cpu (--device auto: PyTorch sees no CUDA GPU" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["device"] == "cpu"  # the device it ran on
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli._chosen_device("auto") == "cuda" and cli._chosen_device("cpu") == "cpu"
+    cli._announce()  # said once the command's input has passed its checks
+    assert capsys.readouterr().out == "device cuda (--device auto: PyTorch sees a CUDA GPU; --device cpu or cuda " \
+        "to choose)\n"
+
+
+def test_cuda_is_an_alias_of_device_cuda(idx_dir, tmp_path, capsys):
+    args = cli._parser().parse_args(["train", "--out", "x", "--cuda"])
+    assert args.device == "cuda"
+    if torch.cuda.is_available():
+        return
+    assert cli.main(["train", "--data-dir", str(idx_dir), "--out", str(tmp_path / "run"), "--cuda"]) == 2
+    assert "PyTorch sees no CUDA GPU here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("guide, readers", [("bottom-up", ["z2"]), ("top-down", ["z0", "z1", "z2"])])
+def test_the_model_graph_shows_model_and_guide_with_every_level(guide, readers):
+    from pyro_vae import plots
+    from pyro_vae.train import RunConfig, build_vae
+
+    vae = build_vae(RunConfig(latent_dims=[2, 3, 4], guide=guide, hidden=8), (1, 28, 28))
+    source = plots.model_graph(vae, torch.zeros(2, 1, 28, 28)).source
+    for side in ("model", "guide"):
+        assert f"cluster_{side}" in source and f"cluster_{side}_data" in source  # the data plate, per side
+        for level in ("z0", "z1", "z2"):
+            assert f"{side}_{level} [label={level}" in source
+    assert "model_z1 -> model_z2" in source and "model_z2 -> model_x" in source
+    assert sorted(line.split("-> ")[1].split()[0] for line in source.splitlines() if "guide_x ->" in line) == \
+        [f"guide_{r}" for r in readers]  # the levels that read x in this guide
+
+
+def test_every_run_writes_model_png_or_says_how_to_get_graphviz(idx_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import graphviz
+
+    flags = ["--data-dir", str(idx_dir), "--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--no-progress"]
+    if shutil.which("dot"):
+        assert cli.main(["train", "--out", str(tmp_path / "with"), *flags]) == 0
+        assert (tmp_path / "with" / "model.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "model.png" in capsys.readouterr().out
+    capsys.readouterr()
+
+    def no_dot(*args, **kwargs):
+        raise graphviz.ExecutableNotFound(("dot",))
+
+    monkeypatch.setattr(graphviz.Digraph, "pipe", no_dot)
+    assert cli.main(["train", "--out", str(tmp_path / "without"), *flags]) == 0  # the run itself is fine
+    said = capsys.readouterr()
+    assert "model.png not written: pyro.render_model needs graphviz: the dot program (apt install graphviz" in said.err
+    assert not (tmp_path / "without" / "model.png").exists() and "model.png" not in said.out

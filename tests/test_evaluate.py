@@ -131,3 +131,34 @@ def test_the_iw_chunk_is_chosen_from_the_gpus_memory(monkeypatch):
     assert evaluate.default_max_rows(OnCuda()) == 100_000
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=1000))
     assert evaluate.default_max_rows(OnCuda()) == 20000
+
+
+def _small(likelihood, shape=(1, 6, 6)):
+    torch.manual_seed(0)
+    encoder, decoder = nets.build("mlp", shape, 3, out_channels=likelihood.channels, hidden=16)
+    return VAE(encoder, decoder, [3], likelihood=likelihood)
+
+
+@pytest.mark.parametrize("likelihood, data, levels", [
+    (likelihoods.Bernoulli(), lambda g: (torch.rand(40, 1, 6, 6, generator=g) < 0.3).float(), 2),
+    (likelihoods.DiscretizedLogistic(), lambda g: torch.randint(0, 256, (40, 3, 6, 6), generator=g) / 255.0, 256),
+])
+def test_bits_per_dim_for_data_on_a_discrete_likelihoods_grid(likelihood, data, levels):
+    x = data(torch.Generator().manual_seed(1))
+    vae = _small(likelihood, tuple(x.shape[1:]))
+    assert likelihood.levels == levels
+    summary = evaluate.evaluate(vae, x, iw_samples=4, elbo_samples=2, progress=False, seed=0)
+    dims = x[0].numel()  # 36 or 108: channels count
+    assert summary["bits_per_dim"] == pytest.approx(-summary["iw_log_likelihood"] / (dims * math.log(2)), rel=1e-12)
+    assert summary["elbo_bits_per_dim"] == pytest.approx(-summary["elbo"] / (dims * math.log(2)), rel=1e-12)
+    assert summary["elbo_bits_per_dim"] > 0
+
+
+@pytest.mark.parametrize("likelihood, data", [
+    (likelihoods.Bernoulli(), lambda g: torch.rand(40, 1, 6, 6, generator=g)),  # grey values: not a mass
+    (likelihoods.Gaussian(0.1), lambda g: (torch.rand(40, 1, 6, 6, generator=g) < 0.3).float()),  # a density
+])
+def test_no_bits_per_dim_where_the_log_likelihood_is_not_a_log_mass(likelihood, data):
+    x = data(torch.Generator().manual_seed(1))
+    summary = evaluate.evaluate(_small(likelihood), x, iw_samples=2, elbo_samples=1, progress=False, seed=0)
+    assert "bits_per_dim" not in summary and "elbo_bits_per_dim" not in summary

@@ -460,7 +460,8 @@ def test_a_weight_average_used_again_starts_again_and_refuses_another_decay(imag
 
 
 def test_a_run_trained_on_cuda_is_read_on_a_cpu_only_machine(tmp_path, idx_dir, capsys):
-    """The saved device is where the run trained, not a request: --device cpu reads it anywhere."""
+    """The saved device is where the run trained, not a request: --device cpu (or auto, the default) reads
+    it anywhere."""
     from pyro_vae import cli
     from pyro_vae.checkpoints import load_checkpoint, save_checkpoint
 
@@ -477,6 +478,8 @@ def test_a_run_trained_on_cuda_is_read_on_a_cpu_only_machine(tmp_path, idx_dir, 
                      "--no-progress"]) in (0, None)
     assert cli.main(["sample", str(run), "--device", "cpu", "--n", "4", "--out", str(tmp_path / "s.png")]) in (0, None)
     assert (tmp_path / "s.png").exists()
-    capsys.readouterr()
-    assert cli.main(["evaluate", str(run), "--iw-samples", "2", "--limit", "8", "--no-progress"]) == 2
+    capsys.readouterr()  # without --device: auto, the CPU here (issue 17), not the run's CUDA
+    assert cli.main(["evaluate", str(run), "--iw-samples", "2", "--limit", "8", "--no-progress"]) in (0, None)
+    assert "device cpu (--device auto: PyTorch sees no CUDA GPU" in capsys.readouterr().out
+    assert cli.main(["evaluate", str(run), "--device", "cuda", "--iw-samples", "2", "--no-progress"]) == 2
     assert "use --device cpu" in capsys.readouterr().err

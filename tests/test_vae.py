@@ -1,5 +1,7 @@
 """The model and guide: sites, shapes, every ELBO, β, standalone and Predictive use."""
 
+import math
+
 import pyro
 import pyro.poutine as poutine
 import pytest
@@ -113,8 +115,8 @@ def test_bad_data_gets_a_clear_error(bad, message, images):
 def test_bad_construction_gets_a_clear_error():
     with pytest.raises(InputError, match="latent_dims"):
         VAE(nets.MLPEncoder(X_SHAPE), nets.MLPDecoder(4, X_SHAPE), [0])
-    with pytest.raises(InputError, match="out_features"):
-        VAE(torch.nn.Flatten(), nets.MLPDecoder(4, X_SHAPE), [4])
+    with pytest.raises(InputError, match="pass x_shape=.*out_features"):  # no x_shape anywhere: truly unknown
+        VAE(torch.nn.Flatten(), torch.nn.Linear(4, 784), [4])
     with pytest.raises(InputError, match="multiples of 4"):
         nets.ConvEncoder((1, 30, 30))
     with pytest.raises(InputError, match="unknown arch"):
@@ -125,6 +127,36 @@ def test_bad_construction_gets_a_clear_error():
         likelihoods.Gaussian(scale=0.0)
     with pytest.raises(InputError, match="beta"):
         VAE(nets.MLPEncoder(X_SHAPE), nets.MLPDecoder(4, X_SHAPE), [4], beta=0.0)
+
+
+def test_an_encoder_without_out_features_is_measured_by_one_dry_run():
+    """The issue's example: a user's nn.Sequential, as it is."""
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Softplus(), torch.nn.Linear(64, 20))
+    encoder = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Softplus())
+    vae = VAE(encoder, decoder, [4], x_shape=(20,))
+    assert vae.posterior.in_features == 64
+    x = (torch.rand(8, 20) < 0.5).float()
+    assert math.isfinite(Trace_ELBO().loss(vae.model, vae.guide, x))
+    # images through a conv stack with a lazy head, and a top-down chain (whose ladder needs the width too)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.LazyLinear(24), torch.nn.Softplus())
+    chain = VAE(conv, nets.MLPDecoder(6, X_SHAPE), [3, 6], guide="top-down")
+    assert chain.ladder[0][0].in_features == 24
+    x = (torch.rand(5, *X_SHAPE) < 0.5).float()
+    assert math.isfinite(Trace_ELBO().loss(chain.model, chain.guide, x))
+    bn = torch.nn.Sequential(torch.nn.Linear(20, 8), torch.nn.BatchNorm1d(8))
+    VAE(bn, decoder, [4], x_shape=(20,))
+    assert torch.equal(bn[1].running_mean, torch.zeros(8)) and bn.training  # the dry run changed nothing
+
+
+@pytest.mark.parametrize("encoder, message", [
+    (torch.nn.Identity(), r"maps data \(2, 1, 28, 28\) to \(2, 1, 28, 28\), not features \(batch, F\)"),
+    (torch.nn.Sequential(torch.nn.Linear(20, 8)), r"the encoder failed on a batch of data of shape \(2, 1, 28, 28\)"),
+])
+def test_an_encoder_that_does_not_make_features_is_refused(encoder, message):
+    with pytest.raises(InputError, match=message):
+        VAE(encoder, nets.MLPDecoder(4, X_SHAPE), [4])
 
 
 def test_a_users_own_networks_plug_in(images):
