@@ -65,4 +65,4 @@ docs: $(DOCS_STAMP)
 	@echo "API reference: docs/_build/html/index.html"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build

@@ -116,7 +116,7 @@ def _add_device_flags(p):
 
 def _chosen_device(asked):
     """``asked``, with ``auto`` resolved to ``cuda`` where PyTorch sees a GPU and to ``cpu`` elsewhere
-    (saying which on stdout, once under torchrun)."""
+    (saying which on stderr once the command's input has passed its checks, once under torchrun)."""
     if asked != "auto":
         return asked
     import torch
@@ -127,15 +127,15 @@ def _chosen_device(asked):
     return chosen
 
 
-_NEWS = []  # what the command says on stdout once its input has passed every check (see _announce)
+_NEWS = []  # what the command says on stderr once its input has passed every check (see _announce)
 
 
 def _announce():
-    """Print the news kept for the moment the work starts (rank 0 only): bad input stays one line on
-    stderr and nothing on stdout."""
-    if _rank() == 0:
+    """Print the news kept for the moment the work starts (rank 0 only), so that bad input stays one
+    line on stderr."""
+    if _rank() == 0:  # on stderr, beside the progress bars: stdout stays what scripts read (eval.json's JSON)
         for line in _NEWS:
-            print(line, flush=True)
+            print(f"pyro-vae: {line}", file=sys.stderr, flush=True)
     _NEWS.clear()
 
 

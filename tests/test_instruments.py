@@ -480,6 +480,6 @@ def test_a_run_trained_on_cuda_is_read_on_a_cpu_only_machine(tmp_path, idx_dir, 
     assert (tmp_path / "s.png").exists()
     capsys.readouterr()  # without --device: auto, the CPU here (issue 17), not the run's CUDA
     assert cli.main(["evaluate", str(run), "--iw-samples", "2", "--limit", "8", "--no-progress"]) in (0, None)
-    assert "device cpu (--device auto: PyTorch sees no CUDA GPU" in capsys.readouterr().out
+    assert "device cpu (--device auto: PyTorch sees no CUDA GPU" in capsys.readouterr().err
     assert cli.main(["evaluate", str(run), "--device", "cuda", "--iw-samples", "2", "--no-progress"]) == 2
     assert "use --device cpu" in capsys.readouterr().err
