@@ -547,7 +547,9 @@ class DataParallel(Callback):
     * ``on_step_end``: ``loop.signalled`` becomes what the ranks agreed on, so every rank stops (and
       checkpoints) after the same step.
     * state: the group's size and every rank's RNG state (so that a resume with as many processes is
-      bitwise); building it is a collective, which every rank reaches at the same checkpoints.
+      bitwise); building it is a collective, which every rank reaches at the same checkpoints. So
+      ``loop.state_dict()`` must be called on every rank (a part that saves on rank 0 builds the state
+      everywhere and writes it on rank 0 only, as :class:`Checkpoint` does under :func:`pyro_vae.fit`).
     """
 
     def __init__(self, group):

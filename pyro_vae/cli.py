@@ -116,7 +116,8 @@ def _add_device_flags(p):
 
 def _chosen_device(asked):
     """``asked``, with ``auto`` resolved to ``cuda`` where PyTorch sees a GPU and to ``cpu`` elsewhere
-    (saying which on stderr once the command's input has passed its checks, once under torchrun)."""
+    (saying which once the command's input has passed its checks: on stdout as work starts, in
+    ``eval.json`` for ``evaluate``; once under torchrun)."""
     if asked != "auto":
         return asked
     import torch
@@ -127,15 +128,15 @@ def _chosen_device(asked):
     return chosen
 
 
-_NEWS = []  # what the command says on stderr once its input has passed every check (see _announce)
+_NEWS = []  # what the command says on stdout once its input has passed every check (see _announce)
 
 
 def _announce():
-    """Print the news kept for the moment the work starts (rank 0 only), so that bad input stays one
-    line on stderr."""
-    if _rank() == 0:  # on stderr, beside the progress bars: stdout stays what scripts read (eval.json's JSON)
+    """Print the news kept for the moment the work starts (rank 0 only) on stdout, with the command's
+    other news: bad input, found before, stays one line on stderr and nothing on stdout."""
+    if _rank() == 0:
         for line in _NEWS:
-            print(f"pyro-vae: {line}", file=sys.stderr, flush=True)
+            print(line, flush=True)
     _NEWS.clear()
 
 
@@ -261,7 +262,7 @@ def _train(args):
     import pyro
 
     # a resumed run that logged to TensorBoard goes on logging into the same stream, flag or not
-    tensorboard = args.tensorboard or (args.resume and (Path(args.out) / "tensorboard").is_dir())
+    tensorboard = args.tensorboard or (args.resume and any((Path(args.out) / "tensorboard").glob("events.out.*")))
     with pyro.validation_enabled(False):  # the data are checked once; skip Pyro's per-step argument checks
         vae, history = train(config, args.out, resume=args.resume, overwrite=args.overwrite,
                              progress=not args.no_progress, tensorboard=tensorboard, callbacks=[_Announcement()])
@@ -304,13 +305,15 @@ def _evaluate(args):
     name = "best.pt" if best else "checkpoint.pt"
     distributed.init(args.device or config.device)  # under torchrun: the IW estimate is sharded across ranks
     main = distributed.is_main()
-    with RunLock(run_dir) if main else contextlib.nullcontext():
+    with contextlib.ExitStack() as lock:
         def load():
+            if main:  # refused inside main_first, so every rank hears of it
+                lock.enter_context(RunLock(run_dir))
             vae, run_config = load_run(run_dir, device=args.device, checkpoint=name)
             return vae, run_config, load_data(run_config, vae.device)[1]
 
         vae, config, x_test = distributed.main_first(load)
-        _announce()
+        _NEWS.clear()  # stdout is the JSON alone: the device is in it
         if args.limit is not None:
             x_test = x_test[:args.limit]
         import pyro
@@ -322,7 +325,7 @@ def _evaluate(args):
         if not main:
             return
         summary.update(dataset=config.dataset, binarize=config.binarize, checkpoint=name,
-                       epoch=int(load_run_checkpoint(run_dir / name)["epoch"]))
+                       epoch=int(load_run_checkpoint(run_dir / name)["epoch"]), device=str(vae.device))
         if distributed.current() is not None:
             summary["processes"] = distributed.current().size
         if config.squeeze:
@@ -335,7 +338,7 @@ def _evaluate(args):
     if summary.get("not_finite"):
         print(f"pyro-vae: warning: {', '.join(summary['not_finite'])} came out NaN or infinite (written as "
               "null); the weights may have diverged", file=sys.stderr)
-    print(f"wrote {path}")
+    print(f"wrote {path}", file=sys.stderr)  # stdout is the JSON alone
 
 
 def _finite_json(summary):

@@ -184,6 +184,9 @@ class RunConfig:
         likelihoods.from_name(self.likelihood, self.gaussian_scale)
         if self.binarize not in BINARIZE:
             raise InputError(f"unknown binarize {self.binarize!r}; choose one of: {', '.join(BINARIZE)}")
+        if self.likelihood.split(":")[0] == "dlogistic" and self.binarize != "none":
+            raise InputError(f"--likelihood dlogistic is a mass over the 256 values of 8-bit pixels, but binarize "
+                             f"is {self.binarize!r} (images of 0s and 1s); pass --binarize none")
         dims = self.latent_dims
         if not (isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) and d >= 1 for d in dims)):
             raise InputError(f"latent_dims must be a non-empty list of positive integers (top level first), "
@@ -267,10 +270,12 @@ class RunConfig:
 def resolve_device(name):
     """``torch.device(name)``, refusing CUDA where no GPU exists; under ``torchrun`` a bare ``cuda`` is
     this process's GPU, ``cuda:LOCAL_RANK``."""
+    if name == "auto":  # CUDA where PyTorch sees a GPU, else the CPU
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(distributed.device_for(name))
     except RuntimeError as err:
-        raise InputError(f"unknown device {name!r}; use cpu or cuda") from err
+        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but PyTorch sees no CUDA GPU here "
                          "(torch.cuda.is_available() is False); use --device cpu")

@@ -82,6 +82,9 @@ def device_for(device):
     ``"cuda:1"``): under ``torchrun`` a bare ``"cuda"`` is ``cuda:LOCAL_RANK``."""
     if launched() and str(device) == "cuda":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if launched() and str(device).startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise InputError(f"--device {device} would put every process of this node on one GPU; under torchrun "
+                         "pass --device cuda: each process then uses cuda:LOCAL_RANK")
     return device
 
 
@@ -106,6 +109,9 @@ def init(device="cpu", backend=None):
         backend = backend or os.environ.get("PYRO_VAE_BACKEND") or ("nccl" if cuda else "gloo")
         if backend not in ("gloo", "nccl"):
             raise InputError(f"unknown process-group backend {backend!r}; use gloo (CPU or CUDA) or nccl (CUDA)")
+        if backend == "nccl" and not cuda:
+            raise InputError(f"the nccl backend sums CUDA tensors, but the device is {device}; use gloo on the CPU "
+                             "(unset PYRO_VAE_BACKEND) or train with --device cuda")
         if cuda or backend == "nccl":
             local = int(os.environ.get("LOCAL_RANK", "0"))
             if not torch.cuda.is_available() or local >= torch.cuda.device_count():
@@ -194,6 +200,10 @@ def shutdown():
     global _OWNED
     if _OWNED and dist.is_available() and dist.is_initialized():
         _OWNED = False
+        try:  # leave together: a rank that tears its connections down while another still sends aborts it
+            dist.barrier()
+        except RuntimeError:
+            pass  # a peer is gone already
         dist.destroy_process_group()
 
 

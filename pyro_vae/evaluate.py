@@ -29,11 +29,18 @@ from .errors import InputError
 from .posteriors import location
 
 
-def _probe(vae, x):
+def _given(vae, y):
+    """Within: a conditional VAE's ``model``/``guide`` read ``y`` (:meth:`pyro_vae.VAE.given`); nothing
+    for ``y=None``."""
+    return contextlib.nullcontext() if y is None else vae.given(y)
+
+
+def _probe(vae, x, y=None):
     """The guide's and the model's traces on one data point, drawn without touching the caller's
     random stream: what :func:`particle_dim` and :func:`level_order` read."""
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False), \
+            _given(vae, None if y is None else y[:1]):
         guide_tr = poutine.trace(vae.guide).get_trace(x[:1])
         model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x[:1])
     return guide_tr, model_tr
@@ -151,15 +158,18 @@ def _shares_reversed(vae, xb, d, mixture, dim):
     return shares
 
 
-def _batches(x, batch_size):
+def _batches(x, batch_size, y=None):
+    """``(x_b, y_b)`` for batches of ``batch_size`` data points (``y_b`` None without ``y``)."""
     if batch_size <= 0:
         raise InputError(f"batch_size must be positive, got {batch_size}; use e.g. batch_size=100")
+    if y is not None and torch.is_tensor(y) and y.shape[0] != x.shape[0]:
+        raise InputError(f"y has {y.shape[0]} rows for {x.shape[0]} data points; give one y per data point")
     for i in range(0, x.shape[0], batch_size):
-        yield x[i:i + batch_size]
+        yield x[i:i + batch_size], None if y is None else y[i:i + batch_size]
 
 
 @torch.no_grad()
-def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32, moments=False):
+def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32, moments=False, y=None):
     """The ELBO of each data point, its two terms, and each level's share of the KL, in nats.
 
     The KL per level is each level's **share of the total KL in the model's order** (z0 first):
@@ -179,6 +189,7 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32,
         max_rows: bound on draws x data points at once (``None``: :func:`default_max_rows`).
         mixture: for a bottom-up chain, M fresh guide draws per data point whose mixture
             (1/M) sum_m q(z_l | z_l+1^(m)) estimates the marginal q(z_l | x).
+        y: a conditional VAE's conditioning of ``x`` (labels ``(N,)`` or floats ``(N, K)``).
         moments: also return, per latent site, ``residual_<site>`` ``(N, D_l)``, each unit's
             standardised residual against the model averaged over the draws, and ``within_<site>``
             ``(N, D_l)``, the variance of that average from the draws alone (0 for one draw):
@@ -198,15 +209,16 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32,
     max_rows = default_max_rows(x) if max_rows is None else int(max_rows)
     parts = []
     with pyro.validation_enabled(False):
-        traces = _probe(vae, x)
+        traces = _probe(vae, x, y)
         dim, order = particle_dim(vae, x, traces), level_order(vae, x, traces)
-        for xb in _batches(x, batch_size):
+        for xb, yb in _batches(x, batch_size, y):
             chunk = max(1, min(num_samples, max_rows // xb.shape[0]))
             sums, done = {}, 0
             while done < num_samples:  # draws in chunks: memory bounded for any num_samples
                 k = min(chunk, num_samples - done)
-                d = _log_densities(vae, xb, k, dim)
-                terms = _chunk_terms(vae, xb, d, order, mixture, dim)
+                with _given(vae, yb):
+                    d = _log_densities(vae, xb, k, dim)
+                    terms = _chunk_terms(vae, xb, d, order, mixture, dim)
                 if moments:
                     for name, r in _residuals(d["guide_trace"], d["model_trace"], d["log_pz"], order).items():
                         terms.update({"residual_" + name: r, "residual_sq_" + name: r ** 2})
@@ -265,7 +277,7 @@ def iw_batch_size(x, num_samples, max_rows=None):
 
 @torch.no_grad()
 def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, progress=None, seed=None,
-                      offset=0):
+                      offset=0, y=None):
     """Importance-weighted estimate of log p(x) for each data point, in nats.
 
     ``log (1/K) sum_k exp(log p(x, z_k) - log q(z_k | x))`` with z_k ~ q(z | x),
@@ -287,6 +299,7 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
             point's index in the whole set) gives the same estimates: how :func:`evaluate` shards the
             estimate across ``torchrun`` processes.
         offset: see ``seed``.
+        y: a conditional VAE's conditioning of ``x``: the estimate is then of log p(x | y).
 
     Returns:
         ``(N,)`` tensor of estimates.
@@ -301,9 +314,9 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
         batch_size = iw_batch_size(x, num_samples, max_rows)
     out = []
     with pyro.validation_enabled(False):
-        dim = particle_dim(vae, x)
-        for start, xb in zip(range(0, x.shape[0], batch_size), _batches(x, batch_size)):
-            with _seeded(seed, offset + start, xb.device):
+        dim = particle_dim(vae, x, _probe(vae, x, y))
+        for start, (xb, yb) in zip(range(0, x.shape[0], batch_size), _batches(x, batch_size, y)):
+            with _seeded(seed, offset + start, xb.device), _given(vae, yb):
                 out.append(_iw_batch(vae, xb, num_samples, max_rows, dim))
             if progress is not None:
                 progress(xb.shape[0])
@@ -337,7 +350,7 @@ def _seeded(seed, index, device):
 
 
 @torch.no_grad()
-def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
+def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500, y=None):
     """Active units per latent site, measured against the model's own conditional: dimensions u of
     z_l whose **activity** ``Var_x(E_q[(u - mu_p(parents)) / sigma_p(parents) | x])`` exceeds ``threshold``.
 
@@ -371,10 +384,10 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500):
         raise InputError("active units need at least 2 data points (a variance across data)")
     means, within = {}, {}
     with pyro.validation_enabled(False):
-        traces = _probe(vae, x)
+        traces = _probe(vae, x, y)
         dim, order = particle_dim(vae, x, traces), level_order(vae, x, traces)
-        for xb in _batches(x, batch_size):
-            with pyro.plate("eval_particles", num_samples, dim=dim):
+        for xb, yb in _batches(x, batch_size, y):
+            with pyro.plate("eval_particles", num_samples, dim=dim), _given(vae, yb):
                 guide_tr = poutine.trace(vae.guide).get_trace(xb)
                 model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(xb)
             names = [n for n, site in guide_tr.nodes.items() if site["type"] == "sample"
@@ -445,7 +458,8 @@ def _moments(fn):
         return draws.mean(0), draws.var(0)
 
 
-def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress=True, mixture=32, seed=None):
+def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress=True, mixture=32, seed=None,
+             y=None):
     """Test-set summary: mean per data point of the ELBO, its terms and the IW estimate.
 
     Args:
@@ -458,6 +472,8 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
         mixture: M for the bottom-up guide's KL shares (see :func:`elbo_terms`); its value is in
             the summary (``kl_mixture``) for such a guide.
         seed: seeds the IW estimate batch by batch (see :func:`iw_log_likelihood`; ``None``: the global RNG).
+        y: a conditional VAE's conditioning of ``x`` (labels ``(N,)`` or floats ``(N, K)``); every number is
+            then conditional on it (the IW estimate is of log p(x | y)).
 
     Under ``torchrun`` (a process group of two or more, :mod:`pyro_vae.distributed`) every rank calls
     it with the whole ``x``: the IW estimate is sharded (each rank takes a run of whole batches, and the
@@ -477,10 +493,11 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
     was_training = vae.training
     vae.eval()
     try:
-        summary = distributed.from_main(lambda: _summary(vae, x, elbo_samples, mixture))
+        summary = distributed.from_main(lambda: _summary(vae, x, elbo_samples, mixture, y))
         summary["iw_samples"] = int(iw_samples)
         if iw_samples:
-            summary["iw_log_likelihood"] = float(_sharded_iw(vae, x, iw_samples, batch_size, progress, seed).mean())
+            summary["iw_log_likelihood"] = float(_sharded_iw(vae, x, iw_samples, batch_size, progress, seed,
+                                                             y).mean())
         summary.update(bits_per_dim(vae, x, summary))
         return summary
     finally:
@@ -508,30 +525,31 @@ def bits_per_dim(vae, x, summary):
     return {**out, "elbo_bits_per_dim": -summary["elbo"] / per}
 
 
-def _sharded_iw(vae, x, iw_samples, batch_size, progress, seed):
+def _sharded_iw(vae, x, iw_samples, batch_size, progress, seed, y=None):
     """The IW estimates ``(N,)`` of :func:`iw_log_likelihood`; under ``torchrun`` each rank estimates a run
     of whole batches and the pieces are gathered."""
     from tqdm.auto import tqdm
 
     group = distributed.current()
-    batch_size = batch_size or iw_batch_size(x, iw_samples)
+    batch_size = batch_size or distributed.from_main(lambda: iw_batch_size(x, iw_samples))  # one cut for all
     part = group.shard_slice(x.shape[0], batch_size) if group is not None else slice(0, x.shape[0])
     ll = x.new_zeros(0)
     if part.stop > part.start:
         with tqdm(total=part.stop - part.start, desc=f"IW log p(x), K={iw_samples}", unit="img",
                   disable=not (progress and distributed.is_main())) as bar:
             ll = iw_log_likelihood(vae, x[part], num_samples=iw_samples, batch_size=batch_size,
-                                   progress=bar.update, seed=seed, offset=part.start)
+                                   progress=bar.update, seed=seed, offset=part.start,
+                                   y=None if y is None else y[part])
     return torch.cat([piece.to(x.device) for piece in distributed.gather(ll.cpu())])
 
 
-def _summary(vae, x, elbo_samples, mixture):
-    terms = elbo_terms(vae, x, num_samples=elbo_samples, mixture=mixture)
+def _summary(vae, x, elbo_samples, mixture, y=None):
+    terms = elbo_terms(vae, x, num_samples=elbo_samples, mixture=mixture, y=y)
     summary = {key: float(value.mean()) for key, value in terms.items() if not key.startswith("unit_kl_")}
     summary.update({key: [round(float(v), 4) for v in value.mean(0)] for key, value in terms.items()
                     if key.startswith("unit_kl_")})
     if x.shape[0] >= 2:
-        units = active_units(vae, x)
+        units = active_units(vae, x, y=y)
         summary.update({f"active_units_{name}": count for name, (count, _) in units.items()})
         summary.update({f"activity_{name}": [round(float(v), 4) for v in a] for name, (_, a) in units.items()})
     summary.update(n=int(x.shape[0]), elbo_samples=int(elbo_samples),

@@ -337,7 +337,8 @@ class UserLikelihood(Likelihood):
         if not isinstance(d, TorchDistributionMixin):
             raise InputError(f"the likelihood callable must return a Pyro distribution, got {type(d).__name__}; "
                              "use pyro.distributions")
-        return d.to_event(event_dims - len(d.event_shape)) if len(d.event_shape) < event_dims else d
+        missing = event_dims - len(d.event_shape)
+        return d.to_event(missing) if 0 < missing <= len(d.batch_shape) else d  # else the site check names it
 
     def mean(self, out):
         return self.fn(out).mean

@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 
+from . import distributed
 from .checkpoints import rng_state, set_rng_state
 from .errors import InputError
 from .svi import NonFiniteStep
@@ -193,7 +194,8 @@ class Loop:
                     "Lower the learning rate, set grad_clip, or check the data") from None
             from tqdm.auto import tqdm
 
-            tqdm.write(f"warning: {message}", file=sys.stderr)
+            if distributed.is_main():  # every rank skipped the same step (the loss is the group's)
+                tqdm.write(f"warning: {message}", file=sys.stderr)
             return None
         self.bad_steps = 0
         return loss

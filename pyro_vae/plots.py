@@ -343,3 +343,29 @@ def save_model_graph(vae, x, path):
             raise InputError(GRAPHVIZ_HINT) from None
         raise
     write_bytes_atomic(path, data)
+
+
+@_drawing
+def save_classes(vae, path, n=8, names=None, temperature=1.0, seed=0):
+    """``classes.png``: one labelled row of ``n`` draws per class of a conditional VAE
+    (``VAE(condition=K)``), ``vae.sample(n, y=k)`` for k = 0 .. K-1, every row from the same noise
+    (``seed``), so a column is one draw of the levels under each label.
+
+    Args:
+        vae: a conditional :class:`~pyro_vae.VAE` of images.
+        path: the picture (``.png``, ``.jpg``).
+        n: draws per class.
+        names: the classes' names for the row labels (default ``"y=0"``, ``"y=1"``, ...).
+        temperature: of every level (see :meth:`~pyro_vae.VAE.sample`).
+    """
+    k = getattr(vae, "condition", 0)
+    if not k:
+        raise InputError("classes.png needs a conditional VAE (condition=K); this one has no conditioning")
+    names = [f"y={i}" for i in range(k)] if names is None else [str(name) for name in names]
+    if len(names) != k:
+        raise InputError(f"names must hold one name per class ({k}), got {len(names)}")
+    rows = []
+    for label in range(k):
+        with _seeded(seed, vae.device):
+            rows.append(vae.sample(n, temperature=temperature, y=label).clamp(0, 1).cpu())
+    save_labelled_grid(torch.cat(rows), path, n, names, title=f"{n} draws per class")

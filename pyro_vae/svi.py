@@ -189,7 +189,12 @@ class DataParallelSVI(TorchOptimSVI):
 
     def _loss_and_grads(self, batch, *args, **kwargs):
         shard = self.group.shard(batch)
-        loss = super()._loss_and_grads(shard, *args, **kwargs) if shard.shape[0] else 0.0
+        if shard.shape[0]:
+            loss = super()._loss_and_grads(shard, *args, **kwargs)
+        else:  # a last batch smaller than the group: one point, masked out, so every rank runs the same code
+            with poutine.mask(mask=False):
+                super()._loss_and_grads(batch[:1], *args, **kwargs)
+            loss = 0.0
         return self._reduce(loss, batch)
 
     def _reduce(self, loss, batch):

@@ -170,7 +170,11 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     vae.check_data(x_train)
     if x_test is not None:
         vae.check_data(x_test)
-    group = distributed.current()
+    group = distributed.current() or distributed.init(str(x_train.device))  # under torchrun: its group
+    if group is not None and (free_bits or kl_balance):
+        raise InputError("free bits and KL balancing weigh each level's KL averaged over the batch, which under "
+                         "torchrun would be each process's share of it (not the one-process objective); train "
+                         "without --free-bits and --kl-balance, or in one process")
     if group is not None and batch_size < group.size:
         raise InputError(f"batch size {batch_size} is smaller than the {group.size} processes, which each take a "
                          f"share of every batch; use a batch size of {group.size} or more")
@@ -423,11 +427,19 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
             from .tensorboard import summary_writer_class
 
             summary_writer_class()  # the tensorboard package, before anything is written
-        return main and rundir.prepare(out_dir)  # the output location is checked before any data are loaded
+        made = main and rundir.prepare(out_dir)  # the output location is checked before any data are loaded
+        if main:
+            try:
+                lock.enter_context(rundir.RunLock(out_dir))  # refused here, so every rank hears of it
+            except InputError:
+                if made:
+                    rundir.remove_if_unused(Path(out_dir))
+                raise
+        return made
 
-    created = distributed.main_first(check)
     out = Path(out_dir)
-    with rundir.RunLock(out) if main else contextlib.nullcontext():
+    with contextlib.ExitStack() as lock:
+        created = distributed.main_first(check)
         try:
             state, (x_train, x_val, x_test), vae = distributed.main_first(
                 lambda: _prepare_run(config, out, resume, overwrite))
@@ -474,6 +486,8 @@ def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, ca
                 (out / stale).unlink(missing_ok=True)
             for stale in (out / "tensorboard").glob("events.out.tfevents.*"):
                 stale.unlink(missing_ok=True)
+            if not tensorboard and (out / "tensorboard").is_dir() and not any((out / "tensorboard").iterdir()):
+                (out / "tensorboard").rmdir()  # a resume of this run must not take up an old run's logging
         write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     run = RunDirectory(out, config, x_train.shape[1:])

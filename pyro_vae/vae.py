@@ -18,6 +18,11 @@ size, ``x_shape`` the shape of one data point, e.g. ``(1, 28, 28)``)::
       flow family (``posteriors.iaf(k)``) each q above is pushed through the head's
       flow conditioned on the same features; top-down, after the merge.
 
+A conditional VAE (``condition=K``) takes ``y`` as the second argument of both,
+``model(x, y)``/``guide(x, y)``: not a site, an input, read (one-hot for labels,
+``(B, K)``) by the guide's heads beside the encoder's features and by the decoder
+beside the levels it reads.
+
 Every site sits inside ``pyro.plate("data", B)`` (dim -1), so under
 ``Trace_ELBO(num_particles=K, vectorize_particles=True)`` values gain a leading
 ``K`` dim and everything still broadcasts. A one-level chain (``[D]``) has
@@ -75,7 +80,10 @@ def encoder_width(encoder, x_shape):
     like = next(iter(encoder.parameters()), None)
     probe = torch.zeros(2, *x_shape, device=like.device if like is not None else None,
                         dtype=like.dtype if like is not None and like.is_floating_point() else None)
-    was_training = encoder.training
+    if not isinstance(encoder, nn.Module):
+        raise InputError(f"the encoder must be an nn.Module, got {type(encoder).__name__}; wrap a function in a "
+                         "module (its forward calls it)")
+    modes = {m: m.training for m in encoder.modules()}  # each module's own: a frozen backbone stays in eval
     encoder.eval()
     try:
         with torch.no_grad():
@@ -85,7 +93,8 @@ def encoder_width(encoder, x_shape):
                          f"{tuple(x_shape)}): {type(err).__name__}: {err}; check x_shape, or give the encoder an "
                          "integer attribute out_features") from None
     finally:
-        encoder.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != 2:
         got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise InputError(f"the encoder maps data {tuple(probe.shape)} to {got}, not features (batch, F); end "
@@ -149,6 +158,13 @@ class VAE(nn.Module):
             VAEs and a user's other Pyro models share one process and one param
             store. A name whose parameters in the store belong to another module
             is refused at the first call of ``model`` or ``guide``.
+        condition: K > 0 makes a conditional VAE (Sohn et al. 2015; Kingma et al. 2014's M1+M2 family):
+            ``model(x, y)`` and ``guide(x, y)`` take ``y``, class labels ``(B,)`` in ``0 .. K-1``
+            (read one-hot) or any float conditioning ``(B, K)``; the guide's heads read the encoder's
+            features beside it (F + K wide) and the decoder reads the levels beside it (so a decoder
+            built for ``D_L + K`` inputs, ``sum(latent_dims) + K`` with ``skip``). The prior and the
+            transitions do not read y: p(z) is shared, p(x | z, y) and q(z | x, y) are conditional.
+            :meth:`sample` takes ``y=`` to draw a chosen class.
 
     The pieces passed in (networks, prior, likelihood, posterior) become
     submodules, so they move with ``.to()``/``.double()``; none is changed
@@ -164,7 +180,7 @@ class VAE(nn.Module):
 
     def __init__(self, encoder, decoder, latent_dims=(50,), prior=None, likelihood=None,
                  posterior=None, x_shape=None, beta=1.0, guide="bottom-up", transitions=None, hidden=256,
-                 name=None, skip=False):
+                 name=None, skip=False, condition=0):
         super().__init__()
         index = next(_NAMES)
         self.name = str(name) if name is not None else ("vae" if index == 0 else f"vae_{index}")
@@ -172,6 +188,10 @@ class VAE(nn.Module):
         if not latent_dims or any(d <= 0 for d in latent_dims):
             raise InputError(f"latent_dims must be a non-empty list of positive sizes, got {latent_dims}; "
                              "pass e.g. latent_dims=[50]")
+        if isinstance(condition, bool) or not isinstance(condition, int) or condition < 0:
+            raise InputError(f"condition is the width K of the conditioning y (K classes, or K covariates), "
+                             f"got {condition!r}; pass e.g. condition=10 (0: none)")
+        self.condition = condition
         if not (isinstance(beta, (int, float)) and beta > 0):
             raise InputError(f"beta must be a number > 0 (poutine.scale needs a positive scale), got {beta!r}; "
                              "pass e.g. beta=1.0")
@@ -192,7 +212,7 @@ class VAE(nn.Module):
         self.x_shape = tuple(x_shape) if x_shape is not None else None
         family = posteriors_.DiagonalGaussian if posterior is None or isinstance(posterior, nn.Module) else posterior
         needs_width = not isinstance(posterior, nn.Module) or len(latent_dims) > 1 and guide == "top-down"
-        features = encoder_width(encoder, self.x_shape) if needs_width else None
+        features = encoder_width(encoder, self.x_shape) + condition if needs_width else None  # h and y
         if not isinstance(posterior, nn.Module):
             posterior = posteriors_.build(family, features + above[-1], latent_dims[-1])
         self.posterior = posterior
@@ -203,6 +223,7 @@ class VAE(nn.Module):
         self._transitions_drawn = TransitionMemo()  # the top-down guide's p(z_l | z_l-1), for the model
         self._registered_in = None  # (id of the param store, trainable parameters) at the last pyro.module
         self._pieces_checked = set()  # "model", "guide": each piece's distribution checked at its first call
+        self._given = None  # the y that model and guide read when called without one (see given)
 
         levels = len(latent_dims) - 1  # L; empty module lists for one level keep the foundation's parameters
         if transitions is None:
@@ -235,7 +256,8 @@ class VAE(nn.Module):
         if self.levels and self.guide_order == "bottom-up":
             raise InputError("q(z0 | x) has no closed form with the bottom-up guide of a chain (z0 is drawn "
                              "last, given z1); use guide='top-down'")
-        return self._ladder_head(0)(self._ladder_features(self.encoder(x))[0])
+        blank = None if not self.condition else x.new_zeros(x.shape[0], self.condition)  # read with no y
+        return self._ladder_head(0)(self._ladder_features(self._features(x, blank))[0])
 
     @property
     def kl_weight(self):
@@ -296,11 +318,14 @@ class VAE(nn.Module):
                              "with KL balancing")
 
     # ------------------------------------------------------------------ Pyro
-    def model(self, x=None, batch_size=None, size=None):
-        """The generative model p(x | zL) p(zL | zL-1) ... p(z1 | z0) p(z0).
+    def model(self, x=None, y=None, batch_size=None, size=None):
+        """The generative model p(x | zL, y) p(zL | zL-1) ... p(z1 | z0) p(z0).
 
         Args:
             x: observed data ``(B, *x_shape)``, or ``None`` to sample x.
+            y: for a conditional VAE (``condition=K``), what x is conditioned on: class labels
+                ``(B,)`` (integers ``0 .. K-1``, read one-hot) or a float tensor ``(B, K)``; the
+                decoder reads it beside the levels (:meth:`conditioning`).
             batch_size: number of draws when ``x`` is ``None``.
             size: the full data set's size N when ``x`` is a minibatch of it:
                 the ``"data"`` plate then scales every site by N / B, so that
@@ -312,20 +337,24 @@ class VAE(nn.Module):
             leading dims under vectorised particles).
         """
         self._register()
+        y, batch_size = self._positional(y, batch_size)
         n, device = self._batch(x, batch_size)
+        c = self.conditioning(self._given if y is None else y, n, device)
         with self._data_plate(n, size, device), self._first_call_checked("model", n, x):
             with self._kl_scale():
                 zs = [pyro.sample("z0", self.prior())]
                 for level in range(1, self.levels + 1):
                     zs.append(pyro.sample(f"z{level}", self._transition(level, self._above(zs))))
-            out = self.decoder(self._above(zs))
+            out = self.decoder(self._decoded(zs, c))
             return pyro.sample("x", self.likelihood(out, self._event_dims(x)), obs=x)
 
-    def guide(self, x, batch_size=None, size=None):
-        """The recognition model q(z0, ..., zL | x), bottom-up or top-down (see the module's doc).
+    def guide(self, x, y=None, batch_size=None, size=None):
+        """The recognition model q(z0, ..., zL | x, y), bottom-up or top-down (see the module's doc).
 
         Args:
             x: data ``(B, *x_shape)``.
+            y: the conditioning of a conditional VAE, as in :meth:`model`; the encoder's features are
+                read beside it.
             batch_size: ignored (accepted so that model and guide take the same arguments).
             size: the full data set's size, as in :meth:`model`.
 
@@ -334,8 +363,9 @@ class VAE(nn.Module):
         """
         self._register()
         n, device = self._batch(x, None)
+        c = self.conditioning(self._given if y is None else y, n, device)
         with self._data_plate(n, size, device), self._first_call_checked("guide", n, x):
-            h = self.encoder(x)
+            h = self._features(x, c)
             self._transitions_drawn.clear()  # nothing of an earlier call is kept alive
             if self.guide_order == "top-down" and self.levels:
                 return self._top_down(h)
@@ -364,9 +394,10 @@ class VAE(nn.Module):
                 q = getattr(head, "gaussian", head)(d[level])  # a flow head's Gaussian half, else the whole head
                 if level > 0:
                     p = self.transitions[level - 1](z[-1])
-                    if "guide" not in self._pieces_checked:  # before the merge, which would fail less clearly
-                        check_distribution(p, self._piece_name("model", level), (self.latent_dims[level],),
-                                           z[-1].shape[-2] if z[-1].dim() > 1 else None)
+                    if "guide" not in self._pieces_checked:  # both, before the merge, which would fail less clearly
+                        batch = z[-1].shape[-2] if z[-1].dim() > 1 else None
+                        for piece, role in ((q, "guide"), (p, "model")):
+                            check_distribution(piece, self._piece_name(role, level), (self.latent_dims[level],), batch)
                     self._transitions_drawn.put(level, z[-1], p, self.transitions[level - 1])  # for the model
                     q = precision_weighted(q, p)
                 if hasattr(head, "flow"):
@@ -402,6 +433,68 @@ class VAE(nn.Module):
             return f"ladder_heads[{level}], q(z{level} | x{', z' + str(level - 1) if level else ''}),"
         return f"guide_transitions[{level}], q(z{level} | z{level + 1}),"
 
+    def conditioning(self, y, n, device=None):
+        """What the networks read of ``y`` for ``n`` data points: ``None`` for an unconditional VAE, else a
+        float tensor ``(n, K)``: ``y`` one-hot for class labels (an integer tensor ``(n,)`` of
+        ``0 .. K-1``, or one integer for all ``n``), ``y`` itself for a float tensor ``(n, K)`` (or
+        ``(K,)`` for all ``n``). Anything else is refused with one line saying what is expected."""
+        if not self.condition:
+            if y is not None:
+                raise InputError("y was given to a VAE without conditioning; build it with condition=K (K "
+                                 "classes or K covariates), or leave y out")
+            return None
+        k = self.condition
+        if y is None:
+            raise InputError(f"this VAE is conditional (condition={k}): pass y, class labels (B,) in 0..{k - 1} "
+                             f"or a float tensor (B, {k}), e.g. model(x, y) and guide(x, y)")
+        if isinstance(y, int) and not isinstance(y, bool):
+            y = torch.full((n,), y, dtype=torch.long, device=device)
+        if not torch.is_tensor(y):
+            raise InputError(f"y must be a tensor (class labels (B,) or a float tensor (B, {k})), got "
+                             f"{type(y).__name__}; convert it with torch.as_tensor")
+        if y.is_floating_point():
+            y = y.expand(n, k) if y.shape == (k,) else y
+            if y.dim() < 2 or tuple(y.shape[-2:]) != (n, k):
+                raise InputError(f"a float y must have shape ({n}, {k}) (one row of {k} values per data point), "
+                                 f"got {tuple(y.shape)}")
+            if not bool(torch.isfinite(y).all()):
+                raise InputError("y holds NaN or infinite values; pass finite covariates")
+            return y.to(device) if device is not None else y
+        if y.dtype == torch.bool or y.dim() != 1 or y.shape[0] != n:
+            raise InputError(f"class labels y must be an integer tensor of shape ({n},) (one per data point), got "
+                             f"{y.dtype} of shape {tuple(y.shape)}")
+        if n and (int(y.min()) < 0 or int(y.max()) >= k):
+            raise InputError(f"class labels must lie in 0..{k - 1} (condition={k}), got values in "
+                             f"{int(y.min())}..{int(y.max())}")
+        return torch.nn.functional.one_hot(y.to(device) if device is not None else y, k).float()
+
+    def _positional(self, y, batch_size):
+        """``(y, batch_size)``; for a VAE without conditioning, ``model(None, n)`` (an integer second argument,
+        as ``Predictive(vae.model, ...)(None, n)`` passes it) keeps meaning ``batch_size=n``."""
+        if not self.condition and batch_size is None and isinstance(y, int) and not isinstance(y, bool):
+            return None, y
+        return y, batch_size
+
+    @contextlib.contextmanager
+    def given(self, y):
+        """Within: ``model`` and ``guide`` called without ``y`` read this ``y`` (what code that calls them
+        with x alone, such as :mod:`pyro_vae.evaluate`'s per-batch traces, uses for a conditional VAE)."""
+        old, self._given = self._given, y
+        try:
+            yield self
+        finally:
+            self._given = old
+
+    def _features(self, x, c):
+        """The encoder's features of ``x`` ``(B, F)``, with the conditioning ``c`` ``(B, K)`` beside them."""
+        h = self.encoder(x)
+        return h if c is None else _cat([h, c.to(h.dtype)])
+
+    def _decoded(self, zs, c):
+        """What the decoder reads: the levels it reads (:meth:`_above`), with the conditioning beside them."""
+        z = self._above(zs)
+        return z if c is None else _cat([z, c.to(z.dtype)])
+
     def _transition(self, level, parent):
         """p(z_level | parent): the one the top-down guide computed at this very ``parent`` tensor (the
         model replaying the guide's draw), else computed here; ``parent`` ``(*batch, D)``."""
@@ -421,27 +514,32 @@ class VAE(nn.Module):
 
     # ------------------------------------------------------------ helpers
     @torch.no_grad()
-    def reconstruct(self, x):
+    def reconstruct(self, x, y=None):
         """E[x | zL] with every guide level at its mean given the mean above
-        (one level: z0 = E_q[z0 | x]); ``(B, *x_shape) -> (B, *x_shape)``."""
+        (one level: z0 = E_q[z0 | x]); ``(B, *x_shape) -> (B, *x_shape)``. ``y``: a conditional VAE's
+        conditioning (see :meth:`model`)."""
         self.check_data(x)
+        c = self.conditioning(y, x.shape[0], x.device)
         with pyro.validation_enabled(False), _AtMean():
-            trace = poutine.trace(self.guide).get_trace(x)
+            trace = poutine.trace(self.guide).get_trace(x, y)
         zs = [trace.nodes[f"z{level}"]["value"] for level in range(self.levels + 1)]
-        return self._mean(self.decoder(self._above(zs)), x.dim() - 1)
+        return self._mean(self.decoder(self._decoded(zs, c)), x.dim() - 1)
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0):
+    def sample(self, n, temperature=1.0, y=None):
         """E[x | zL] for ``n`` draws of the whole chain from the model: ``(n, *x_shape)``.
 
         Args:
             n: number of draws.
+            y: a conditional VAE's conditioning: one class (an ``int``: all ``n`` draws of it), ``n``
+                labels ``(n,)``, or floats ``(n, K)`` / ``(K,)`` (see :meth:`conditioning`).
             temperature: t >= 0; every level's p(z0) and p(z_l | z_l-1) is drawn with its
                 spread scaled by t (:func:`pyro_vae.chain.tempered`), as NVAE and VDVAE
                 sample. 1 (default) is the model itself, bit for bit; 0 puts every level at
                 its location given the level above (a mixture prior: one component's mean).
         """
-        return self._generate([], _count(n), check_temperature(temperature))
+        n = _count(n)
+        return self._generate([], n, check_temperature(temperature), self.conditioning(y, n, self.device))
 
     @torch.no_grad()
     def sample_latents(self, n, temperature=1.0):
@@ -450,7 +548,7 @@ class VAE(nn.Module):
         return self._draw_levels([], _count(n), check_temperature(temperature))
 
     @torch.no_grad()
-    def resample_below(self, x, level, n=1, temperature=1.0, kept="draw"):
+    def resample_below(self, x, level, n=1, temperature=1.0, kept="draw", y=None):
         """Keep the guide's z0 ... z_{level-1} for each data point and redraw the levels below from the model.
 
         Shows what each level controls: ``level=0`` draws everything from the
@@ -470,14 +568,15 @@ class VAE(nn.Module):
             n: draws per data point.
             temperature: t >= 0 for the redrawn levels (default 1: the model).
             kept: ``"draw"`` or ``"mean"``, as above.
+            y: a conditional VAE's conditioning of ``x`` (see :meth:`model`), read by the guide and the decoder.
 
         Returns:
             E[x | zL] ``(B, n, *x_shape)``.
         """
-        return self._resample(x, level, n, temperature, kept, "level")
+        return self._resample(x, level, n, temperature, kept, "level", y)
 
     @torch.no_grad()
-    def generate_from(self, x, keep_levels, n=8, temperature=1.0, kept="draw"):
+    def generate_from(self, x, keep_levels, n=8, temperature=1.0, kept="draw", y=None):
         """Conditional generation: ``n`` new data points per data point with its top levels fixed.
 
         :meth:`resample_below` under the name of the task: z0 ... z_{keep_levels-1} from
@@ -491,13 +590,14 @@ class VAE(nn.Module):
             n: draws per data point.
             temperature: t >= 0 for the levels drawn from the model.
             kept: ``"draw"`` or ``"mean"``.
+            y: a conditional VAE's conditioning of ``x`` (see :meth:`model`).
 
         Returns:
             E[x | zL] ``(B, n, *x_shape)``.
         """
-        return self._resample(x, keep_levels, n, temperature, kept, "keep_levels")
+        return self._resample(x, keep_levels, n, temperature, kept, "keep_levels", y)
 
-    def _resample(self, x, level, n, temperature, kept, name):
+    def _resample(self, x, level, n, temperature, kept, name, y=None):
         """:meth:`resample_below`, with ``name`` for the level argument in its errors."""
         self.check_data(x)
         if isinstance(level, bool) or not 0 <= int(level) <= self.levels + 1:
@@ -509,23 +609,26 @@ class VAE(nn.Module):
             raise InputError(f"kept must be one of: {', '.join(KEPT)} (one guide draw per data point, or the "
                              f"guide's means), got {kept!r}")
         level, n, temperature = int(level), int(n), check_temperature(temperature)
-        zs = [z.repeat_interleave(n, dim=0) for z in self._guide_levels(x, level, kept)]  # (B * n, D_l)
-        return self._generate(zs, x.shape[0] * n, temperature).reshape(x.shape[0], n, *x.shape[1:])
+        c = self.conditioning(y, x.shape[0], x.device)
+        zs = [z.repeat_interleave(n, dim=0) for z in self._guide_levels(x, level, kept, y)]  # (B * n, D_l)
+        c = None if c is None else c.repeat_interleave(n, dim=0)
+        return self._generate(zs, x.shape[0] * n, temperature, c).reshape(x.shape[0], n, *x.shape[1:])
 
-    def _guide_levels(self, x, count, kept="draw"):
+    def _guide_levels(self, x, count, kept="draw", y=None):
         """The guide's top ``count`` levels for ``x`` ``(B, *x_shape)``: ``[z0, ..., z_{count-1}]``, each
         ``(B, D_l)``, from one draw of the guide (``kept="draw"``) or at its means (``"mean"``)."""
         if count == 0:
             return []
         with pyro.validation_enabled(False), (_AtMean() if kept == "mean" else contextlib.nullcontext()):
-            trace = poutine.trace(self.guide).get_trace(x)
+            trace = poutine.trace(self.guide).get_trace(x, y)
         return [trace.nodes[f"z{i}"]["value"] for i in range(count)]
 
-    def _generate(self, zs, n, temperature=1.0):
+    def _generate(self, zs, n, temperature=1.0, c=None):
         """Draw the levels after the kept ``zs`` (z_0 .. z_{start-1}, each ``(n, D_l)``) from the model at
-        ``temperature``, then E[x | the levels the decoder reads] ``(n, *x_shape)``."""
+        ``temperature``, then E[x | the levels the decoder reads, the conditioning ``c`` ``(n, K)``]
+        ``(n, *x_shape)``."""
         zs = self._draw_levels(zs, n, temperature)
-        return self._mean(self.decoder(self._above(zs)), len(self._need_x_shape()))
+        return self._mean(self.decoder(self._decoded(zs, c)), len(self._need_x_shape()))
 
     def _draw_levels(self, zs, n, temperature=1.0):
         """The kept ``zs`` followed by the levels after them drawn from the model, each distribution

@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 
 from pyro_vae import callbacks, cli, distributed, fit
+from pyro_vae.errors import InputError
 from pyro_vae.evaluate import evaluate, iw_log_likelihood
+from pyro_vae.rundir import RunLock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_common import StepLog, binary_data, noise_free, small_vae  # noqa: E402
@@ -80,6 +82,28 @@ def main(out):
     fit(vae, x, epochs=2, batch_size=64, lr=1e-3, seed=7, progress=False, log=None,
         state=torch.load(first, weights_only=False))
     report["resumed_bitwise"] = all(torch.equal(unbroken[k], v) for k, v in vae.state_dict().items())
+
+    # 129 points in batches of 64: the last batch has one point, so rank 1 has no share of it; stopped
+    # after step 2 (the step before it), the resume's first step is that one: no rank may wait on another
+    tiny = out / "tiny.pt"
+    keep_tiny = distributed.on_main(lambda state: None if tiny.exists() else torch.save(state, tiny))
+    pyro.clear_param_store()
+    vae = small_vae()
+    fit(vae, x[:129], epochs=1, batch_size=64, seed=2, progress=False, log=None, checkpoint=keep_tiny,
+        checkpoint_every=2)
+    unbroken = vae.state_dict()
+    distributed.barrier()
+    pyro.clear_param_store()
+    vae = small_vae(seed=1)
+    fit(vae, x[:129], epochs=1, batch_size=64, seed=2, progress=False, log=None,
+        state=torch.load(tiny, weights_only=False))
+    report["tiny_last_batch_resumed"] = all(torch.equal(unbroken[k], v) for k, v in vae.state_dict().items())
+
+    try:  # objectives that read the batch's mean KL per level: not the one-process objective on a share
+        fit(small_vae(), x, epochs=1, batch_size=256, progress=False, log=None, free_bits=0.5)
+        report["free_bits_refused"] = False
+    except InputError as err:
+        report["free_bits_refused"] = "under torchrun" in str(err)
     report["rng_per_rank"] = seen.draws
     mine = torch.cat([v.reshape(-1) for v in weights[0].values()])
     others = distributed.gather(mine)
@@ -105,7 +129,19 @@ def main(out):
         report["bad_exit"] = cli.main(["train", "--data-dir", str(data_dir), "--out", str(out / "bad"),
                                        "--batch-size", "0", "--no-progress"])
     report["bad_said"] = said.getvalue()
+
+    held = out / "held"  # a run directory another writer holds: rank 0's lock is refused, once
+    held.mkdir(exist_ok=True)
+    said = io.StringIO()
+    with contextlib.ExitStack() as stack, contextlib.redirect_stderr(said):
+        if group.main:
+            stack.enter_context(RunLock(held))
+        distributed.barrier()
+        report["held_exit"] = cli.main(["train", "--data-dir", str(data_dir), "--out", str(held), "--epochs", "1",
+                                        "--no-progress"])
+    report["held_said"] = said.getvalue()
     (out / f"report{group.rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # leave together (see distributed.shutdown)
     dist.destroy_process_group()
 
 

@@ -331,7 +331,7 @@ CASES = [
     cli("unknown-binarize", lambda ws: _train(ws, "--binarize", "sometimes"),
         r"unknown binarize 'sometimes'", r"choose one of: dynamic, fixed, none"),
     cli("unknown-device", lambda ws: _train(ws, "--device", "tpu"),
-        r"unknown device 'tpu'", r"use cpu or cuda"),
+        r"unknown device 'tpu'", r"use auto, cpu or cuda"),
     cli("cuda-without-gpu", lambda ws: _train(ws, "--device", "cuda"),
         r"--device cuda was asked for, but PyTorch sees no CUDA GPU here \(torch\.cuda\.is_available\(\) is False\)",
         r"use --device cpu", needs_no_gpu=True),

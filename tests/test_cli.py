@@ -358,12 +358,12 @@ def test_device_auto_is_the_default_and_says_which_it_chose(idx_dir, tmp_path, c
     out = tmp_path / "run"
     assert cli.main(["train", "--data-dir", str(idx_dir), "--out", str(out), "--epochs", "1", "--hidden", "16",
                      "--latent-dim", "2", "--no-progress"]) == 0
-    assert "pyro-vae: device cpu (--device auto: PyTorch sees no CUDA GPU" in capsys.readouterr().err
+    assert "device cpu (--device auto: PyTorch sees no CUDA GPU" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["device"] == "cpu"  # the device it ran on
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cli._chosen_device("auto") == "cuda" and cli._chosen_device("cpu") == "cpu"
     cli._announce()  # said once the command's input has passed its checks
-    assert capsys.readouterr().err == "pyro-vae: device cuda (--device auto: PyTorch sees a CUDA GPU; --device cpu " \
+    assert capsys.readouterr().out == "device cuda (--device auto: PyTorch sees a CUDA GPU; --device cpu " \
         "or cuda to choose)\n"
 
 

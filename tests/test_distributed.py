@@ -87,6 +87,8 @@ def test_each_rank_draws_its_own_noise_a_seed_reproduces_the_run_and_a_resume_is
     assert first != second  # seed + rank
     assert all(r["reproducible"] for r in reports)
     assert all(r["resumed_bitwise"] for r in reports)  # each rank took back its own RNG stream
+    assert all(r["tiny_last_batch_resumed"] for r in reports)  # a rank without a share of a batch waits on nobody
+    assert all(r["free_bits_refused"] for r in reports)
     assert all(r["weights_equal_across_ranks"] for r in reports)
 
 
@@ -106,7 +108,7 @@ def test_the_sharded_evaluation_gives_the_one_process_numbers(worker, env):
 def test_only_rank_zero_writes_and_prints_and_a_users_group_stays_up(worker):
     reports, out, stdout = worker
     assert [(r["train_exit"], r["evaluate_exit"], r["group_still_up"]) for r in reports] == [(0, 0, True)] * 2
-    assert stdout.count("trained 1 epochs") == 1 and stdout.count("wrote ") == 2  # train's and evaluate's
+    assert stdout.count("trained 1 epochs") == 1 and stdout.count("wrote ") == 1  # train's (evaluate's: stderr)
     assert {p.name for p in (out / "cli-run").iterdir()} >= {"checkpoint.pt", "metrics.jsonl", "eval.json"}
 
 
@@ -179,6 +181,10 @@ def test_bad_input_under_torchrun_is_reported_once(worker):
     assert reports[0]["bad_said"] == ("pyro-vae: error: batch_size must be a positive integer, got 0; "
                                       "use --batch-size 1 or more\n")
     assert reports[1]["bad_said"] == ""  # rank 1 met it too, after rank 0, and does not repeat it
+    assert [r["held_exit"] for r in reports] == [2, 2]
+    assert reports[0]["held_said"].count("pyro-vae: error:") == 1 and "is in use by another pyro-vae process" \
+        in reports[0]["held_said"]
+    assert reports[1]["held_said"] == ""  # not "another process of this run has stopped"
 
 
 # ------------------------------------------------------------------ in one process, no launch
@@ -224,3 +230,13 @@ def test_sample_and_explore_refuse_torchrun(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("RANK", "0")
     assert cli.main(["sample", str(tmp_path)]) == 2
     assert "runs in one process; start it without torchrun" in capsys.readouterr().err
+
+
+def test_an_explicit_gpu_index_is_refused_for_a_multi_process_node(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.device_for("cuda") == "cuda:1" and distributed.device_for("cpu") == "cpu"
+    with pytest.raises(InputError, match="would put every process of this node on one GPU; under torchrun pass "
+                                         "--device cuda"):
+        distributed.device_for("cuda:0")

@@ -22,7 +22,20 @@ def test_tutorial_example_prints_test_elbo_per_epoch(extra, tmp_path, cli_env):
     assert all(e < 0 for e in elbos) and elbos[1] > elbos[0]
 
 
-@pytest.mark.parametrize("name", ["vae.py", "hierarchical.py", "swap_prior.py", "count_data.py"])
+def test_cvae_example_trains_and_draws_each_class(tmp_path, cli_env):
+    idx_dir = make_idx_dir(tmp_path / "idx", n_train=512, n_test=128)
+    out = tmp_path / "classes.png"
+    result = subprocess.run([sys.executable, str(EXAMPLES / "cvae.py"), "-n", "2", "--data-dir", str(idx_dir),
+                             "--out", str(out)], capture_output=True, text=True, env=cli_env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "test ELBO" in line]
+    assert len(lines) == 2 and all(float(line.rsplit(" ", 1)[1]) < 0 for line in lines)
+    from PIL import Image
+
+    assert Image.open(out).size[1] > 10 * 28  # ten labelled rows of draws
+
+
+@pytest.mark.parametrize("name", ["vae.py", "hierarchical.py", "swap_prior.py", "count_data.py", "cvae.py"])
 def test_example_uses_only_the_public_api(name):
     text = (EXAMPLES / name).read_text()
     assert "from pyro_vae import" in text

@@ -111,3 +111,51 @@ def test_check_distribution_accepts_what_a_plate_broadcasts():
     assert check_distribution(dist.Normal(torch.zeros(1, 3), 1.0).to_event(1), "p", (3,), 5)
     with pytest.raises(InputError, match="batch shape \\(\\)"):
         check_distribution(dist.Normal(torch.zeros(2, 3), 1.0).to_event(1), "the prior", (3,))
+
+
+def test_a_transition_with_an_extra_batch_dim_is_named():
+    class Extra(Transition):
+        def forward(self, z):
+            return dist.Normal(self.net(z).unsqueeze(-2), 1.0).to_event(1)  # (B, 1, D): broadcasts to (B, B, D)
+
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(D_X, 16), nn.Softplus())
+    for guide in ("bottom-up", "top-down"):
+        vae = VAE(encoder, nn.Sequential(nn.Linear(DIMS[-1], D_X)), list(DIMS), x_shape=(D_X,), guide=guide,
+                  transitions=[Extra()])
+        with pytest.raises(InputError, match=r"transitions\[0\].*batch shape \(6, 1\), but its site needs"):
+            Trace_ELBO().loss(vae.model, vae.guide, X)
+
+
+def test_a_top_down_head_of_the_wrong_width_is_named_before_the_merge():
+    class Wide(nn.Module):
+        def __init__(self, features, dim):
+            super().__init__()
+            self.net = nn.Linear(features, dim + 1)
+
+        def forward(self, h):
+            return dist.Normal(self.net(h), 1.0).to_event(1)
+
+    vae = make(posterior=Wide)
+    with pytest.raises(InputError, match=r"ladder_heads\[0\], q\(z0 \| x\), returned a distribution with event "
+                                         r"shape \(3,\) .* needs event shape \(2,\)"):  # the first head drawn
+        Trace_ELBO().loss(vae.model, vae.guide, X)
+
+
+def test_a_likelihood_that_flattens_is_named_not_a_pyro_traceback():
+    x = torch.rand(6, 1, 4, 4)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Softplus())
+    decoder = nn.Sequential(nn.Linear(2, 16), nn.Unflatten(-1, (1, 4, 4)))
+    vae = VAE(encoder, decoder, [2], x_shape=(1, 4, 4),
+              likelihood=likelihoods.UserLikelihood(lambda out: dist.Bernoulli(logits=out.flatten(-3))))
+    with pytest.raises(InputError, match=r"the likelihood UserLikelihood.*event shape \(\) and batch shape \(6, 16\).*"
+                                         r"needs event shape \(1, 4, 4\)"):
+        Trace_ELBO().loss(vae.model, vae.guide, x)
+
+
+def test_the_dry_run_leaves_every_submodule_in_its_own_mode():
+    backbone = nn.Sequential(nn.Linear(D_X, 8), nn.Dropout(0.5)).eval()  # a frozen, pretrained part
+    encoder = nn.Sequential(backbone, nn.Linear(8, 8), nn.Softplus())
+    before = [m.training for m in encoder.modules()]
+    VAE(encoder, nn.Linear(3, D_X), [3], x_shape=(D_X,))
+    assert [m.training for m in encoder.modules()] == before and not backbone.training
