@@ -43,7 +43,7 @@ TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_ste
 
 @dataclasses.dataclass
 class RunConfig:
-    """Everything that defines a run made by :func:`train` (saved as ``config.json``).
+    """Everything that defines a run made by :func:`pyro_vae.train.train` (saved as ``config.json``).
 
     ``grad_clip`` 0 means no clipping; ``checkpoint_every`` 0 means a checkpoint
     at the end of every epoch only; ``keep_best`` also keeps ``best.pt``, the

@@ -49,7 +49,7 @@ def _probe(vae, x, y=None):
 def particle_dim(vae, x, traces=None):
     """The dim of the evaluation's particle plate: left of every plate of the model and guide
     (``-(max_plate_nesting + 1)``, found by tracing both once on one data point, or from ``traces``
-    of :func:`_probe`; -2 for a VAE alone)."""
+    of ``_probe``; -2 for a VAE alone)."""
     guide_tr, model_tr = traces or _probe(vae, x)
     nesting = max((len(site["cond_indep_stack"]) for tr in (guide_tr, model_tr) for site in tr.nodes.values()
                    if site["type"] == "sample"), default=0)
@@ -120,7 +120,7 @@ def level_order(vae, x, traces=None):
     """How the guide draws the latent sites, compared with the model: ``"model"`` (the same order: each
     site's E_q[log q - log p] is that level's share of the KL), ``"reversed"`` (a bottom-up chain: its
     shares are estimated, see :func:`elbo_terms`) or ``"other"``. Traced once on one data point (or
-    read from ``traces`` of :func:`_probe`)."""
+    read from ``traces`` of ``_probe``)."""
     guide_tr, model_tr = traces or _probe(vae, x)
     latent = [n for n, s in model_tr.nodes.items()
               if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]

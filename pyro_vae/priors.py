@@ -15,7 +15,7 @@ per site, to the sampled ``log q - log p`` (Pyro's own fallback when
 
 A user's own prior: any Pyro distribution with event shape ``(dim,)``, or
 any callable (an ``nn.Module`` too, whose parameters are then trained)
-returning one; :func:`build` wraps it.
+returning one; :func:`wrap` wraps it.
 """
 
 import math
@@ -204,7 +204,7 @@ class FlowPrior(nn.Module):
 
 
 class UserPrior(nn.Module):
-    """Wraps a user's Pyro distribution or callable (see :func:`build`)."""
+    """Wraps a user's Pyro distribution or callable (see :func:`wrap`)."""
 
     def __init__(self, prior):
         super().__init__()
