@@ -299,7 +299,9 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
             point's index in the whole set) gives the same estimates: how :func:`evaluate` shards the
             estimate across ``torchrun`` processes.
         offset: see ``seed``.
-        y: a conditional VAE's conditioning of ``x``: the estimate is then of log p(x | y).
+        y: a conditional VAE's conditioning of ``x``: the estimate is then of log p(x | y). For an M2
+            VAE (``label_site=True``) the label is a site: with ``y`` the estimate is of log p(x, y);
+            without, of log p(x) = logsumexp over the K classes of those, the label summed out exactly.
 
     Returns:
         ``(N,)`` tensor of estimates.
@@ -308,6 +310,10 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
         raise InputError(f"the number of importance samples must be >= 1, got {num_samples}; use e.g. "
                          "num_samples=1000")
     vae.check_data(x)
+    if getattr(vae, "label_site", False) and y is None:  # M2: log p(x) = logsumexp_y log p(x, y), y summed out
+        labels = [torch.full((x.shape[0],), k, dtype=torch.long, device=x.device) for k in range(vae.condition)]
+        return torch.logsumexp(torch.stack([iw_log_likelihood(vae, x, num_samples, batch_size, max_rows, progress,
+                                                              seed, offset, y=k) for k in labels]), 0)
     num_samples = int(num_samples)
     max_rows = default_max_rows(x) if max_rows is None else int(max_rows)
     if batch_size is None:
@@ -390,8 +396,9 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500, y=None)
             with pyro.plate("eval_particles", num_samples, dim=dim), _given(vae, yb):
                 guide_tr = poutine.trace(vae.guide).get_trace(xb)
                 model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(xb)
-            names = [n for n, site in guide_tr.nodes.items() if site["type"] == "sample"
-                     and not site_is_subsample(site) and not site["is_observed"]]
+            names = [n for n, site in guide_tr.nodes.items() if site["type"] == "sample"  # continuous latents:
+                     and not site_is_subsample(site) and not site["is_observed"]  # an M2 label has no units
+                     and site["value"].is_floating_point()]
             for name, r in _residuals(guide_tr, model_tr, names, order).items():
                 means.setdefault(name, []).append(r.mean(0))
                 within.setdefault(name, []).append(_within(r))
@@ -473,7 +480,10 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
             the summary (``kl_mixture``) for such a guide.
         seed: seeds the IW estimate batch by batch (see :func:`iw_log_likelihood`; ``None``: the global RNG).
         y: a conditional VAE's conditioning of ``x`` (labels ``(N,)`` or floats ``(N, K)``); every number is
-            then conditional on it (the IW estimate is of log p(x | y)).
+            then conditional on it (the IW estimate is of log p(x | y)). For an M2 VAE (``label_site=True``)
+            the labels are what it classifies: the summary adds ``accuracy`` (q(y | x)'s most probable class
+            against them), and its ELBO and IW estimate are of log p(x), the label summed out (the ELBO's
+            ``kl_y`` is q(y | x)'s KL to the uniform prior, from sampled labels).
 
     Under ``torchrun`` (a process group of two or more, :mod:`pyro_vae.distributed`) every rank calls
     it with the whole ``x``: the IW estimate is sharded (each rank takes a run of whole batches, and the
@@ -492,8 +502,12 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
     """
     was_training = vae.training
     vae.eval()
+    labels, y = (y, None) if getattr(vae, "label_site", False) else (None, y)  # M2: y is what it classifies
     try:
         summary = distributed.from_main(lambda: _summary(vae, x, elbo_samples, mixture, y))
+        if labels is not None:
+            predicted = torch.cat([vae.classify(xb).argmax(-1) for xb, _ in _batches(x, 1000)])
+            summary["accuracy"] = float((predicted == torch.as_tensor(labels, device=x.device)).float().mean())
         summary["iw_samples"] = int(iw_samples)
         if iw_samples:
             summary["iw_log_likelihood"] = float(_sharded_iw(vae, x, iw_samples, batch_size, progress, seed,

@@ -42,6 +42,7 @@ import itertools
 import operator
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -180,7 +181,7 @@ class VAE(nn.Module):
 
     def __init__(self, encoder, decoder, latent_dims=(50,), prior=None, likelihood=None,
                  posterior=None, x_shape=None, beta=1.0, guide="bottom-up", transitions=None, hidden=256,
-                 name=None, skip=False, condition=0):
+                 name=None, skip=False, condition=0, label_site=False, enumerate="parallel"):
         super().__init__()
         index = next(_NAMES)
         self.name = str(name) if name is not None else ("vae" if index == 0 else f"vae_{index}")
@@ -192,6 +193,12 @@ class VAE(nn.Module):
             raise InputError(f"condition is the width K of the conditioning y (K classes, or K covariates), "
                              f"got {condition!r}; pass e.g. condition=10 (0: none)")
         self.condition = condition
+        if label_site and condition < 2:
+            raise InputError(f"label_site=True makes the label y a site over condition=K classes; pass condition=K "
+                             f"with K >= 2 (got {condition})")
+        if enumerate not in ("parallel", "sequential"):
+            raise InputError(f"enumerate must be 'parallel' or 'sequential', got {enumerate!r}")
+        self.label_site, self.enumerate = bool(label_site), enumerate
         if not (isinstance(beta, (int, float)) and beta > 0):
             raise InputError(f"beta must be a number > 0 (poutine.scale needs a positive scale), got {beta!r}; "
                              "pass e.g. beta=1.0")
@@ -212,6 +219,7 @@ class VAE(nn.Module):
         self.x_shape = tuple(x_shape) if x_shape is not None else None
         family = posteriors_.DiagonalGaussian if posterior is None or isinstance(posterior, nn.Module) else posterior
         needs_width = not isinstance(posterior, nn.Module) or len(latent_dims) > 1 and guide == "top-down"
+        needs_width = needs_width or self.label_site  # the classifier reads the encoder's features too
         features = encoder_width(encoder, self.x_shape) + condition if needs_width else None  # h and y
         if not isinstance(posterior, nn.Module):
             posterior = posteriors_.build(family, features + above[-1], latent_dims[-1])
@@ -244,6 +252,9 @@ class VAE(nn.Module):
             self.ladder.extend(mlp_features(features if i == levels - 1 else hidden, hidden)
                                for i in range(levels))
             self.ladder_heads.extend(posteriors_.build(family, hidden + above[i], latent_dims[i]) for i in range(levels))
+        # M2's q(y | x): a classifier on the encoder's features (Kingma et al. 2014)
+        self.classifier = nn.Sequential(nn.Linear(features - condition, hidden), nn.Softplus(),
+                                        nn.Linear(hidden, condition)) if self.label_site else None
         self.prior.setup(latent_dims[0], self)
 
     def q_top(self, x):
@@ -339,8 +350,12 @@ class VAE(nn.Module):
         self._register()
         y, batch_size = self._positional(y, batch_size)
         n, device = self._batch(x, batch_size)
-        c = self.conditioning(self._given if y is None else y, n, device)
+        y = self._given if y is None else y
+        c = None if self.label_site else self.conditioning(y, n, device)
         with self._data_plate(n, size, device), self._first_call_checked("model", n, x):
+            if self.label_site:  # M2: y ~ Uniform{0..K-1}, observed where the labels are given
+                prior = dist.Categorical(logits=torch.zeros(self.condition, device=device))
+                c = self._one_hot(pyro.sample("y", prior, obs=self._labels(y, n, device)))
             with self._kl_scale():
                 zs = [pyro.sample("z0", self.prior())]
                 for level in range(1, self.levels + 1):
@@ -363,9 +378,18 @@ class VAE(nn.Module):
         """
         self._register()
         n, device = self._batch(x, None)
-        c = self.conditioning(self._given if y is None else y, n, device)
+        y = self._given if y is None else y
+        c = None if self.label_site else self.conditioning(y, n, device)
         with self._data_plate(n, size, device), self._first_call_checked("guide", n, x):
-            h = self._features(x, c)
+            if self.label_site:  # M2: y ~ q(y | x) where no label is given, summed out by TraceEnum_ELBO
+                h = self.encoder(x)
+                labels = self._labels(y, n, device)
+                if labels is None:
+                    labels = pyro.sample("y", dist.Categorical(logits=self.classifier(h)),
+                                         infer={"enumerate": self.enumerate})
+                h = _cat([h, self._one_hot(labels).to(h.dtype)])
+            else:
+                h = self._features(x, c)
             self._transitions_drawn.clear()  # nothing of an earlier call is kept alive
             if self.guide_order == "top-down" and self.levels:
                 return self._top_down(h)
@@ -485,6 +509,39 @@ class VAE(nn.Module):
         finally:
             self._given = old
 
+    def _labels(self, y, n, device):
+        """M2's observed labels: ``None`` (unlabelled) or a checked integer tensor ``(n,)``."""
+        if y is None:
+            return None
+        if torch.is_tensor(y) and y.is_floating_point():
+            raise InputError("with label_site=True, y is the class label, a site: pass integer labels (B,), not "
+                             "floats")
+        return self.conditioning(y, n, device).argmax(-1)
+
+    def _one_hot(self, labels):
+        """One-hot floats ``(*labels.shape, K)`` of labels of any shape (an enumerated site's too)."""
+        return torch.nn.functional.one_hot(labels, self.condition).float()
+
+    @torch.no_grad()
+    def classify(self, x):
+        """M2's q(y | x): class probabilities ``(B, K)`` of data ``(B, *x_shape)`` (``label_site=True``)."""
+        if not self.label_site:
+            raise InputError("classify needs an M2 VAE (label_site=True): it reads the guide's classifier q(y | x)")
+        return torch.softmax(self.classifier(self.encoder(x)), -1)
+
+    def model_classify(self, x, y, weight=1.0):
+        """M2's auxiliary term as a Pyro model (Kingma et al. 2014; Pyro's ``ss_vae_M2.py``): ``weight *
+        log q(y | x)`` of labelled data ``x`` ``(B, *x_shape)``, ``y`` ``(B,)``, as an observed site
+        ``"y_aux"``; train it with :meth:`guide_classify` beside the ELBO's SVI."""
+        self._register()
+        n, device = self._batch(x, None)
+        labels = self._labels(y, n, device)
+        with self._data_plate(n, None, device), poutine.scale(scale=float(weight)):
+            pyro.sample("y_aux", dist.Categorical(logits=self.classifier(self.encoder(x))), obs=labels)
+
+    def guide_classify(self, x, y, weight=1.0):
+        """The empty guide that goes with :meth:`model_classify`."""
+
     def _features(self, x, c):
         """The encoder's features of ``x`` ``(B, F)``, with the conditioning ``c`` ``(B, K)`` beside them."""
         h = self.encoder(x)
@@ -539,6 +596,8 @@ class VAE(nn.Module):
                 its location given the level above (a mixture prior: one component's mean).
         """
         n = _count(n)
+        if self.label_site and y is None:  # M2: the label from its prior too
+            y = torch.randint(0, self.condition, (n,), device=self.device)
         return self._generate([], n, check_temperature(temperature), self.conditioning(y, n, self.device))
 
     @torch.no_grad()
