@@ -35,7 +35,19 @@ def test_cvae_example_trains_and_draws_each_class(tmp_path, cli_env):
     assert Image.open(out).size[1] > 10 * 28  # ten labelled rows of draws
 
 
-@pytest.mark.parametrize("name", ["vae.py", "hierarchical.py", "swap_prior.py", "count_data.py", "cvae.py"])
+@pytest.mark.parametrize("enum", ["parallel"])  # sequential's agreement is tests/test_m2.py's
+def test_ss_vae_example_trains_m2_with_few_labels(enum, tmp_path, cli_env):
+    idx_dir = make_idx_dir(tmp_path / "idx", n_train=400, n_test=100)
+    result = subprocess.run([sys.executable, str(EXAMPLES / "ss_vae.py"), "-n", "2", "-sup", "50", "-enum", enum,
+                             "--aux-loss", "-hl", "32", "-zd", "4", "-bs", "50", "--data-dir", str(idx_dir)],
+                            capture_output=True, text=True, env=cli_env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "test accuracy" in line]
+    assert len(lines) == 2 and all(0.0 <= float(line.rsplit(" ", 1)[1]) <= 1.0 for line in lines)
+
+
+@pytest.mark.parametrize("name", ["vae.py", "hierarchical.py", "swap_prior.py", "count_data.py", "cvae.py",
+                                  "ss_vae.py"])
 def test_example_uses_only_the_public_api(name):
     text = (EXAMPLES / name).read_text()
     assert "from pyro_vae import" in text
