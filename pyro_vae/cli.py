@@ -120,9 +120,9 @@ def _chosen_device(asked):
     ``eval.json`` for ``evaluate``; once under torchrun)."""
     if asked != "auto":
         return asked
-    import torch
+    from .config import auto_device
 
-    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = auto_device()
     why = "PyTorch sees a CUDA GPU" if chosen == "cuda" else "PyTorch sees no CUDA GPU"
     _NEWS.append(f"device {chosen} (--device auto: {why}; --device cpu or cuda to choose)")
     return chosen

@@ -267,11 +267,15 @@ class RunConfig:
         return cls(**d)
 
 
+def auto_device():
+    """What ``--device auto`` means here: ``"cuda"`` where PyTorch sees a GPU, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(name):
     """``torch.device(name)``, refusing CUDA where no GPU exists; under ``torchrun`` a bare ``cuda`` is
     this process's GPU, ``cuda:LOCAL_RANK``."""
-    if name == "auto":  # CUDA where PyTorch sees a GPU, else the CPU
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = auto_device() if name == "auto" else name
     try:
         device = torch.device(distributed.device_for(name))
     except RuntimeError as err:

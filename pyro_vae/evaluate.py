@@ -312,7 +312,8 @@ def iw_log_likelihood(vae, x, num_samples=1000, batch_size=None, max_rows=None, 
     vae.check_data(x)
     if getattr(vae, "label_site", False) and y is None:  # M2: log p(x) = logsumexp_y log p(x, y), y summed out
         labels = [torch.full((x.shape[0],), k, dtype=torch.long, device=x.device) for k in range(vae.condition)]
-        return torch.logsumexp(torch.stack([iw_log_likelihood(vae, x, num_samples, batch_size, max_rows, progress,
+        share = None if progress is None else (lambda done: progress(done / vae.condition))  # K passes: one bar
+        return torch.logsumexp(torch.stack([iw_log_likelihood(vae, x, num_samples, batch_size, max_rows, share,
                                                               seed, offset, y=k) for k in labels]), 0)
     num_samples = int(num_samples)
     max_rows = default_max_rows(x) if max_rows is None else int(max_rows)

@@ -191,7 +191,7 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     main = group is None or group.main  # under torchrun only rank 0 logs, shows progress and saves
     parts += [EpochLog(log)] if log is not None and main else []
     parts += [ProgressBar()] if progress and main else []
-    parts += [Checkpoint(checkpoint if main else _nothing, checkpoint_every)] if checkpoint is not None else []
+    parts += [Checkpoint(distributed.on_main(checkpoint), checkpoint_every)] if checkpoint is not None else []
     with _store_entries_dropped(vae):
         return Loop(vae, svi, data, epochs, parts, max_bad_steps).run(state)
 
@@ -211,10 +211,6 @@ def _save_model_graph(vae, x, path):
         from tqdm.auto import tqdm
 
         tqdm.write(f"pyro-vae: {path.name} not written: {err}", file=sys.stderr)
-
-
-def _nothing(state):
-    """The checkpoint writer of a rank other than 0: the state is built (a collective) but not written."""
 
 
 @contextlib.contextmanager

@@ -381,15 +381,14 @@ class VAE(nn.Module):
         y = self._given if y is None else y
         c = None if self.label_site else self.conditioning(y, n, device)
         with self._data_plate(n, size, device), self._first_call_checked("guide", n, x):
+            h = self.encoder(x)
             if self.label_site:  # M2: y ~ q(y | x) where no label is given, summed out by TraceEnum_ELBO
-                h = self.encoder(x)
                 labels = self._labels(y, n, device)
                 if labels is None:
                     labels = pyro.sample("y", dist.Categorical(logits=self.classifier(h)),
                                          infer={"enumerate": self.enumerate})
-                h = _cat([h, self._one_hot(labels).to(h.dtype)])
-            else:
-                h = self._features(x, c)
+                c = self._one_hot(labels)
+            h = _beside(h, c)
             self._transitions_drawn.clear()  # nothing of an earlier call is kept alive
             if self.guide_order == "top-down" and self.levels:
                 return self._top_down(h)
@@ -471,12 +470,7 @@ class VAE(nn.Module):
         if y is None:
             raise InputError(f"this VAE is conditional (condition={k}): pass y, class labels (B,) in 0..{k - 1} "
                              f"or a float tensor (B, {k}), e.g. model(x, y) and guide(x, y)")
-        if isinstance(y, int) and not isinstance(y, bool):
-            y = torch.full((n,), y, dtype=torch.long, device=device)
-        if not torch.is_tensor(y):
-            raise InputError(f"y must be a tensor (class labels (B,) or a float tensor (B, {k})), got "
-                             f"{type(y).__name__}; convert it with torch.as_tensor")
-        if y.is_floating_point():
+        if torch.is_tensor(y) and y.is_floating_point():
             y = y.expand(n, k) if y.shape == (k,) else y
             if y.dim() < 2 or tuple(y.shape[-2:]) != (n, k):
                 raise InputError(f"a float y must have shape ({n}, {k}) (one row of {k} values per data point), "
@@ -484,13 +478,24 @@ class VAE(nn.Module):
             if not bool(torch.isfinite(y).all()):
                 raise InputError("y holds NaN or infinite values; pass finite covariates")
             return y.to(device) if device is not None else y
-        if y.dtype == torch.bool or y.dim() != 1 or y.shape[0] != n:
+        return self._one_hot(self._class_labels(y, n, device))
+
+    def _class_labels(self, y, n, device):
+        """Class labels ``(n,)`` (integers ``0 .. K-1``) from ``y``: such a tensor, or one integer for all
+        ``n``; anything else is refused with one line."""
+        k = self.condition
+        if isinstance(y, int) and not isinstance(y, bool):
+            y = torch.full((n,), y, dtype=torch.long, device=device)
+        if not torch.is_tensor(y):
+            raise InputError(f"y must be a tensor (class labels (B,) or a float tensor (B, {k})), got "
+                             f"{type(y).__name__}; convert it with torch.as_tensor")
+        if y.dtype == torch.bool or y.is_floating_point() or y.dim() != 1 or y.shape[0] != n:
             raise InputError(f"class labels y must be an integer tensor of shape ({n},) (one per data point), got "
                              f"{y.dtype} of shape {tuple(y.shape)}")
         if n and (int(y.min()) < 0 or int(y.max()) >= k):
             raise InputError(f"class labels must lie in 0..{k - 1} (condition={k}), got values in "
                              f"{int(y.min())}..{int(y.max())}")
-        return torch.nn.functional.one_hot(y.to(device) if device is not None else y, k).float()
+        return y.to(device) if device is not None else y
 
     def _positional(self, y, batch_size):
         """``(y, batch_size)``; for a VAE without conditioning, ``model(None, n)`` (an integer second argument,
@@ -516,7 +521,7 @@ class VAE(nn.Module):
         if torch.is_tensor(y) and y.is_floating_point():
             raise InputError("with label_site=True, y is the class label, a site: pass integer labels (B,), not "
                              "floats")
-        return self.conditioning(y, n, device).argmax(-1)
+        return self._class_labels(y, n, device)
 
     def _one_hot(self, labels):
         """One-hot floats ``(*labels.shape, K)`` of labels of any shape (an enumerated site's too)."""
@@ -544,13 +549,11 @@ class VAE(nn.Module):
 
     def _features(self, x, c):
         """The encoder's features of ``x`` ``(B, F)``, with the conditioning ``c`` ``(B, K)`` beside them."""
-        h = self.encoder(x)
-        return h if c is None else _cat([h, c.to(h.dtype)])
+        return _beside(self.encoder(x), c)
 
     def _decoded(self, zs, c):
         """What the decoder reads: the levels it reads (:meth:`_above`), with the conditioning beside them."""
-        z = self._above(zs)
-        return z if c is None else _cat([z, c.to(z.dtype)])
+        return _beside(self._above(zs), c)
 
     def _transition(self, level, parent):
         """p(z_level | parent): the one the top-down guide computed at this very ``parent`` tensor (the
@@ -812,6 +815,12 @@ def _count(n):
     if count is None or count < 1:
         raise InputError(f"the number of draws must be a positive integer, got {n!r}; pass e.g. n=64")
     return count
+
+
+def _beside(t, c):
+    """``t`` ``(*batch, D)`` with the conditioning ``c`` ``(*batch', K)`` concatenated after it (batch dims
+    broadcast, ``c`` in ``t``'s dtype); ``t`` itself without conditioning (``c`` None)."""
+    return t if c is None else _cat([t, c.to(t.dtype)])
 
 
 def _cat(parts):
