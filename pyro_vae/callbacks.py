@@ -45,8 +45,9 @@ import torch
 
 from . import distributed, settings
 from .checkpoints import rng_state, set_rng_state
+from .data import batch_points
 from .errors import InputError
-from .evaluate import elbo_terms, level_order, level_record
+from .evaluate import accuracy, elbo_terms, level_order, level_record
 from .loop import TrainingDiverged
 
 
@@ -149,7 +150,7 @@ class DivergenceGuard(Callback):
     def on_step_end(self, loop, batch, loss):
         if loss is None:
             return
-        per_point = loss / batch.shape[0]
+        per_point = loss / batch_points(batch)
         if self.count < self.reference_steps:
             self.total += per_point
             self.count += 1
@@ -184,7 +185,7 @@ class EpochStats(Callback):
     def on_step_end(self, loop, batch, loss):
         if loss is not None:
             self.total += loss
-            self.seen += batch.shape[0]
+            self.seen += batch_points(batch)
         self.seconds = time.perf_counter() - self._started
 
     def on_epoch_end(self, loop):
@@ -205,13 +206,16 @@ class Evaluation(Callback):
         x: held-out data ``(M, *x_shape)`` on the training device.
         prefix: the metrics' prefix (``"test"``, ``"val"``).
         every: evaluate every this many epochs (and at the last).
+        y: the labels or covariates of ``x`` for a conditional VAE (``(M,)`` or ``(M, K)``), which
+            the ELBO is then conditional on; for an M2 VAE (``label_site=True``) the labels it
+            classifies: the ELBO sums the label out and ``{prefix}_accuracy`` is added.
 
     With a :class:`WeightAverage` part in the loop, the averaged weights are evaluated. Under
     ``torchrun`` rank 0 evaluates and every rank gets its numbers (so that every rank chooses alike).
     """
 
-    def __init__(self, x, prefix="test", every=1):
-        self.x, self.prefix, self.every = x, prefix, int(every)
+    def __init__(self, x, prefix="test", every=1, y=None):
+        self.x, self.prefix, self.every, self.y = x, prefix, int(every), y
         self._draws = None
 
     @property
@@ -226,12 +230,16 @@ class Evaluation(Callback):
     def _measure(self, loop):
         was_training = loop.vae.training
         loop.vae.eval()
+        labels, y = (self.y, None) if getattr(loop.vae, "label_site", False) else (None, self.y)
         with evaluation_weights(loop):
             if self._draws is None:  # two where the active units come from draws (see evaluate.active_units)
-                self._draws = 1 if level_order(loop.vae, self.x) == "model" else 2
-            terms = elbo_terms(loop.vae, self.x, num_samples=self._draws, moments=self.x.shape[0] >= 2)
+                self._draws = 1 if level_order(loop.vae, self.x, y=y) == "model" else 2
+            terms = elbo_terms(loop.vae, self.x, num_samples=self._draws, moments=self.x.shape[0] >= 2, y=y)
+            record = {f"{self.prefix}_elbo": float(terms["elbo"].mean()), **level_record(terms, self.prefix)}
+            if labels is not None:
+                record[f"{self.prefix}_accuracy"] = accuracy(loop.vae, self.x, labels)
         loop.vae.train(was_training)
-        return {f"{self.prefix}_elbo": float(terms["elbo"].mean()), **level_record(terms, self.prefix)}
+        return record
 
 
 class _Monitor:
@@ -317,7 +325,7 @@ class ProgressBar(Callback):
     def on_step_end(self, loop, batch, loss):
         self.bar.update(1)
         if loss is not None and loop.batch % 10 == 1:
-            self.bar.set_postfix(loss_per_image=f"{loss / batch.shape[0]:.2f}")
+            self.bar.set_postfix(loss_per_image=f"{loss / batch_points(batch):.2f}")
 
     def _close(self, *_):
         if self.bar is not None:

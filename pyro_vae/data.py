@@ -689,14 +689,17 @@ class Batches:
         dynamic_binarize: draw Bernoulli(x) afresh every time a batch is made,
             i.e. a new binarisation every epoch.
         shuffle: permute the data every epoch.
+        y: optional labels or covariates ``(N, ...)`` (a tensor), one row per data point: each batch
+            is then the pair ``(x_b, y_b)``, which :class:`~pyro_vae.loop.Loop` hands to
+            ``svi.step(x_b, y_b)``, i.e. to ``vae.model(x_b, y_b)`` and ``vae.guide(x_b, y_b)``.
 
-    Iterating yields tensors ``(batch_size, *x_shape)``. As the batch source
+    Iterating yields tensors ``(batch_size, *x_shape)`` (pairs with ``y``). As the batch source
     of :class:`~pyro_vae.loop.Loop` it also has :meth:`epoch` (resume inside
     an epoch) and ``state_dict``/``load_state_dict`` (the generator's state at
     the start of the current epoch, or of the next one between epochs).
     """
 
-    def __init__(self, x, batch_size, generator, dynamic_binarize=False, shuffle=True):
+    def __init__(self, x, batch_size, generator, dynamic_binarize=False, shuffle=True, y=None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool):
             raise InputError(f"batch size must be a whole number, got {batch_size!r}; use e.g. a batch size of 64")
         if int(batch_size) <= 0:
@@ -705,6 +708,7 @@ class Batches:
         if int(batch_size) > x.shape[0]:
             raise InputError(f"batch size {batch_size} is larger than the data ({x.shape[0]} points); "
                              "choose a smaller batch size")
+        self.y = _rows_of(y, x.shape[0], "y")
         self.sparse = not torch.is_tensor(x) and hasattr(x, "tocsr")
         self.x = x.tocsr() if self.sparse else x
         self.device = generator.device if self.sparse else x.device
@@ -760,10 +764,99 @@ class Batches:
         order = (torch.randperm(n, generator=self.generator, device=self.device) if self.shuffle
                  else torch.arange(n, device=self.device))
         for idx in order.split(self.batch_size):
-            if self.sparse:
-                rows = self.x[idx.cpu().numpy()].toarray()
-                xb = torch.from_numpy(rows).to(self.device, torch.float32)
-            else:
-                xb = self.x[idx]
-            yield binarize(xb, self.generator) if self.dynamic_binarize else xb
+            yield self._batch(idx, self.y)
         self._epoch_start = None
+
+    def _batch(self, idx, y):
+        """The batch of the rows ``idx``: ``x_b`` (densified, binarised as set), or ``(x_b, y_b)``."""
+        if self.sparse:
+            rows = self.x[idx.cpu().numpy()].toarray()
+            xb = torch.from_numpy(rows).to(self.device, torch.float32)
+        else:
+            xb = self.x[idx]
+        xb = binarize(xb, self.generator) if self.dynamic_binarize else xb
+        return xb if y is None else (xb, y[idx.to(y.device)])
+
+
+def _rows_of(y, n, name):
+    """``y`` checked to be a tensor of ``n`` rows (or ``None``)."""
+    if y is None:
+        return None
+    if not torch.is_tensor(y):
+        raise InputError(f"{name} must be a tensor with one row per data point, got {type(y).__name__}; "
+                         "convert it with torch.as_tensor")
+    if y.dim() == 0 or y.shape[0] != n:
+        raise InputError(f"{name} has {y.shape[0] if y.dim() else 'no'} rows for {n} data points; give one "
+                         "row per data point")
+    return y
+
+
+def batch_points(batch):
+    """The number of data points in a batch of a batch source: ``x_b`` ``(B, ...)`` or ``(x_b, y_b)``."""
+    return (batch[0] if isinstance(batch, tuple) else batch).shape[0]
+
+
+UNLABELLED = -1
+
+
+class SemiSupervised(Batches):
+    """The batches of a partly labelled data set, for a semi-supervised VAE (M2, ``label_site=True``):
+    every epoch is one pass over the unlabelled points, in batches ``x_b``, and one over the labelled
+    ones, in pairs ``(x_b, y_b)``, the labelled batches spread evenly among the unlabelled ones (as
+    Pyro's ``ss_vae_M2.py`` interleaves them), so an epoch's steps add up to the whole data's ELBO.
+
+    Args:
+        x: data ``(N, *x_shape)`` on the training device.
+        y: integer labels ``(N,)``, :data:`UNLABELLED` (-1) where a point has none.
+        batch_size, generator, dynamic_binarize: as in :class:`Batches`; one generator draws both
+            orders and every binarisation, so a resume inside an epoch replays it bitwise.
+
+    ``len`` is the batches of one epoch, labelled ones included.
+    """
+
+    def __init__(self, x, y, batch_size, generator, dynamic_binarize=False):
+        y = _rows_of(y, x.shape[0], "y")
+        if y is None or y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
+            raise InputError("semi-supervised batches need integer labels y (N,), -1 for an unlabelled point")
+        super().__init__(x, batch_size, generator, dynamic_binarize=dynamic_binarize, y=y)
+        labelled = y != UNLABELLED
+        self.labelled = torch.nonzero(labelled).flatten().to(self.device)
+        self.unlabelled = torch.nonzero(~labelled).flatten().to(self.device)
+
+    def __len__(self):
+        return sum(-(-len(part) // self.batch_size) for part in (self.labelled, self.unlabelled))
+
+    def __iter__(self):
+        self._epoch_start = self.generator.get_state()
+        parts = [part[torch.randperm(len(part), generator=self.generator, device=self.device)].split(self.batch_size)
+                 for part in (self.unlabelled, self.labelled)]
+        # batch j of a part of n batches sits at (j + 1/2) / n of the epoch; an unlabelled one first on a tie
+        places = sorted((min(1.0, (j + 0.5) / len(batches)), kind, j)
+                        for kind, batches in enumerate(parts) for j in range(len(batches)))
+        for _, kind, j in places:
+            yield self._batch(parts[kind][j], self.y if kind else None)
+        self._epoch_start = None
+
+
+def balanced_labels(y, n, seed=0, classes=None):
+    """Keep ``n`` of the labels ``y`` ``(N,)``, the same number of each class (``n // K``, the first
+    ``n % K`` classes one more), chosen by a shuffle seeded by ``seed``; the rest become
+    :data:`UNLABELLED`. Returns the new labels ``(N,)`` (a copy). ``n = N`` keeps every label."""
+    y = torch.as_tensor(y)
+    k = int(classes if classes is not None else int(y.max()) + 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not k <= n <= y.shape[0]:
+        raise InputError(f"the number of labelled points must be a whole number from {k} (one per class) to "
+                         f"{y.shape[0]} (the training set), got {n!r}")
+    order = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+    kept = []
+    for c in range(k):
+        mine = order[y[order] == c]
+        want = n // k + (c < n % k)
+        if len(mine) < want:
+            raise InputError(f"class {c} has {len(mine)} training points, fewer than the {want} a balanced "
+                             f"set of {n} labels needs; ask for at most {len(mine) * k} labels")
+        kept.append(mine[:want])
+    out = torch.full_like(y, UNLABELLED)
+    kept = torch.cat(kept)
+    out[kept] = y[kept]
+    return out

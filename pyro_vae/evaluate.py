@@ -116,12 +116,12 @@ def _unit_terms(guide_tr, model_tr, sites, shape):
     return out
 
 
-def level_order(vae, x, traces=None):
+def level_order(vae, x, traces=None, y=None):
     """How the guide draws the latent sites, compared with the model: ``"model"`` (the same order: each
     site's E_q[log q - log p] is that level's share of the KL), ``"reversed"`` (a bottom-up chain: its
-    shares are estimated, see :func:`elbo_terms`) or ``"other"``. Traced once on one data point (or
-    read from ``traces`` of ``_probe``)."""
-    guide_tr, model_tr = traces or _probe(vae, x)
+    shares are estimated, see :func:`elbo_terms`) or ``"other"``. Traced once on one data point (with
+    a conditional VAE's ``y`` of ``x``), or read from ``traces`` of ``_probe``."""
+    guide_tr, model_tr = traces or _probe(vae, x, y)
     latent = [n for n, s in model_tr.nodes.items()
               if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
     drawn = [n for n in guide_tr.nodes if n in latent]
@@ -507,8 +507,7 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
     try:
         summary = distributed.from_main(lambda: _summary(vae, x, elbo_samples, mixture, y))
         if labels is not None:
-            predicted = torch.cat([vae.classify(xb).argmax(-1) for xb, _ in _batches(x, 1000)])
-            summary["accuracy"] = float((predicted == torch.as_tensor(labels, device=x.device)).float().mean())
+            summary["accuracy"] = accuracy(vae, x, labels)
         summary["iw_samples"] = int(iw_samples)
         if iw_samples:
             summary["iw_log_likelihood"] = float(_sharded_iw(vae, x, iw_samples, batch_size, progress, seed,
@@ -517,6 +516,20 @@ def evaluate(vae, x, iw_samples=1000, elbo_samples=10, batch_size=None, progress
         return summary
     finally:
         vae.train(was_training)  # the VAE goes back in the mode it came in
+
+
+@torch.no_grad()
+def predicted_classes(vae, x, batch_size=1000):
+    """An M2 VAE's most probable class under q(y | x) for each data point: ``(N,)`` integers."""
+    return torch.cat([vae.classify(xb).argmax(-1) for xb, _ in _batches(x, batch_size)])
+
+
+def accuracy(vae, x, labels):
+    """The fraction of data ``x`` ``(N, *x_shape)`` whose :func:`predicted_classes` equal ``labels`` ``(N,)``."""
+    labels = torch.as_tensor(labels, device=x.device)
+    if labels.shape != (x.shape[0],):
+        raise InputError(f"labels must have shape ({x.shape[0]},) (one per data point), got {tuple(labels.shape)}")
+    return float((predicted_classes(vae, x) == labels).float().mean())
 
 
 def bits_per_dim(vae, x, summary):

@@ -8,7 +8,7 @@ hooks of its :class:`~pyro_vae.callbacks.Callback` parts at fixed points::
         on_epoch_start(loop)
         for each batch:
             on_step_start(loop, batch)       # e.g. the KL warm-up sets vae.kl_weight
-            loss = svi.step(batch)           # None if the non-finite guard skipped it
+            loss = svi.step(batch)           # svi.step(x, y) for a pair (x, y); None if the guard skipped it
             on_step_end(loop, batch, loss)   # progress bar, running loss, checkpoint every N
             (SIGINT/SIGTERM seen right after the step, loop.signalled: on_interrupt(loop, signum), then stop)
             (loop.should_stop set by a part: stop here)
@@ -79,7 +79,9 @@ class Loop:
         svi: an object with ``step(batch) -> float`` that raises
             :class:`~pyro_vae.svi.NonFiniteStep` for a skipped step, and
             ``state_dict``/``load_state_dict`` (:class:`~pyro_vae.svi.TorchOptimSVI`).
-        data: a batch source: ``len(data)`` batches an epoch,
+        data: a batch source: ``len(data)`` batches an epoch, each a tensor ``x_b`` or a pair
+            ``(x_b, y_b)`` (labels or covariates, handed on as ``svi.step(x_b, y_b)``;
+            :func:`~pyro_vae.data.batch_points` counts either),
             ``data.epoch(skip)`` an iterator over one epoch's batches after
             the first ``skip``, ``state_dict``/``load_state_dict`` for its
             order (:class:`~pyro_vae.data.Batches`).
@@ -163,13 +165,13 @@ class Loop:
             set_rng_state(self.resume_rng)
             self.resume_rng = None
         self._call("on_epoch_start")
-        for xb in batches:
-            self._call("on_step_start", xb)
+        for batch in batches:
+            self._call("on_step_start", batch)
             self.step += 1
             self.batch += 1
-            loss = self._guarded_step(xb)
+            loss = self._guarded_step(batch)
             self.signalled = list(self.signals)  # one arriving during the hooks is seen after the next step
-            self._call("on_step_end", xb, loss)
+            self._call("on_step_end", batch, loss)
             if self.signalled:
                 self._interrupt(self.signalled[0])
             if self.should_stop:
@@ -180,9 +182,9 @@ class Loop:
         self.history.append(self.record)
         self._call("on_epoch_end")
 
-    def _guarded_step(self, xb):
+    def _guarded_step(self, batch):
         try:
-            loss = self.svi.step(xb)
+            loss = self.svi.step(*batch) if isinstance(batch, tuple) else self.svi.step(batch)
         except NonFiniteStep as err:
             self.bad_steps += 1
             message = (f"epoch {self.epoch + 1}, step {self.step}: loss {err.args[0]}, gradient norm "

@@ -18,7 +18,9 @@ MAX_FREE_BITS = 1e4
 POSITIVE_INTEGERS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps")
 # integers >= 0 where 0 switches the thing off: (what 0 means, an example value)
 COUNTS = {"checkpoint_every": ("0: at epoch ends only", 500), "val_size": ("0: no validation split", 10000),
-          "patience": ("0: no early stopping", 50), "kl_warmup_epochs": ("0: no warm-up", 100)}
+          "patience": ("0: no early stopping", 50), "kl_warmup_epochs": ("0: no warm-up", 100),
+          "labels": ("0: no labels, an unsupervised VAE", 3000)}
+ENUMERATE = ("parallel", "sequential")
 
 
 # settings that a Python user gives as a part of the loop rather than a keyword of fit
@@ -75,6 +77,11 @@ def _check_one(name, value, cli):
     elif name == "skip_grad_norm" and not (_number(value) and value >= 0):
         raise InputError(f"skip_grad_norm (skip updates whose gradient norm exceeds it) must be a number >= 0 "
                          f"(0: off), got {value!r}; use e.g. {spell('skip_grad_norm', 40000, cli)}")
+    elif name == "aux_loss" and not (_number(value) and value >= 0):
+        raise InputError(f"aux_loss (the weight alpha of M2's classification term) must be a number >= 0 "
+                         f"(0: off), got {value!r}; use e.g. {spell('aux_loss', 46, cli)}")
+    elif name == "enumerate" and value not in ENUMERATE:
+        raise InputError(f"enumerate must be one of {', '.join(ENUMERATE)}, got {value!r}")
     elif name == "elbo" and value not in ELBO_NAMES:
         raise InputError(f"unknown elbo {value!r}; choose one of: {', '.join(ELBO_NAMES)}")
 
@@ -87,7 +94,7 @@ def check(settings, cli=False):
             ``max_bad_steps``, ``hidden``, ``lr``, ``beta``, ``grad_clip``,
             ``free_bits``, ``kl_warmup``, ``checkpoint_every``, ``elbo``,
             ``val_size``, ``patience``, ``kl_warmup_epochs``, ``seed``, ``squeeze``,
-            ``ema``, ``skip_grad_norm``, ``kl_balance``;
+            ``ema``, ``skip_grad_norm``, ``kl_balance``, ``labels``, ``aux_loss``, ``enumerate``;
             other keys are left to their owners.
         cli: spell the fix as a command-line flag rather than a keyword.
 
@@ -115,4 +122,11 @@ def check(settings, cli=False):
         jit, fix = ("--elbo jit", "--elbo trace or meanfield") if cli else ("the jit ELBO", "elbo='trace' or 'meanfield'")
         raise InputError(f"{jit} compiles the loss once, so it cannot follow a KL warm-up or use free bits; "
                          f"use {fix}")
+    if settings.get("aux_loss") and "labels" in settings and not settings["labels"]:
+        raise InputError("the auxiliary loss trains M2's classifier on labelled data; give labelled data "
+                         f"({spell('labels', 3000, cli)}) or drop it ({spell('aux_loss', 0, cli)})")
+    if settings.get("labels") and (settings.get("free_bits") or settings.get("kl_balance")
+                                   or settings.get("elbo") in ("meanfield", "jit")):
+        raise InputError("a semi-supervised run sums the label out with TraceEnum_ELBO, which has no free bits, "
+                         f"KL balancing, analytic KL or jit; use {spell('elbo', 'trace', cli)} without them")
     return settings

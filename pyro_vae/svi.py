@@ -189,9 +189,12 @@ class DataParallelSVI(TorchOptimSVI):
 
     def _loss_and_grads(self, batch, *args, **kwargs):
         shard = self.group.shard(batch)
-        if shard.shape[0]:
+        rows = [torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == batch.shape[0] for a in args]
+        if shard.shape[0]:  # labels or covariates (x_b, y_b) are cut as the batch is
+            args = [self.group.shard(a) if row else a for a, row in zip(args, rows)]
             loss = super()._loss_and_grads(shard, *args, **kwargs)
         else:  # a last batch smaller than the group: one point, masked out, so every rank runs the same code
+            args = [a[:1] if row else a for a, row in zip(args, rows)]
             with poutine.mask(mask=False):
                 super()._loss_and_grads(batch[:1], *args, **kwargs)
             loss = 0.0

@@ -36,6 +36,7 @@ import torch
 
 from . import distributed, plots
 from .callbacks import Callback, evaluation_weights
+from .data import batch_points
 from .errors import InputError
 
 MISSING = ("TensorBoard logging needs the tensorboard package: pip install 'pyro-vae[tensorboard]' "
@@ -134,7 +135,7 @@ class TensorBoard(Callback):
             return
         step, add = loop.step, self.writer.add_scalar
         if loss is not None:
-            add("train/loss", loss / batch.shape[0], step)
+            add("train/loss", loss / batch_points(batch), step)
         add("train/kl_weight", float(loop.vae.kl_weight), step)
         grad_norm = getattr(loop.svi, "grad_norm", None)
         if grad_norm is not None:

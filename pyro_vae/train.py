@@ -50,7 +50,7 @@ from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, wr
 from .config import BINARIZE, DATASETS, RunConfig, resolve_device  # noqa: F401 (public here since 0.1)
 from .errors import InputError
 from .loop import Loop, TrainingDiverged, TrainingInterrupted  # noqa: F401 (public here since 0.1)
-from .objectives import BalancedKLELBO, FreeBitsELBO, KLWarmup
+from .objectives import BalancedKLELBO, FreeBitsELBO, KLWarmup, SemiSupervisedELBO
 from .svi import DataParallelSVI, TorchOptimSVI
 from .vae import VAE
 
@@ -92,7 +92,7 @@ def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=None):
 def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="trace", num_particles=1,
         seed=0, dynamic_binarize=False, grad_clip=None, max_bad_steps=10, checkpoint_every=0,
         kl_warmup=0, free_bits=0.0, progress=True, log=print, checkpoint=None, state=None, callbacks=(),
-        kl_balance=False, writer=None):
+        kl_balance=False, writer=None, y_train=None, y_test=None, aux_loss=0.0):
     """Train ``vae`` by SVI on ``vae.model`` and ``vae.guide`` with Adam
     (:class:`~pyro_vae.svi.TorchOptimSVI`: ``pyro.infer.SVI``'s step with one
     torch optimizer), in a :class:`~pyro_vae.loop.Loop` with parts around it.
@@ -139,6 +139,18 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
             ``purge_step=state["step"] + 1``), a log directory (the part makes the writer, purging
             on a resume), or a ``TensorBoard`` part; its pictures reconstruct ``x_test`` (else
             ``x_train``). Needs ``pip install 'pyro-vae[tensorboard]'``.
+        y_train: labels or covariates of ``x_train``, one row each, handed to ``vae.model(x, y)`` and
+            ``vae.guide(x, y)`` batch by batch. A conditional VAE (``condition=K``) needs them: class
+            labels ``(N,)`` or floats ``(N, K)``. For an M2 VAE (``label_site=True``) they are class
+            labels ``(N,)`` with ``-1`` (:data:`~pyro_vae.data.UNLABELLED`) for an unlabelled point
+            (:func:`~pyro_vae.data.balanced_labels` makes such a set): every epoch is then a pass over
+            the unlabelled points, the label summed out, with the labelled batches spread among them
+            (:class:`~pyro_vae.data.SemiSupervised`); without ``y_train`` every point is unlabelled.
+        y_test: the same for ``x_test`` (for M2: its labels, all given; the record adds
+            ``test_accuracy``).
+        aux_loss: for M2, the weight alpha of the classification term ``alpha * -log q(y | x)`` added
+            on labelled batches (:class:`~pyro_vae.objectives.SemiSupervisedELBO`; 0: off). An M2 VAE
+            trains on that objective, ``TraceEnum_ELBO`` underneath (``elbo="trace"`` only).
 
     Returns:
         list of per-epoch metric dicts (``epoch``, ``train_loss``,
@@ -170,6 +182,14 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     vae.check_data(x_train)
     if x_test is not None:
         vae.check_data(x_test)
+    y_train, y_test = _checked_labels(vae, y_train, x_train, "y_train"), _checked_labels(vae, y_test, x_test, "y_test")
+    m2 = getattr(vae, "label_site", False)
+    if aux_loss and not m2:
+        raise InputError("aux_loss trains the classifier q(y | x) of an M2 VAE; build the VAE with condition=K and "
+                         "label_site=True, or drop aux_loss")
+    if m2:
+        settings.check({"aux_loss": aux_loss, "labels": 1, "free_bits": free_bits, "kl_balance": kl_balance,
+                        "elbo": elbo})
     group = distributed.current() or distributed.init(str(x_train.device))  # under torchrun: its group
     if group is not None and (free_bits or kl_balance):
         raise InputError("free bits and KL balancing weigh each level's KL averaged over the batch, which under "
@@ -180,13 +200,14 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
                          f"share of every batch; use a batch size of {group.size} or more")
     pyro.set_rng_seed(seed + (group.rank if group else 0))  # under torchrun every rank draws its own noise
     generator = torch.Generator(device=x_train.device).manual_seed(seed)  # the same batches on every rank
-    data = data_.Batches(x_train, batch_size, generator, dynamic_binarize=dynamic_binarize)
-    loss_fn = make_elbo(elbo, num_particles, free_bits, vae if kl_balance else None)
+    data = _batch_source(vae, x_train, y_train, batch_size, generator, dynamic_binarize)
+    loss_fn = (SemiSupervisedELBO(vae, aux_loss, num_particles) if m2
+               else make_elbo(elbo, num_particles, free_bits, vae if kl_balance else None))
     vae.check_elbo(loss_fn)
     svi = (DataParallelSVI if group else TorchOptimSVI)(vae.model, vae.guide, loss_fn, lr, grad_clip=grad_clip)
     parts = ([DataParallel(group)] if group else []) + [DivergenceGuard(patience=max_bad_steps)]
     parts += [KLWeight(KLWarmup(kl_warmup))] if kl_warmup else []
-    parts += [EpochStats()] + ([Evaluation(x_test, "test")] if x_test is not None else []) + list(callbacks)
+    parts += [EpochStats()] + ([Evaluation(x_test, "test", y=y_test)] if x_test is not None else []) + list(callbacks)
     parts += [] if writer is None else [_tensorboard_part(writer, x_train if x_test is None else x_test)]
     main = group is None or group.main  # under torchrun only rank 0 logs, shows progress and saves
     parts += [EpochLog(log)] if log is not None and main else []
@@ -194,6 +215,40 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     parts += [Checkpoint(distributed.on_main(checkpoint), checkpoint_every)] if checkpoint is not None else []
     with _store_entries_dropped(vae):
         return Loop(vae, svi, data, epochs, parts, max_bad_steps).run(state)
+
+
+def _checked_labels(vae, y, x, name):
+    """``fit``'s ``y_train``/``y_test`` checked against the VAE and moved to ``x``'s device (``None`` stays)."""
+    if x is None:
+        return None
+    condition, m2 = getattr(vae, "condition", 0), getattr(vae, "label_site", False)
+    if y is None:
+        if condition and not m2:
+            raise InputError(f"this VAE is conditional (condition={condition}): give {name}, the labels (N,) or "
+                             f"covariates (N, {condition}) of its data")
+        return None
+    if not condition:
+        raise InputError(f"{name} was given to a VAE without conditioning; build it with condition=K, or leave "
+                         f"{name} out")
+    y = data_._rows_of(y, x.shape[0], name).to(x.device)
+    if not m2:
+        vae.conditioning(y, x.shape[0])  # the VAE's own check, with its one-line message
+    elif y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
+        raise InputError(f"{name} of an M2 VAE holds class labels: an integer tensor ({x.shape[0]},), -1 for an "
+                         f"unlabelled point; got {y.dtype} of shape {tuple(y.shape)}")
+    elif len(y) and (int(y.min()) < data_.UNLABELLED or int(y.max()) >= condition):
+        raise InputError(f"{name} must hold labels in 0..{condition - 1}, or -1 for an unlabelled point; got "
+                         f"values in {int(y.min())}..{int(y.max())}")
+    elif name == "y_test" and bool((y == data_.UNLABELLED).any()):
+        raise InputError("y_test must label every test point (its accuracy is measured against them)")
+    return y
+
+
+def _batch_source(vae, x, y, batch_size, generator, dynamic_binarize):
+    """``fit``'s batches: plain, labelled pairs, or an M2 run's labelled and unlabelled batches."""
+    if y is not None and getattr(vae, "label_site", False) and bool((y == data_.UNLABELLED).any()):
+        return data_.SemiSupervised(x, y, batch_size, generator, dynamic_binarize=dynamic_binarize)
+    return data_.Batches(x, batch_size, generator, dynamic_binarize=dynamic_binarize, y=y)
 
 
 def _tensorboard_part(writer, images):
