@@ -199,6 +199,15 @@ def _add_training_flags(t):
     t.add_argument("--kl-balance", action="store_true", default=None,
                    help="NVAE's KL balancing during the KL warm-up: each level's KL weighted by its share, so "
                         "no level is switched off early; an objective, not a bound, until the warm-up ends")
+    t.add_argument("--labels", type=int, metavar="N",
+                   help="semi-supervised M2: keep the class labels of N training images (balanced over the classes, "
+                        "seeded by --seed), the label a Pyro site summed out by TraceEnum_ELBO for the rest; evaluate "
+                        "then reports the test accuracy of q(y | x) (default 0: unsupervised)")
+    t.add_argument("--aux-loss", type=_number_like(46), metavar="ALPHA",
+                   help="with --labels: add ALPHA * -log q(y | x) on the labelled images (Kingma et al.'s auxiliary "
+                        "term; Pyro's ss_vae_M2.py uses 46) (default 0: off)")
+    t.add_argument("--enumerate", help="with --labels: sum the label out in parallel (one pass over all classes) or "
+                                       f"sequential (a pass per class) (default {DEFAULTS.enumerate})")
     t.add_argument("--epochs", type=int, help=f"epochs to train up to (default {DEFAULTS.epochs})")
     t.add_argument("--batch-size", type=int, help=f"minibatch size (default {DEFAULTS.batch_size})")
     t.add_argument("--lr", type=float, help=f"Adam learning rate (default {DEFAULTS.lr})")
@@ -276,6 +285,7 @@ def _train(args):
           f"{held_out} ELBO {last[key]:.2f} nats/{unit}")
     pictures = "samples.png reconstructions.png levels.png curves.png" if is_image(vae) else "curves.png"
     pictures += " kl_levels.png" if len(vae.latent_dims) > 1 else ""
+    pictures += " classes.png" if (out / "classes.png").exists() else ""
     kept = " best.pt" if (out / "best.pt").exists() else ""
     pictures += " model.png" if (out / "model.png").exists() else ""
     kept += " tensorboard/" if tensorboard else ""
@@ -285,7 +295,7 @@ def _train(args):
 def _evaluate(args):
     from .evaluate import evaluate
     from .rundir import RunLock
-    from .train import load_data, load_run, load_run_checkpoint
+    from .train import CLASS_NAMES, load_labelled_splits, load_run, load_run_checkpoint
 
     if args.checkpoint not in (None, "best", "last"):
         raise InputError(f"--checkpoint must be best or last, got {args.checkpoint!r}")
@@ -310,20 +320,27 @@ def _evaluate(args):
             if main:  # refused inside main_first, so every rank hears of it
                 lock.enter_context(RunLock(run_dir))
             vae, run_config = load_run(run_dir, device=args.device, checkpoint=name)
-            return vae, run_config, load_data(run_config, vae.device)[1]
+            return vae, run_config, load_labelled_splits(run_config, vae.device)[2]
 
-        vae, config, x_test = distributed.main_first(load)
+        vae, config, (x_test, y_test) = distributed.main_first(load)
+        y_test = y_test if config.labels else None  # an M2 run: its test accuracy
         _NEWS.clear()  # stdout is the JSON alone: the device is in it
         if args.limit is not None:
-            x_test = x_test[:args.limit]
+            x_test, y_test = x_test[:args.limit], None if y_test is None else y_test[:args.limit]
         import pyro
 
         pyro.set_rng_seed(args.seed)  # the same run and settings give the same eval.json
         with pyro.validation_enabled(False):
             summary = evaluate(vae, x_test, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
-                               progress=not args.no_progress, mixture=args.mixture, seed=args.seed)
+                               progress=not args.no_progress, mixture=args.mixture, seed=args.seed, y=y_test)
         if not main:
             return
+        if y_test is not None:
+            from .evaluate import predicted_classes
+            from .plots import save_confusion
+
+            save_confusion(predicted_classes(vae, x_test), y_test, run_dir / "confusion.png",
+                           names=CLASS_NAMES.get(config.dataset))
         summary.update(dataset=config.dataset, binarize=config.binarize, checkpoint=name,
                        epoch=int(load_run_checkpoint(run_dir / name)["epoch"]), device=str(vae.device))
         if distributed.current() is not None:

@@ -38,7 +38,9 @@ PRESETS = {
 
 TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps", "lr", "beta", "grad_clip",
                  "free_bits", "kl_warmup", "checkpoint_every", "elbo", "val_size", "patience", "kl_warmup_epochs",
-                 "seed", "squeeze", "ema", "skip_grad_norm", "kl_balance")
+                 "seed", "squeeze", "ema", "skip_grad_norm", "kl_balance", "labels", "aux_loss", "enumerate")
+LABELLED_DATASETS = data_.DATASETS  # the data sets whose class labels pyro-vae reads (ten classes each)
+CLASSES = 10
 
 
 @dataclasses.dataclass
@@ -81,6 +83,13 @@ class RunConfig:
     balancing during the warm-up);
     ``skip_grad_norm`` the threshold of :class:`~pyro_vae.callbacks.GradientSkip`
     (0: off): updates whose total gradient norm exceeds it are skipped.
+
+    ``labels`` > 0 makes the run semi-supervised (Kingma et al.'s M2, ``VAE(condition=10,
+    label_site=True)``): that many training images keep their class label (balanced over the ten
+    classes, chosen by a shuffle seeded by ``seed``, :func:`pyro_vae.data.balanced_labels`), the rest
+    are unlabelled and their label is summed out (``enumerate``: ``parallel`` or ``sequential``);
+    ``aux_loss`` is the weight alpha of the classifier's extra term (0: off). For data sets with labels
+    (``LABELLED_DATASETS``); the held-out records then add the accuracy of q(y | x).
     """
 
     dataset: str = "fashion-mnist"
@@ -120,10 +129,14 @@ class RunConfig:
     ema: float = 0.0
     skip_grad_norm: float = 0.0
     kl_balance: bool = False
+    labels: int = 0
+    aux_loss: float = 0.0
+    enumerate: str = "parallel"
 
     # settings that change the model or its data; a resume must not change them
     MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",
-                  "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze", "skip", "image_size", "channels")
+                  "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze", "skip", "image_size", "channels",
+                  "labels")
     RESUME_KEYS = MODEL_KEYS + ("data_dir", "val_size", "seed", "ema")
 
     def check_resume(self, saved, mid_epoch, where):
@@ -208,6 +221,9 @@ class RunConfig:
         if self.elbo == "meanfield" and self.guide == "bottom-up" and len(dims) > 1:
             raise InputError(MEANFIELD_BOTTOM_UP)
         settings.check({key: getattr(self, key) for key in TRAINING_KEYS}, cli=True)
+        if self.labels and self.dataset not in LABELLED_DATASETS:
+            raise InputError(f"--labels needs class labels, which --dataset {self.dataset} does not give; use one of: "
+                             f"{', '.join(LABELLED_DATASETS)}")
         self._check_size()
         if device:
             resolve_device(self.device)

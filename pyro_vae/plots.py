@@ -369,3 +369,46 @@ def save_classes(vae, path, n=8, names=None, temperature=1.0, seed=0):
         with _seeded(seed, vae.device):
             rows.append(vae.sample(n, temperature=temperature, y=label).clamp(0, 1).cpu())
     save_labelled_grid(torch.cat(rows), path, n, names, title=f"{n} draws per class")
+
+
+def save_confusion(predicted, labels, path, names=None):
+    """``confusion.png``: the confusion matrix of a classifier (M2's q(y | x)) on labelled data, one row per
+    true class, one column per predicted class, each cell the fraction of its row (printed in the cell),
+    the accuracy in the title.
+
+    Args:
+        predicted: predicted classes ``(N,)`` (integers ``0 .. K-1``).
+        labels: the true classes ``(N,)``.
+        path: the picture (``.png``).
+        names: the classes' names (default ``0 .. K-1``).
+
+    Returns:
+        the counts ``(K, K)``, rows true and columns predicted.
+    """
+    predicted, labels = torch.as_tensor(predicted).cpu().long(), torch.as_tensor(labels).cpu().long()
+    if predicted.shape != labels.shape or predicted.dim() != 1:
+        raise InputError(f"predicted and labels must be two (N,) tensors of classes, got shapes "
+                         f"{tuple(predicted.shape)} and {tuple(labels.shape)}")
+    k = len(names) if names is not None else int(max(predicted.max(), labels.max())) + 1
+    counts = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+    share = counts.float() / counts.sum(1, keepdim=True).clamp(min=1)
+    names = [str(i) for i in range(k)] if names is None else [str(n) for n in names]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
+    ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{share[i, j]:.2f}".lstrip("0") if share[i, j] < 1 else "1",
+                    ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = float(counts.diag().sum()) / max(1, int(counts.sum()))
+    ax.set_title(f"accuracy {accuracy:.3f} on {int(counts.sum())} points", fontsize=9)
+    _save_figure(fig, path)
+    return counts

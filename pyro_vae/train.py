@@ -47,7 +47,7 @@ from . import distributed, likelihoods, nets, plots, posteriors, priors, rundir,
 from .callbacks import (Checkpoint, DataParallel, DivergenceGuard, EarlyStopping, EpochLog, EpochStats, Evaluation,
                         GradientSkip, KeepBest, KLWeight, ProgressBar, WeightAverage)
 from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, write_text_atomic
-from .config import BINARIZE, DATASETS, RunConfig, resolve_device  # noqa: F401 (public here since 0.1)
+from .config import BINARIZE, CLASSES, DATASETS, RunConfig, resolve_device  # noqa: F401 (public here since 0.1)
 from .errors import InputError
 from .loop import Loop, TrainingDiverged, TrainingInterrupted  # noqa: F401 (public here since 0.1)
 from .objectives import BalancedKLELBO, FreeBitsELBO, KLWarmup, SemiSupervisedELBO
@@ -55,16 +55,23 @@ from .svi import DataParallelSVI, TorchOptimSVI
 from .vae import VAE
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "jit": JitTrace_ELBO}
+CLASS_NAMES = {"fashion-mnist": ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                                 "Ankle boot"),
+               "mnist": tuple(str(i) for i in range(10)),
+               "cifar-10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")}
 
 
 def build_vae(config, x_shape):
     """The :class:`VAE` that ``config`` (a :class:`RunConfig`) describes, for data of ``x_shape``."""
     likelihood = likelihoods.from_name(config.likelihood, config.gaussian_scale)
     reads = sum(config.latent_dims) if config.skip else config.latent_dims[-1]  # what the decoder reads
-    encoder, decoder = nets.build(config.arch, x_shape, reads, out_channels=likelihood.channels, hidden=config.hidden)
+    classes = CLASSES if config.labels else 0  # M2: the decoder reads the label beside the levels
+    encoder, decoder = nets.build(config.arch, x_shape, reads + classes, out_channels=likelihood.channels,
+                                  hidden=config.hidden)
     return VAE(encoder, decoder, config.latent_dims, likelihood=likelihood, beta=config.beta,
                prior=priors.from_name(config.prior), posterior=posteriors.from_name(config.posterior),
-               guide=config.guide, hidden=config.hidden, skip=config.skip)
+               guide=config.guide, hidden=config.hidden, skip=config.skip, condition=classes,
+               label_site=bool(classes), enumerate=config.enumerate)
 
 
 def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=None):
@@ -289,7 +296,15 @@ def is_image(vae):
 
 
 def load_splits(config, device):
-    """``(x_train, x_val, x_test)`` for a :class:`RunConfig`, binarised as it says, on ``device``.
+    """``(x_train, x_val, x_test)`` of :func:`load_labelled_splits`, without the labels."""
+    return tuple(None if part is None else part[0] for part in load_labelled_splits(config, device))
+
+
+def load_labelled_splits(config, device):
+    """``((x_train, y_train), (x_val, y_val) or None, (x_test, y_test))`` for a :class:`RunConfig`, the
+    data binarised as it says, on ``device``; the labels ``(N,)`` are the data set's classes (``None``
+    for data without them). For a semi-supervised run (``config.labels``) ``y_train`` keeps that many
+    labels, balanced and seeded (:func:`~pyro_vae.data.balanced_labels`), -1 for the rest.
 
     ``x_val`` is ``None`` without ``config.val_size``; otherwise it is the
     **last** ``val_size`` points of the training set (the VampPrior paper's
@@ -313,15 +328,23 @@ def load_splits(config, device):
         order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed + 1))
         n_test = max(1, x.shape[0] // 10)
         x_train, x_test = x[order[n_test:]], x[order[:n_test]]
+        y_train = y_val = y_test = None
     else:
-        x_train, _, x_test, _ = data_.load_images(config.dataset, config.data_dir, image_size=config.image_size,
-                                                  channels=config.channels)
-    x_val = None
+        x_train, y_train, x_test, y_test = data_.load_images(config.dataset, config.data_dir,
+                                                             image_size=config.image_size, channels=config.channels)
+    x_val = y_val = None
     if config.val_size:
         if config.val_size >= x_train.shape[0]:
             raise InputError(f"val_size {config.val_size} leaves nothing to train on ({x_train.shape[0]} training "
                              f"points); use --val-size {x_train.shape[0] // 6} or less")
         x_train, x_val = x_train[:-config.val_size], x_train[-config.val_size:]
+        if y_train is not None:
+            y_train, y_val = y_train[:-config.val_size], y_train[-config.val_size:]
+    if config.labels:
+        if config.labels > x_train.shape[0]:
+            raise InputError(f"--labels {config.labels} asks for more labelled images than the {x_train.shape[0]} "
+                             f"trained on; use --labels {x_train.shape[0]} or less")
+        y_train = data_.balanced_labels(y_train, config.labels, seed=config.seed, classes=CLASSES)
     if config.binarize != "none":
         g = torch.Generator().manual_seed(config.seed + 1)
         x_test = data_.binarize(x_test, g)
@@ -332,7 +355,10 @@ def load_splits(config, device):
     if config.squeeze:  # [0, 1] -> [eps, 1 - eps], for likelihoods whose support is the open interval
         x_train, x_test = squeeze(x_train, config.squeeze), squeeze(x_test, config.squeeze)
         x_val = None if x_val is None else squeeze(x_val, config.squeeze)
-    return x_train.to(device), None if x_val is None else x_val.to(device), x_test.to(device)
+    def on(x, y):
+        return x.to(device), None if y is None else y.to(device)
+
+    return on(x_train, y_train), None if x_val is None else on(x_val, y_val), on(x_test, y_test)
 
 
 def squeeze(x, eps):
@@ -410,12 +436,12 @@ def _training_aids(config):
         ([WeightAverage(config.ema)] if config.ema else [])
 
 
-def _selection_parts(config, x_val, run, callbacks):
+def _selection_parts(config, x_val, run, callbacks, y_val=None):
     """The parts that choose (early stopping, the best checkpoint): they read the validation ELBO where a
     validation split exists (the test set is then read only by ``evaluate``), else the test ELBO."""
     if x_val is None:
         return [*callbacks, *([KeepBest(distributed.on_main(run.save_best), "test_elbo")] if config.keep_best else [])]
-    return [Evaluation(x_val, "val"), *callbacks,
+    return [Evaluation(x_val, "val", y=y_val), *callbacks,
             *([EarlyStopping("val_elbo", config.patience)] if config.patience else []),
             *([KeepBest(distributed.on_main(run.save_best), "val_elbo")] if config.keep_best else [])]
 
@@ -492,18 +518,17 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
     with contextlib.ExitStack() as lock:
         created = distributed.main_first(check)
         try:
-            state, (x_train, x_val, x_test), vae = distributed.main_first(
-                lambda: _prepare_run(config, out, resume, overwrite))
+            state, splits, vae = distributed.main_first(lambda: _prepare_run(config, out, resume, overwrite))
         except InputError:
             if created:
                 rundir.remove_if_unused(out)
             raise
-        return _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures and main, callbacks,
-                    tensorboard)
+        return _run(config, out, state, vae, splits, progress, pictures and main, callbacks, tensorboard)
 
 
 def _prepare_run(config, out, resume, overwrite):
-    """Everything that can refuse a run, before anything is written: ``(state, data, vae)``."""
+    """Everything that can refuse a run, before anything is written: ``(state, splits, vae)`` (the splits
+    of :func:`load_labelled_splits`)."""
     ckpt_path = out / "checkpoint.pt"
     state = None
     if resume:
@@ -513,7 +538,8 @@ def _prepare_run(config, out, resume, overwrite):
         raise InputError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --out")
     device = resolve_device(config.device)
-    x_train, x_val, x_test = load_splits(config, device)
+    splits = load_labelled_splits(config, device)
+    x_train, x_val, x_test = (None if part is None else part[0] for part in splits)
     if config.batch_size > x_train.shape[0]:
         raise InputError(f"batch size {config.batch_size} is larger than the data ({x_train.shape[0]} points); "
                          f"use --batch-size {x_train.shape[0]} or less")
@@ -526,11 +552,15 @@ def _prepare_run(config, out, resume, overwrite):
     vae.check_data(x_train)
     if state is not None:
         load_weights(vae, state, ckpt_path)
-    return state, (x_train, x_val, x_test), vae
+    return state, splits, vae
 
 
-def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, callbacks, tensorboard=False):
-    """Train in the locked run directory ``out`` and write its files."""
+def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorboard=False):
+    """Train in the locked run directory ``out`` on ``splits`` (:func:`load_labelled_splits`) and write its
+    files."""
+    (x_train, y_train), (x_test, y_test) = splits[0], splits[2]
+    x_val, y_val = splits[1] if splits[1] is not None else (None, None)
+    m2 = bool(config.labels)
     if distributed.is_main():
         if state is None:  # a new run (or --overwrite): nothing of an old run may be taken for this one's
             for stale in ("checkpoint.pt", "best.pt", "metrics.jsonl", "eval.json"):
@@ -543,7 +573,7 @@ def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, ca
 
     run = RunDirectory(out, config, x_train.shape[1:])
     aids = _training_aids(config)
-    parts = aids + _selection_parts(config, x_val, run, callbacks)
+    parts = aids + _selection_parts(config, x_val, run, callbacks, y_val if m2 else None)
     warmup = config.kl_warmup or config.kl_warmup_epochs * -(-x_train.shape[0] // config.batch_size)
     board = _tensorboard_part(out / "tensorboard", x_test if x_val is None else x_val) if tensorboard else None
     history = fit(vae, x_train, None if x_val is not None else x_test, epochs=config.epochs,
@@ -552,7 +582,9 @@ def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, ca
                   dynamic_binarize=config.binarize == "dynamic", grad_clip=config.grad_clip or None,
                   max_bad_steps=config.max_bad_steps, checkpoint_every=config.checkpoint_every,
                   kl_warmup=warmup, free_bits=config.free_bits, kl_balance=config.kl_balance, progress=progress,
-                  checkpoint=run.save, state=state, callbacks=parts, writer=board)
+                  checkpoint=run.save, state=state, callbacks=parts, writer=board,
+                  y_train=y_train if m2 else None, y_test=y_test if m2 and x_val is None else None,
+                  aux_loss=config.aux_loss)
     for part in aids:  # the pictures and the VAE returned hold the weight average, as load_run's does
         if isinstance(part, WeightAverage):
             part.copy_to(vae)
@@ -563,6 +595,8 @@ def _run(config, out, state, vae, x_train, x_val, x_test, progress, pictures, ca
             shown = x_test if x_val is None else x_val  # with a validation split, the test set waits for evaluate
             plots.save_reconstructions(vae, shown, out / "reconstructions.png")
             plots.save_levels(vae, shown, out / "levels.png")
+            if m2:
+                plots.save_classes(vae, out / "classes.png", names=CLASS_NAMES.get(config.dataset))
         plots.save_curves(out / "metrics.jsonl", out / "curves.png")
         if len(vae.latent_dims) > 1:
             plots.save_level_curves(out / "metrics.jsonl", out / "kl_levels.png")

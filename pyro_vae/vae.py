@@ -577,8 +577,9 @@ class VAE(nn.Module):
     def reconstruct(self, x, y=None):
         """E[x | zL] with every guide level at its mean given the mean above
         (one level: z0 = E_q[z0 | x]); ``(B, *x_shape) -> (B, *x_shape)``. ``y``: a conditional VAE's
-        conditioning (see :meth:`model`)."""
+        conditioning (see :meth:`model`); for an M2 VAE without ``y``, q(y | x)'s most probable class."""
         self.check_data(x)
+        y = self._guessed(x, y)
         c = self.conditioning(y, x.shape[0], x.device)
         with pyro.validation_enabled(False), _AtMean():
             trace = poutine.trace(self.guide).get_trace(x, y)
@@ -630,7 +631,8 @@ class VAE(nn.Module):
             n: draws per data point.
             temperature: t >= 0 for the redrawn levels (default 1: the model).
             kept: ``"draw"`` or ``"mean"``, as above.
-            y: a conditional VAE's conditioning of ``x`` (see :meth:`model`), read by the guide and the decoder.
+            y: a conditional VAE's conditioning of ``x`` (see :meth:`model`), read by the guide and the decoder
+                (for an M2 VAE without ``y``: q(y | x)'s most probable class).
 
         Returns:
             E[x | zL] ``(B, n, *x_shape)``.
@@ -671,10 +673,15 @@ class VAE(nn.Module):
             raise InputError(f"kept must be one of: {', '.join(KEPT)} (one guide draw per data point, or the "
                              f"guide's means), got {kept!r}")
         level, n, temperature = int(level), int(n), check_temperature(temperature)
+        y = self._guessed(x, y)
         c = self.conditioning(y, x.shape[0], x.device)
         zs = [z.repeat_interleave(n, dim=0) for z in self._guide_levels(x, level, kept, y)]  # (B * n, D_l)
         c = None if c is None else c.repeat_interleave(n, dim=0)
         return self._generate(zs, x.shape[0] * n, temperature, c).reshape(x.shape[0], n, *x.shape[1:])
+
+    def _guessed(self, x, y):
+        """``y``, or for an M2 VAE given none, q(y | x)'s most probable class of each data point ``(B,)``."""
+        return self.classify(x).argmax(-1) if self.label_site and y is None else y
 
     def _guide_levels(self, x, count, kept="draw", y=None):
         """The guide's top ``count`` levels for ``x`` ``(B, *x_shape)``: ``[z0, ..., z_{count-1}]``, each

@@ -179,3 +179,41 @@ def test_a_resume_with_labels_is_bitwise():
     resumed = run(state=saved[0])
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------- the command line
+def test_cli_trains_m2_with_balanced_labels_and_evaluate_reports_accuracy(idx_dir, tmp_path, capsys):
+    import json
+
+    from pyro_vae import cli
+    from pyro_vae.train import RunConfig, load_labelled_splits
+
+    out = tmp_path / "m2"
+    assert cli.main(["train", "--data-dir", str(idx_dir), "--out", str(out), "--epochs", "2", "--labels", "40",
+                     "--aux-loss", "10", "--val-size", "100", "--batch-size", "64", "--latent-dims", "4",
+                     "--hidden", "32", "--no-progress"]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= m["val_accuracy"] <= 1.0 for m in metrics)
+    assert (out / "classes.png").is_file()
+    config = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+    (_, y_train), _, _ = load_labelled_splits(config, "cpu")
+    assert torch.bincount(y_train[y_train >= 0], minlength=10).tolist() == [4] * 10  # balanced, 40 kept
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out), "--iw-samples", "3", "--no-progress"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["n"] == 128
+    assert (out / "confusion.png").is_file()
+    assert cli.main(["train", "--data-dir", str(idx_dir), "--out", str(tmp_path / "bad"), "--epochs", "1",
+                     "--labels", "5", "--no-progress"]) == 2
+    assert "labelled points must be a whole number from 10" in capsys.readouterr().err
+
+
+def test_the_confusion_matrix_counts_true_rows_and_predicted_columns(tmp_path):
+    from pyro_vae.plots import save_confusion
+
+    counts = save_confusion(torch.tensor([0, 1, 1, 2, 2, 0]), torch.tensor([0, 1, 2, 2, 2, 1]),
+                            tmp_path / "c.png", names=["a", "b", "c"])
+    assert counts.tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 2]]
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(InputError, match="two \\(N,\\) tensors"):
+        save_confusion(torch.tensor([0, 1]), torch.tensor([0]), tmp_path / "d.png")
