@@ -346,6 +346,9 @@ class EpochLog(Callback):
         self.log(f"epoch {r['epoch']}: train loss {r['train_loss']:.2f} nats/image"
                  + (f", test ELBO {r['test_elbo']:.2f}" if "test_elbo" in r else "")
                  + (f", validation ELBO {r['val_elbo']:.2f}" if "val_elbo" in r else "")
+                 + "".join(f", {name} accuracy {r[key]:.4f}" for key, name in (("test_accuracy", "test"),
+                                                                              ("val_accuracy", "validation"))
+                           if key in r)
                  + (f", {r['skipped_updates']} updates skipped" if r.get("skipped_updates") else "")
                  + f" ({r['seconds']:.1f} s)")
 

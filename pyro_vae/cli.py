@@ -174,7 +174,8 @@ def _add_model_flags(t):
     t.add_argument("--skip", action="store_true", default=None,
                    help="skip connections (the VampPrior paper's HVAE): the decoder and every transition read all "
                         "levels above them, and the top-down guide draws each level given x and the levels above")
-    t.add_argument("--prior", help="p(z0): standard, learned, mog:K, vamp:K or flow:K "
+    t.add_argument("--prior", help="p(z0): standard, learned, mog:K, vamp:K, flow:K, or gmvae:K (a discrete level y "
+                                   "of K values above z0, p(z0 | y) Gaussian, summed out by enumeration) "
                                    f"(default {DEFAULTS.prior})")
     t.add_argument("--posterior", help="the guide's family at every level: gaussian or iaf:K (K flow steps) "
                                        f"(default {DEFAULTS.posterior})")
@@ -323,6 +324,7 @@ def _evaluate(args):
             return vae, run_config, load_labelled_splits(run_config, vae.device)[2]
 
         vae, config, (x_test, y_test) = distributed.main_first(load)
+        classes = y_test if vae.label_site and not config.labels else None  # a discrete level learnt unsupervised
         y_test = y_test if config.labels else None  # an M2 run: its test accuracy
         _NEWS.clear()  # stdout is the JSON alone: the device is in it
         if args.limit is not None:
@@ -335,6 +337,10 @@ def _evaluate(args):
                                progress=not args.no_progress, mixture=args.mixture, seed=args.seed, y=y_test)
         if not main:
             return
+        if classes is not None:
+            from .evaluate import cluster_accuracy, predicted_classes
+
+            summary["cluster_accuracy"] = cluster_accuracy(predicted_classes(vae, x_test), classes[:len(x_test)])
         if y_test is not None:
             from .evaluate import predicted_classes
             from .plots import save_confusion

@@ -221,6 +221,12 @@ class RunConfig:
         if self.elbo == "meanfield" and self.guide == "bottom-up" and len(dims) > 1:
             raise InputError(MEANFIELD_BOTTOM_UP)
         settings.check({key: getattr(self, key) for key in TRAINING_KEYS}, cli=True)
+        if self.prior.startswith("gmvae") and self.labels and priors.from_name(self.prior).k != CLASSES:
+            raise InputError(f"--prior {self.prior} with --labels: the discrete level is the class, so it needs "
+                             f"{CLASSES} values; use --prior gmvae:{CLASSES}")
+        if self.prior.startswith("gmvae") and (self.free_bits or self.kl_balance or self.elbo != "trace"):
+            raise InputError("--prior gmvae sums its discrete level out with TraceEnum_ELBO, which has no free bits, "
+                             "KL balancing, analytic KL or jit; use --elbo trace without them")
         if self.labels and self.dataset not in LABELLED_DATASETS:
             raise InputError(f"--labels needs class labels, which --dataset {self.dataset} does not give; use one of: "
                              f"{', '.join(LABELLED_DATASETS)}")

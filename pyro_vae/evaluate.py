@@ -532,6 +532,20 @@ def accuracy(vae, x, labels):
     return float((predicted_classes(vae, x) == labels).float().mean())
 
 
+def cluster_accuracy(clusters, labels):
+    """How well clusters ``(N,)`` (e.g. an unsupervised discrete level's q(y | x) classes) match labels ``(N,)``:
+    each cluster is mapped to its most frequent label (many clusters may map to one label, as GMVAE
+    papers score it) and the fraction of points whose cluster maps to their label is returned."""
+    clusters, labels = torch.as_tensor(clusters).cpu().long(), torch.as_tensor(labels).cpu().long()
+    if clusters.shape != labels.shape or clusters.dim() != 1:
+        raise InputError(f"clusters and labels must be two (N,) tensors, got shapes {tuple(clusters.shape)} and "
+                         f"{tuple(labels.shape)}")
+    k = int(labels.max()) + 1 if len(labels) else 1
+    counts = torch.zeros(int(clusters.max()) + 1 if len(clusters) else 1, k, dtype=torch.long)
+    counts.index_put_((clusters, labels), torch.ones_like(labels), accumulate=True)
+    return float(counts.max(1).values.sum()) / max(1, len(labels))
+
+
 def bits_per_dim(vae, x, summary):
     """``{"bits_per_dim": ..., "elbo_bits_per_dim": ...}`` from a summary's nats per data point, where the
     likelihood is discrete over ``levels`` values per dimension (``vae.likelihood.levels``: Bernoulli's 2,

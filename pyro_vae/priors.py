@@ -131,6 +131,47 @@ class MixtureOfGaussians(nn.Module):
         return diagonal_normal_mixture(self.logits, self.locs, F.softplus(self.raw_scales))
 
 
+class PerClassGaussian(nn.Module):
+    """A discrete top level: y ~ Categorical(uniform over k classes), then p(z0 | y) = N(mu_y,
+    diag(sigma_y^2)) with learnable means (init N(0, 1)) and scales (softplus, init 1): the Gaussian-
+    mixture VAE whose component is a Pyro site (``"y"``), rather than summed inside the prior's density
+    as :class:`MixtureOfGaussians` does.
+
+    Give it to an M2 VAE, ``VAE(condition=k, label_site=True, prior=PerClassGaussian(k))``: the model
+    then draws ``"y"`` and z0 given it, and the decoder reads the levels alone (not y, as in M2); the
+    guide's classifier q(y | x) draws y, enumerated by ``TraceEnum_ELBO`` (or observed, with labels), and
+    z0 ~ q(z0 | x, y). Without labels, q(y | x) is a clustering of the data.
+
+    Called with the label one-hot ``c`` ``(..., k)``: ``Normal(c @ mu, c @ sigma).to_event(1)``, batch
+    ``c.shape[:-1]``; with nothing: the marginal, the uniform mixture of the k Gaussians.
+
+    Args:
+        k: number of classes.
+    """
+
+    reads_label = True
+
+    def __init__(self, k=10):
+        super().__init__()
+        if isinstance(k, bool) or int(k) < 2:
+            raise InputError(f"PerClassGaussian needs k >= 2 classes, got {k}; use e.g. k=10")
+        self.k = int(k)
+
+    def setup(self, dim, vae=None):
+        if vae is not None and (not getattr(vae, "label_site", False) or vae.condition != self.k):
+            raise InputError(f"PerClassGaussian({self.k}) is p(z0 | y) for a label site y over {self.k} classes; "
+                             f"build the VAE with condition={self.k} and label_site=True")
+        self.locs = nn.Parameter(torch.randn(self.k, dim))
+        self.raw_scales = nn.Parameter(torch.full((self.k, dim), math.log(math.expm1(1.0))))
+        return self
+
+    def forward(self, c=None):
+        scales = F.softplus(self.raw_scales)
+        if c is None:
+            return diagonal_normal_mixture(torch.zeros_like(self.locs[:, 0]), self.locs, scales)
+        return dist.Normal(c @ self.locs, c @ scales).to_event(1)
+
+
 class VampPrior(nn.Module):
     """The VampPrior (Tomczak & Welling 2018): p(z0) = (1/k) sum_k q(z0 | u_k), a
     mixture of the guide's own posteriors at ``k`` learnable pseudo-inputs u_k.
@@ -258,19 +299,20 @@ def wrap(prior):
     return prior
 
 
-PRIORS = ("standard", "learned", "mog:K", "vamp:K", "flow:K")
+PRIORS = ("standard", "learned", "mog:K", "vamp:K", "flow:K", "gmvae:K")
 
 
 def from_name(name):
-    """A prior from its command-line name: ``standard``, ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``."""
+    """A prior from its command-line name: ``standard``, ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``,
+    ``gmvae:K`` (:class:`PerClassGaussian`, the discrete top level)."""
     kind, _, k = str(name).partition(":")
     simple = {"standard": StandardNormal, "learned": LearnedNormal}
-    counted = {"mog": MixtureOfGaussians, "vamp": VampPrior, "flow": FlowPrior}
+    counted = {"mog": MixtureOfGaussians, "vamp": VampPrior, "flow": FlowPrior, "gmvae": PerClassGaussian}
     if kind in simple and not k:
         return simple[kind]()
     if kind in counted:
         try:
-            return counted[kind](int(k) if k else {"mog": 10, "vamp": 500, "flow": 2}[kind])
+            return counted[kind](int(k) if k else {"mog": 10, "vamp": 500, "flow": 2, "gmvae": 10}[kind])
         except ValueError:
             pass
     raise InputError(f"unknown prior {name!r}; choose one of: {', '.join(PRIORS)} (K a positive integer)")

@@ -65,13 +65,14 @@ def build_vae(config, x_shape):
     """The :class:`VAE` that ``config`` (a :class:`RunConfig`) describes, for data of ``x_shape``."""
     likelihood = likelihoods.from_name(config.likelihood, config.gaussian_scale)
     reads = sum(config.latent_dims) if config.skip else config.latent_dims[-1]  # what the decoder reads
-    classes = CLASSES if config.labels else 0  # M2: the decoder reads the label beside the levels
-    encoder, decoder = nets.build(config.arch, x_shape, reads + classes, out_channels=likelihood.channels,
-                                  hidden=config.hidden)
-    return VAE(encoder, decoder, config.latent_dims, likelihood=likelihood, beta=config.beta,
-               prior=priors.from_name(config.prior), posterior=posteriors.from_name(config.posterior),
-               guide=config.guide, hidden=config.hidden, skip=config.skip, condition=classes,
-               label_site=bool(classes), enumerate=config.enumerate)
+    prior = priors.from_name(config.prior)
+    label_level = getattr(prior, "reads_label", False)  # gmvae:K, a discrete level y above z0
+    classes = prior.k if label_level else CLASSES if config.labels else 0
+    reads += 0 if label_level else classes  # M2: the decoder reads the label beside the levels
+    encoder, decoder = nets.build(config.arch, x_shape, reads, out_channels=likelihood.channels, hidden=config.hidden)
+    return VAE(encoder, decoder, config.latent_dims, likelihood=likelihood, beta=config.beta, prior=prior,
+               posterior=posteriors.from_name(config.posterior), guide=config.guide, hidden=config.hidden,
+               skip=config.skip, condition=classes, label_site=bool(classes), enumerate=config.enumerate)
 
 
 def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=None):

@@ -256,6 +256,9 @@ class VAE(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(features - condition, hidden), nn.Softplus(),
                                         nn.Linear(hidden, condition)) if self.label_site else None
         self.prior.setup(latent_dims[0], self)
+        # a prior that reads the label (priors.PerClassGaussian) makes y a discrete level above z0 (a GMVAE):
+        # the model draws z0 given y, and the decoder reads the levels alone
+        self.label_in_prior = self.label_site and bool(getattr(self.prior, "reads_label", False))
 
     def q_top(self, x):
         """q(z0 | x) as a distribution, batch ``x.shape[:-len(x_shape)]``, event ``(D0,)``: a one-level
@@ -357,7 +360,7 @@ class VAE(nn.Module):
                 prior = dist.Categorical(logits=torch.zeros(self.condition, device=device))
                 c = self._one_hot(pyro.sample("y", prior, obs=self._labels(y, n, device)))
             with self._kl_scale():
-                zs = [pyro.sample("z0", self.prior())]
+                zs = [pyro.sample("z0", self._top_prior(c))]
                 for level in range(1, self.levels + 1):
                     zs.append(pyro.sample(f"z{level}", self._transition(level, self._above(zs))))
             out = self.decoder(self._decoded(zs, c))
@@ -552,8 +555,13 @@ class VAE(nn.Module):
         return _beside(self.encoder(x), c)
 
     def _decoded(self, zs, c):
-        """What the decoder reads: the levels it reads (:meth:`_above`), with the conditioning beside them."""
-        return _beside(self._above(zs), c)
+        """What the decoder reads: the levels it reads (:meth:`_above`), with the conditioning beside them
+        (not where the label is a level above z0, ``label_in_prior``)."""
+        return _beside(self._above(zs), None if self.label_in_prior else c)
+
+    def _top_prior(self, c=None):
+        """p(z0), or p(z0 | y) for the label's one-hot ``c`` where the prior reads the label."""
+        return self.prior(c) if self.label_in_prior and c is not None else self.prior()
 
     def _transition(self, level, parent):
         """p(z_level | parent): the one the top-down guide computed at this very ``parent`` tensor (the
@@ -696,16 +704,18 @@ class VAE(nn.Module):
         """Draw the levels after the kept ``zs`` (z_0 .. z_{start-1}, each ``(n, D_l)``) from the model at
         ``temperature``, then E[x | the levels the decoder reads, the conditioning ``c`` ``(n, K)``]
         ``(n, *x_shape)``."""
-        zs = self._draw_levels(zs, n, temperature)
+        zs = self._draw_levels(zs, n, temperature, c)
         return self._mean(self.decoder(self._decoded(zs, c)), len(self._need_x_shape()))
 
-    def _draw_levels(self, zs, n, temperature=1.0):
+    def _draw_levels(self, zs, n, temperature=1.0, c=None):
         """The kept ``zs`` followed by the levels after them drawn from the model, each distribution
-        tempered (:func:`~pyro_vae.chain.tempered`): ``[z0, ..., zL]``, each ``(n, D_l)``."""
+        tempered (:func:`~pyro_vae.chain.tempered`): ``[z0, ..., zL]``, each ``(n, D_l)`` (z0 given the
+        label's one-hot ``c`` ``(n, K)`` where the prior reads it)."""
         zs = list(zs)
         for level in range(len(zs), self.levels + 1):
             if level == 0:
-                zs.append(tempered(self.prior(), temperature, "the prior p(z0)").sample((n,)))
+                top = tempered(self._top_prior(c), temperature, "the prior p(z0)")
+                zs.append(top.sample() if top.batch_shape else top.sample((n,)))
             else:
                 p = self.transitions[level - 1](self._above(zs))
                 zs.append(tempered(p, temperature, f"the transition p(z{level} | z{level - 1})").sample())

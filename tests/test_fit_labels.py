@@ -198,7 +198,7 @@ def test_cli_trains_m2_with_balanced_labels_and_evaluate_reports_accuracy(idx_di
     config = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
     (_, y_train), _, _ = load_labelled_splits(config, "cpu")
     assert torch.bincount(y_train[y_train >= 0], minlength=10).tolist() == [4] * 10  # balanced, 40 kept
-    capsys.readouterr()
+    assert "validation accuracy" in capsys.readouterr().out  # each epoch's line
     assert cli.main(["evaluate", str(out), "--iw-samples", "3", "--no-progress"]) == 0
     summary = json.loads((out / "eval.json").read_text())
     assert 0.0 <= summary["accuracy"] <= 1.0 and summary["n"] == 128
