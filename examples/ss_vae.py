@@ -16,12 +16,6 @@ from pyro.optim import Adam
 from pyro_vae import VAE, data, nets
 
 
-def labelled_subset(y, n, k, generator):
-    """Indices of ``n`` labelled points, ``n // k`` of each class (balanced), chosen by a seeded shuffle."""
-    order = torch.randperm(len(y), generator=generator)
-    return torch.cat([order[y[order] == c][:n // k] for c in range(k)])
-
-
 def main(args):
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
@@ -29,10 +23,8 @@ def main(args):
     k = 10
 
     x_train, y_train, x_test, y_test = data.load_images("fashion-mnist", args.data_dir)
-    g = torch.Generator().manual_seed(args.seed)
-    sup = labelled_subset(y_train, args.sup_num, k, g)
-    unsup = torch.ones(len(x_train), dtype=torch.bool)
-    unsup[sup] = False
+    unsup = data.balanced_labels(y_train, args.sup_num, seed=args.seed, classes=k) == data.UNLABELLED
+    sup = torch.nonzero(~unsup).flatten()  # args.sup_num // k of each class, chosen by a seeded shuffle
     x_test = data.binarize(x_test, torch.Generator().manual_seed(args.seed + 1))
     x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
     x_sup, y_sup, x_unsup = x_train[sup.to(device)], y_train[sup.to(device)], x_train[unsup.to(device)]

@@ -11,13 +11,31 @@ from pyro_vae.callbacks import Callback
 N_POINTS = 599  # batches of 256, 256 and 87: the last one splits 44 / 43 between two ranks
 
 
-def binary_data(n=N_POINTS, dim=20, seed=0):
-    """``(n, dim)`` fixed 0/1 data with some structure (two prototypes, bits flipped)."""
+def binary_data(n=N_POINTS, dim=20, seed=0, labels=False):
+    """``(n, dim)`` fixed 0/1 data with some structure (two prototypes, bits flipped); with ``labels`` also
+    each point's prototype ``(n,)``."""
     g = torch.Generator().manual_seed(seed)
     prototypes = (torch.rand(2, dim, generator=g) < 0.5).float()
     which = torch.randint(0, 2, (n,), generator=g)
     flip = (torch.rand(n, dim, generator=g) < 0.1).float()
-    return (prototypes[which] - flip).abs()
+    x = (prototypes[which] - flip).abs()
+    return (x, which) if labels else x
+
+
+def partly_labelled(y, every=5):
+    """``y`` with all but every ``every``-th label replaced by -1 (unlabelled)."""
+    y = y.clone()
+    y[torch.arange(len(y)) % every != 0] = -1
+    return y
+
+
+def small_m2(dim=20, latent=3, seed=0):
+    """:func:`small_vae` as an M2 VAE over the two prototypes (``condition=2, label_site=True``)."""
+    torch.manual_seed(seed)
+    encoder = nn.Sequential(nn.Linear(dim, 32), nn.Softplus())
+    encoder.out_features = 32
+    decoder = nn.Sequential(nn.Linear(latent + 2, 32), nn.Softplus(), nn.Linear(32, dim))
+    return VAE(encoder, decoder, [latent], x_shape=(dim,), condition=2, label_site=True, hidden=16)
 
 
 def small_vae(dim=20, latent=3, seed=0):

@@ -29,7 +29,7 @@ from pyro_vae.evaluate import evaluate, iw_log_likelihood
 from pyro_vae.rundir import RunLock
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_common import StepLog, binary_data, noise_free, small_vae  # noqa: E402
+from distributed_common import StepLog, binary_data, noise_free, partly_labelled, small_m2, small_vae  # noqa: E402,E501
 
 
 class RngSeen(callbacks.Callback):
@@ -59,6 +59,14 @@ def main(out):
         torch.save(vae.state_dict(), out / "noise_free.pt")
     report["noise_free"] = {"losses": steps.losses, "norms": steps.norms,
                             "train_loss": [r["train_loss"] for r in history]}
+
+    with noise_free():  # M2: labelled and unlabelled batches, the labels cut with the batch
+        pyro.clear_param_store()
+        xl, yl = binary_data(labels=True)
+        steps = StepLog()
+        fit(small_m2(), xl, y_train=partly_labelled(yl), aux_loss=3.0, epochs=1, batch_size=64, lr=1e-3, seed=0,
+            progress=False, log=None, callbacks=[steps])
+    report["m2_losses"] = steps.losses
 
     weights = []
     for _ in range(2):

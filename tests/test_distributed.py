@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import make_idx_dir
-from distributed_common import StepLog, binary_data, noise_free, small_vae
+from distributed_common import StepLog, binary_data, noise_free, partly_labelled, small_m2, small_vae
 from test_crash import wait_for
 from pyro_vae import cli, distributed, fit
 from pyro_vae.checkpoints import load_checkpoint
@@ -79,6 +79,19 @@ def test_two_processes_take_the_steps_one_process_takes_on_the_whole_batch(worke
         if name in trained:  # it moved, so the comparison below means something
             assert (value - start[name]).abs().max() > 1e-4, name
         torch.testing.assert_close(theirs[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_labels_are_cut_with_the_batch_so_two_processes_take_one_processs_m2_steps(worker):
+    """M2 with every fifth point labelled (labelled and unlabelled batches, the aux loss on): each rank
+    takes its share of the batch's labels, so the two-process losses are one process's."""
+    reports, _, _ = worker
+    with noise_free():
+        x, y = binary_data(labels=True)
+        steps = StepLog()
+        fit(small_m2(), x, y_train=partly_labelled(y), aux_loss=3.0, epochs=1, batch_size=64, lr=1e-3, seed=0,
+            progress=False, log=None, callbacks=[steps])
+    assert len(steps.losses) == 2 + 8  # 120 labelled points in 2 batches, 479 unlabelled in 8
+    assert reports[0]["m2_losses"] == reports[1]["m2_losses"] == pytest.approx(steps.losses, rel=1e-5)
 
 
 def test_each_rank_draws_its_own_noise_a_seed_reproduces_the_run_and_a_resume_is_bitwise(worker):
