@@ -336,14 +336,14 @@ class ProgressBar(Callback):
 
 
 class EpochLog(Callback):
-    """Calls ``log`` (``print`` by default) with one line per epoch."""
+    """Calls ``log`` (``print`` by default) with one line per epoch, losses in nats per ``unit``."""
 
-    def __init__(self, log=print):
-        self.log = log
+    def __init__(self, log=print, unit="image"):
+        self.log, self.unit = log, unit
 
     def on_epoch_end(self, loop):
         r = loop.record
-        self.log(f"epoch {r['epoch']}: train loss {r['train_loss']:.2f} nats/image"
+        self.log(f"epoch {r['epoch']}: train loss {r['train_loss']:.2f} nats/{self.unit}"
                  + (f", test ELBO {r['test_elbo']:.2f}" if "test_elbo" in r else "")
                  + (f", validation ELBO {r['val_elbo']:.2f}" if "val_elbo" in r else "")
                  + "".join(f", {name} accuracy {r[key]:.4f}" for key, name in (("test_accuracy", "test"),

@@ -81,6 +81,16 @@ def _parser():
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_device_flags(s)
     _add_explore_flags(sub)
+    c = sub.add_parser("encode", help="write each data point's posterior mean (the latent) to a .csv or .npy file")
+    c.add_argument("run_dir", help="run directory made by pyro-vae train")
+    c.add_argument("--out", help="latent.csv (a name per row, then the D values) or latent.npy (N x D) "
+                                 "(default RUN_DIR/latent.csv)")
+    c.add_argument("--data-file", help="count data to encode instead of the run's (its genes in the run's order)")
+    c.add_argument("--batch-file", help="with --data-file: the cells' batches (for a run trained with --batch-file)")
+    c.add_argument("--transpose", action="store_true", help="with --data-file: the file is genes x cells")
+    c.add_argument("--level", type=int, help="which level of a chain (default: the one nearest the data)")
+    c.add_argument("--checkpoint", help="best or last (default as for evaluate)")
+    _add_device_flags(c)
     return p
 
 
@@ -161,6 +171,12 @@ def _add_model_flags(t):
                                        "(N, C, H, W) or (N, H, W, C), uint8 or floats in [0, 1], .npy or .pt")
     t.add_argument("--transpose", action="store_true", default=None,
                    help="with --data-file: the file is genes x cells, as 10x Genomics .mtx files are")
+    t.add_argument("--batch-file", metavar="FILE",
+                   help="with --dataset counts: one batch label per cell (a line each, in the matrix's cell order); "
+                        "encoder and decoder read it one-hot, so the latent need not hold the batch")
+    t.add_argument("--count-input", metavar="log1p|raw",
+                   help="with --dataset counts: what the encoder reads, log(1 + x) or the raw counts "
+                        "(default log1p)")
     t.add_argument("--image-size", type=int, metavar="N",
                    help="resize images so that the shorter side is N, then crop the centre N x N (a multiple of "
                         "4 for --arch conv; default: the images' own size)")
@@ -254,7 +270,7 @@ def _add_training_flags(t):
 
 
 def _train(args):
-    from .train import is_image, load_checkpoint, train
+    from .train import is_image, load_checkpoint, train, unit_of
 
     if args.resume and args.overwrite:
         raise InputError("--resume and --overwrite exclude each other; pass --resume to continue the run in "
@@ -268,7 +284,7 @@ def _train(args):
         base = RunConfig.from_checkpoint(load_checkpoint(path), path).to_dict()
         config = RunConfig.from_dict({**base, **given})
     else:
-        config = RunConfig(**given)
+        config = RunConfig.with_defaults(given)  # --dataset counts: its own defaults; data paths made absolute
     import pyro
 
     # a resumed run that logged to TensorBoard goes on logging into the same stream, flag or not
@@ -280,7 +296,7 @@ def _train(args):
         return
     out = Path(args.out)
     last = history[-1]
-    unit = "image" if is_image(vae) else "data point"
+    unit = unit_of(vae)
     held_out, key = ("validation", "val_elbo") if "val_elbo" in last else ("test", "test_elbo")
     print(f"trained {last['epoch']} epochs: train loss {last['train_loss']:.2f}, "
           f"{held_out} ELBO {last[key]:.2f} nats/{unit}")
@@ -296,7 +312,7 @@ def _train(args):
 def _evaluate(args):
     from .evaluate import evaluate
     from .rundir import RunLock
-    from .train import CLASS_NAMES, load_labelled_splits, load_run, load_run_checkpoint
+    from .train import CLASS_NAMES, checkpoint_name, load_labelled_splits, load_run, load_run_checkpoint
 
     if args.checkpoint not in (None, "best", "last"):
         raise InputError(f"--checkpoint must be best or last, got {args.checkpoint!r}")
@@ -310,10 +326,7 @@ def _evaluate(args):
         raise InputError(f"--mixture must be a positive number of draws, got {args.mixture}; use e.g. --mixture 256")
     run_dir = Path(args.run_dir)
     config = RunConfig.from_checkpoint(load_run_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
-    # default: the best validation epoch where the run kept one (never an epoch chosen on the test set)
-    best = args.checkpoint == "best" or (args.checkpoint is None and config.val_size and config.keep_best
-                                         and (run_dir / "best.pt").exists())
-    name = "best.pt" if best else "checkpoint.pt"
+    name = checkpoint_name(run_dir, config, args.checkpoint)  # the best validation epoch's where kept
     distributed.init(args.device or config.device)  # under torchrun: the IW estimate is sharded across ranks
     main = distributed.is_main()
     with contextlib.ExitStack() as lock:
@@ -325,7 +338,7 @@ def _evaluate(args):
 
         vae, config, (x_test, y_test) = distributed.main_first(load)
         classes = y_test if vae.label_site and not config.labels else None  # a discrete level learnt unsupervised
-        y_test = y_test if config.labels else None  # an M2 run: its test accuracy
+        y_test = y_test if config.labels or config.batch_file else None  # M2's accuracy; the cells' batches
         _NEWS.clear()  # stdout is the JSON alone: the device is in it
         if args.limit is not None:
             x_test, y_test = x_test[:args.limit], None if y_test is None else y_test[:args.limit]
@@ -341,12 +354,17 @@ def _evaluate(args):
             from .evaluate import cluster_accuracy, predicted_classes
 
             summary["cluster_accuracy"] = cluster_accuracy(predicted_classes(vae, x_test), classes[:len(x_test)])
-        if y_test is not None:
+        if config.batch_file:
+            summary["conditional_on"] = "the cells' batches (--batch-file)"
+        if getattr(vae.likelihood, "uses_library", False):
+            summary["conditional_on_library"] = True  # log p(x | observed library size), as scVI reports it
+        if y_test is not None and config.labels:
             from .evaluate import predicted_classes
             from .plots import save_confusion
 
             save_confusion(predicted_classes(vae, x_test), y_test, run_dir / "confusion.png",
                            names=CLASS_NAMES.get(config.dataset))
+            print(f"wrote {run_dir / 'confusion.png'}", file=sys.stderr)
         summary.update(dataset=config.dataset, binarize=config.binarize, checkpoint=name,
                        epoch=int(load_run_checkpoint(run_dir / name)["epoch"]), device=str(vae.device))
         if distributed.current() is not None:
@@ -362,6 +380,15 @@ def _evaluate(args):
         print(f"pyro-vae: warning: {', '.join(summary['not_finite'])} came out NaN or infinite (written as "
               "null); the weights may have diverged", file=sys.stderr)
     print(f"wrote {path}", file=sys.stderr)  # stdout is the JSON alone
+
+
+def _encode(args):
+    from .encode import encode_run
+
+    path, shape = encode_run(args.run_dir, out=args.out, data_file=args.data_file, batch_file=args.batch_file,
+                             transpose=args.transpose, level=args.level, checkpoint=args.checkpoint,
+                             device=args.device)
+    print(f"wrote {path}: {shape[0]} rows x {shape[1]} latent dims")
 
 
 def _finite_json(summary):
@@ -529,10 +556,11 @@ def main(argv=None):
     """
     args = _parser().parse_args(argv)
     try:
-        if distributed.launched() and args.command in ("sample", "explore"):
+        if distributed.launched() and args.command in ("sample", "explore", "encode"):
             raise InputError(f"pyro-vae {args.command} runs in one process; start it without torchrun")
         args.device = _chosen_device(args.device)
-        {"train": _train, "evaluate": _evaluate, "sample": _sample, "explore": _explore}[args.command](args)
+        {"train": _train, "evaluate": _evaluate, "sample": _sample, "explore": _explore,
+         "encode": _encode}[args.command](args)
     except InputError as err:
         _say(f"error: {err}", err.rank_specific)
         return 2

@@ -39,6 +39,9 @@ PRESETS = {
 TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps", "lr", "beta", "grad_clip",
                  "free_bits", "kl_warmup", "checkpoint_every", "elbo", "val_size", "patience", "kl_warmup_epochs",
                  "seed", "squeeze", "ema", "skip_grad_norm", "kl_balance", "labels", "aux_loss", "enumerate")
+COUNT_INPUTS = ("log1p", "raw")
+# what --dataset counts means when a flag is not given (applied under the user's flags, see with_defaults)
+COUNT_DEFAULTS = dict(latent_dims=[10], hidden=128, binarize="none", likelihood="nb:library")
 LABELLED_DATASETS = data_.DATASETS  # the data sets whose class labels pyro-vae reads (ten classes each)
 CLASSES = 10
 
@@ -90,6 +93,11 @@ class RunConfig:
     are unlabelled and their label is summed out (``enumerate``: ``parallel`` or ``sequential``);
     ``aux_loss`` is the weight alpha of the classifier's extra term (0: off). For data sets with labels
     (``LABELLED_DATASETS``); the held-out records then add the accuracy of q(y | x).
+
+    Count data: ``count_input`` is what the encoder reads, ``"log1p"`` (log(1 + x), the default) or
+    ``"raw"`` (runs written before it existed); ``batch_file`` a text file of one batch label per cell
+    (in the data's cell order), a categorical covariate that the encoder and decoder read one-hot (a
+    conditional VAE, ``VAE(condition=B)``), whose distinct labels the run keeps in ``batch_names``.
     """
 
     dataset: str = "fashion-mnist"
@@ -132,11 +140,14 @@ class RunConfig:
     labels: int = 0
     aux_loss: float = 0.0
     enumerate: str = "parallel"
+    count_input: str = "log1p"
+    batch_file: str | None = None
+    batch_names: list = dataclasses.field(default_factory=list)
 
     # settings that change the model or its data; a resume must not change them
     MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",
                   "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze", "skip", "image_size", "channels",
-                  "labels")
+                  "labels", "count_input", "batch_names")
     RESUME_KEYS = MODEL_KEYS + ("data_dir", "val_size", "seed", "ema")
 
     def check_resume(self, saved, mid_epoch, where):
@@ -227,6 +238,15 @@ class RunConfig:
         if self.prior.startswith("gmvae") and (self.free_bits or self.kl_balance or self.elbo != "trace"):
             raise InputError("--prior gmvae sums its discrete level out with TraceEnum_ELBO, which has no free bits, "
                              "KL balancing, analytic KL or jit; use --elbo trace without them")
+        if self.count_input not in COUNT_INPUTS:
+            raise InputError(f"unknown count input {self.count_input!r}; choose one of: {', '.join(COUNT_INPUTS)}")
+        if self.batch_file and self.dataset != "counts":
+            raise InputError("--batch-file gives one batch label per cell of a count matrix; use it with "
+                             "--dataset counts")
+        if self.enumerate != "parallel" and not (self.labels or self.prior.startswith("gmvae")):
+            raise InputError("--enumerate sums out a label site: use it with --labels N or --prior gmvae:K")
+        if self.batch_file and self.labels:
+            raise InputError("--batch-file and --labels are two conditionings; use one of them")
         if self.labels and self.dataset not in LABELLED_DATASETS:
             raise InputError(f"--labels needs class labels, which --dataset {self.dataset} does not give; use one of: "
                              f"{', '.join(LABELLED_DATASETS)}")
@@ -268,6 +288,8 @@ class RunConfig:
         if not isinstance(config, dict):
             raise InputError(f"{path} holds no run configuration (no 'config' dict); it was not written by "
                              "pyro-vae train, or it is damaged: train again with --overwrite")
+        if config.get("dataset") == "counts" and "count_input" not in config:  # a run from before log1p input
+            config = {**config, "count_input": "raw"}
         try:
             return cls.from_dict(config).validate(device=False)  # a CUDA run is read on a CPU-only machine too
         except InputError as err:
@@ -275,6 +297,18 @@ class RunConfig:
         except (TypeError, ValueError) as err:
             raise InputError(f"{path} holds a configuration that is not valid ({err}); train again with "
                              "--overwrite") from None
+
+    @classmethod
+    def with_defaults(cls, given):
+        """A config from the settings ``given`` (a dict), with the data set's own defaults under them
+        (``COUNT_DEFAULTS`` for ``dataset="counts"``) and data paths made absolute, so that the run's
+        ``config.json`` works from any directory."""
+        given = dict(given)
+        for key in ("data_dir", "data_file", "batch_file"):
+            if given.get(key):
+                given[key] = os.path.abspath(os.path.expanduser(given[key]))
+        base = COUNT_DEFAULTS if given.get("dataset") == "counts" else {}
+        return cls.from_dict({**base, **given})
 
     @classmethod
     def from_dict(cls, d):

@@ -639,6 +639,50 @@ def read_counts(path, transpose=False):
     return m.astype(np.float32)
 
 
+def orientation_hint(path, shape, transpose):
+    """A one-line warning when a count matrix read as ``shape`` (rows = cells) looks transposed: a 10x
+    ``barcodes.tsv(.gz)`` beside it lists as many cells as the matrix has columns; else ``None``."""
+    path = Path(path)
+    for name in ("barcodes.tsv.gz", "barcodes.tsv"):
+        barcodes = path.parent / name
+        if barcodes.is_file():
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(barcodes, "rt") as f:
+                cells = sum(1 for line in f if line.strip())
+            if cells == shape[1] != shape[0]:
+                flag = "with --transpose" if transpose else "without --transpose"
+                return (f"warning: {path} read {flag} gives {shape[0]} cells x {shape[1]} genes, but {barcodes.name} "
+                        f"lists {cells} cells: the matrix looks transposed ({'add' if not transpose else 'drop'} "
+                        "--transpose; 10x writes genes x cells)")
+    return None
+
+
+def read_labels(path, n=None):
+    """One categorical label per line of a text file (a cell's batch, in the data's cell order; a first line
+    ``batch``/``label`` or an empty last line is skipped): ``(codes, names)``, the codes ``(N,)`` int64
+    indices into ``names``, the sorted distinct labels. With ``n``, the file must hold ``n`` labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"label file {path} does not exist; pass a text file with one label per line")
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"could not read the label file {path}: {_describe(err)}") from err
+    while lines and not lines[-1]:
+        lines.pop()
+    if lines and lines[0].lower() in ("batch", "label", "labels", "batch_id", "sample"):
+        lines = lines[1:]
+    if n is not None and len(lines) != n:
+        raise InputError(f"{path} holds {len(lines)} labels for {n} cells; give one label per cell, in the data's "
+                         "cell order")
+    if not lines or any(not line for line in lines):
+        raise InputError(f"{path} has an empty label (line {lines.index('') + 2 if '' in lines else 1}); give "
+                         "one label per line")
+    names = sorted(set(lines))
+    index = {name: i for i, name in enumerate(names)}
+    return torch.tensor([index[line] for line in lines], dtype=torch.long), names
+
+
 def _check_counts(m, path):
     data = m.data
     problems = [("not finite", ~np.isfinite(data)), ("negative", data < 0),
@@ -793,7 +837,7 @@ def _rows_of(y, n, name):
 
 def batch_points(batch):
     """The number of data points in a batch of a batch source: ``x_b`` ``(B, ...)`` or ``(x_b, y_b)``."""
-    return (batch[0] if isinstance(batch, tuple) else batch).shape[0]
+    return (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
 
 
 UNLABELLED = -1
@@ -841,21 +885,25 @@ class SemiSupervised(Batches):
 def balanced_labels(y, n, seed=0, classes=None):
     """Keep ``n`` of the labels ``y`` ``(N,)``, the same number of each class (``n // K``, the first
     ``n % K`` classes one more), chosen by a shuffle seeded by ``seed``; the rest become
-    :data:`UNLABELLED`. Returns the new labels ``(N,)`` (a copy). ``n = N`` keeps every label."""
+    :data:`UNLABELLED`. Returns the new labels ``(N,)`` int64 (a copy); ``labels`` integers in
+    ``0 .. K-1`` (``K``: ``classes``, else the largest label + 1)."""
     y = torch.as_tensor(y)
+    if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1 or not len(y):
+        raise InputError(f"labels must be a non-empty integer tensor (N,), got {y.dtype} of shape {tuple(y.shape)}")
+    y = y.long()
     k = int(classes if classes is not None else int(y.max()) + 1)
+    if int(y.min()) < 0 or int(y.max()) >= k:
+        raise InputError(f"labels must lie in 0..{k - 1}, got values in {int(y.min())}..{int(y.max())}")
     if not isinstance(n, int) or isinstance(n, bool) or not k <= n <= y.shape[0]:
         raise InputError(f"the number of labelled points must be a whole number from {k} (one per class) to "
                          f"{y.shape[0]} (the training set), got {n!r}")
+    sizes = torch.bincount(y, minlength=k)
+    wants = [n // k + (c < n % k) for c in range(k)]
+    if any(int(size) < want for size, want in zip(sizes, wants)):
+        raise InputError(f"a balanced set of {n} labels needs {max(wants)} of each class, but the smallest class "
+                         f"has {int(sizes.min())} points; ask for at most {int(sizes.min()) * k} labels")
     order = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(int(seed)))
-    kept = []
-    for c in range(k):
-        mine = order[y[order] == c]
-        want = n // k + (c < n % k)
-        if len(mine) < want:
-            raise InputError(f"class {c} has {len(mine)} training points, fewer than the {want} a balanced "
-                             f"set of {n} labels needs; ask for at most {len(mine) * k} labels")
-        kept.append(mine[:want])
+    kept = [order[y[order] == c][:want] for c, want in enumerate(wants)]
     out = torch.full_like(y, UNLABELLED)
     kept = torch.cat(kept)
     out[kept] = y[kept]

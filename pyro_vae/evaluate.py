@@ -219,14 +219,16 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32,
                 with _given(vae, yb):
                     d = _log_densities(vae, xb, k, dim)
                     terms = _chunk_terms(vae, xb, d, order, mixture, dim)
+                continuous = [name for name in d["log_pz"]  # a label site has no residual
+                              if d["model_trace"].nodes[name]["value"].is_floating_point()]
                 if moments:
-                    for name, r in _residuals(d["guide_trace"], d["model_trace"], d["log_pz"], order).items():
+                    for name, r in _residuals(d["guide_trace"], d["model_trace"], continuous, order).items():
                         terms.update({"residual_" + name: r, "residual_sq_" + name: r ** 2})
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value.sum(0)
                 done += k
             out = {key: value / num_samples for key, value in sums.items()}
-            for name in (d["log_pz"] if moments else ()):  # the variance of each point's average, from its draws
+            for name in (continuous if moments else ()):  # the variance of each point's average, from its draws
                 spread = (out.pop("residual_sq_" + name) - out["residual_" + name] ** 2).clamp(min=0)
                 out["within_" + name] = spread / (num_samples - 1) if num_samples > 1 else torch.zeros_like(spread)
             out["kl"] = sum(out[("kl_" if order == "model" else "logratio_") + name] for name in d["log_pz"])

@@ -323,6 +323,88 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         _counts("ZeroInflatedNegativeBinomial", x)
 
 
+class ScaledCounts(Likelihood):
+    """Counts the way scVI models them: the decoder gives each cell's expression **proportions**
+    ``rho = softmax(out)`` over the G genes, scaled by the cell's **observed library size** ``l`` (its total
+    count), so the mean is ``l * rho``; the dispersion of NB/ZINB is one learnt value per gene
+    (``dispersion="gene"``, scVI's default) or read from the decoder per cell and gene
+    (``"gene-cell"``). Held-out ELBOs and IW estimates are then of log p(x | l), conditional on the
+    library (the library is an input, not modelled).
+
+    ``uses_library = True``: :class:`~pyro_vae.VAE` passes the library of the observed ``x``
+    (``x.sum(-1)``, ``(B, 1)``) as ``forward(out, event_dims, library=...)``; where no ``x`` is observed
+    (:meth:`~pyro_vae.VAE.sample`) the library is ``library_size`` (default 10 000: expression per 10k
+    counts, as normalised expression is usually shown). Data are vectors ``(G,)``.
+
+    Args:
+        family: ``"poisson"``, ``"nb"`` or ``"zinb"`` (a zero-inflation gate read from the decoder).
+        dispersion: ``"gene"`` or ``"gene-cell"`` (NB/ZINB only).
+        library_size: the library where none is observed.
+
+    ``channels``: 1 (proportions) + 1 for a ``gene-cell`` dispersion + 1 for ZINB's gate. The per-gene
+    dispersion is made for G genes by ``setup(x_shape)``, which the VAE calls (so, unlike the others,
+    one object serves one data shape).
+    """
+
+    uses_library = True
+    FAMILIES = ("poisson", "nb", "zinb")
+    DISPERSIONS = ("gene", "gene-cell")
+
+    def __init__(self, family="nb", dispersion="gene", library_size=1e4):
+        super().__init__()
+        if family not in self.FAMILIES:
+            raise InputError(f"unknown count family {family!r}; choose one of: {', '.join(self.FAMILIES)}")
+        if dispersion not in self.DISPERSIONS:
+            raise InputError(f"unknown dispersion {dispersion!r}; choose one of: {', '.join(self.DISPERSIONS)}")
+        if not (isinstance(library_size, (int, float)) and library_size > 0):
+            raise InputError(f"library_size must be a positive number of counts, got {library_size!r}")
+        self.family, self.dispersion, self.library_size = family, dispersion, float(library_size)
+        per_cell = family != "poisson" and dispersion == "gene-cell"
+        self.channels = 1 + per_cell + (family == "zinb")
+        self.raw_dispersion = None
+
+    def setup(self, x_shape):
+        """Make the per-gene dispersion for data ``(G,)``; returns ``self``."""
+        if len(x_shape) != 1:
+            raise InputError(f"scaled counts are cells x genes vectors (G,), got data of shape {tuple(x_shape)}")
+        if self.family != "poisson" and self.dispersion == "gene" and self.raw_dispersion is None:
+            self.raw_dispersion = nn.Parameter(torch.zeros(x_shape[0]))  # softplus(0) + 1e-4 ~ 0.69
+        return self
+
+    def _parts(self, out, library):
+        parts = list(out.chunk(self.channels, dim=-1))
+        log_rho = torch.log_softmax(parts.pop(0), -1)
+        library = torch.full_like(out[..., :1], self.library_size) if library is None else library
+        log_mean = log_rho + torch.log(library.clamp(min=1.0))
+        if self.family == "poisson":
+            return log_mean, None, None
+        raw = parts.pop(0) if self.dispersion == "gene-cell" else self.raw_dispersion
+        gate = parts.pop(0) if self.family == "zinb" else None
+        return log_mean, F.softplus(raw) + 1e-4, gate
+
+    def forward(self, out, event_dims, library=None):
+        log_mean, r, gate = self._parts(out, library)
+        if r is None:
+            return dist.Poisson(log_mean.exp()).to_event(event_dims)
+        logits = log_mean - torch.log(r)  # NB(r, p): mean r p / (1 - p) = r exp(logits)
+        if gate is None:
+            return dist.NegativeBinomial(total_count=r.expand_as(logits), logits=logits).to_event(event_dims)
+        return dist.ZeroInflatedNegativeBinomial(total_count=r.expand_as(logits), logits=logits,
+                                                 gate_logits=gate).to_event(event_dims)
+
+    def mean(self, out, event_dims, library=None):
+        """E[x | out] ``(*batch, G)`` at ``library`` (``(*batch, 1)``; default ``library_size``)."""
+        log_mean, _, gate = self._parts(out, library)
+        return log_mean.exp() * (1.0 if gate is None else torch.sigmoid(-gate))
+
+    def proportions(self, out):
+        """The decoder's expression proportions ``rho`` ``(*batch, G)``, each row summing to 1."""
+        return torch.softmax(out.chunk(self.channels, dim=-1)[0], -1)
+
+    def check(self, x):
+        _counts(f"{self.family} (library-scaled)", x)
+
+
 class UserLikelihood(Likelihood):
     """Wraps a user's callable ``fn(decoder_out) -> Pyro distribution`` (batch shape of x
     element-wise, or already with the data's event dims). ``mean`` is the distribution's
@@ -351,7 +433,7 @@ def _split(out, k, event_dims):
 
 
 LIKELIHOODS = ("bernoulli", "cbernoulli", "gaussian[:fixed|learned|pixel]", "laplace", "beta", "dlogistic[:K]",
-               "poisson", "nb", "zinb")
+               "poisson", "nb", "zinb", "poisson:library", "nb:library[-cell]", "zinb:library[-cell]")
 
 
 def from_name(name, gaussian_scale=1.0):
@@ -361,6 +443,8 @@ def from_name(name, gaussian_scale=1.0):
               "poisson": Poisson, "nb": NegativeBinomial, "zinb": ZeroInflatedNegativeBinomial}
     if kind in simple and not arg:
         return simple[kind]()
+    if kind in ScaledCounts.FAMILIES and arg in ("library", "library-cell") and (kind != "poisson" or arg == "library"):
+        return ScaledCounts(kind, "gene-cell" if arg == "library-cell" else "gene")
     if kind == "gaussian" and arg in ("", *Gaussian.MODES):
         return Gaussian(gaussian_scale, mode=arg or "fixed")
     if kind == "dlogistic" and (not arg or arg.isdigit()):

@@ -184,7 +184,7 @@ class Loop:
 
     def _guarded_step(self, batch):
         try:
-            loss = self.svi.step(*batch) if isinstance(batch, tuple) else self.svi.step(batch)
+            loss = self.svi.step(*batch) if isinstance(batch, (tuple, list)) else self.svi.step(batch)
         except NonFiniteStep as err:
             self.bad_steps += 1
             message = (f"epoch {self.epoch + 1}, step {self.step}: loss {err.args[0]}, gradient norm "

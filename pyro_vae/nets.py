@@ -244,6 +244,22 @@ class ConvDecoder(nn.Module):
         return out.reshape(*batch, *out.shape[1:])
 
 
+class Log1p(nn.Module):
+    """An encoder reading ``log(1 + x)``: ``(*batch, *x_shape) -> encoder's output``, the usual
+    normalising input for count data (scVI's encoder reads it). ``x_shape`` and ``out_features`` are the
+    wrapped encoder's."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.x_shape = getattr(encoder, "x_shape", None)
+        if hasattr(encoder, "out_features"):
+            self.out_features = encoder.out_features
+
+    def forward(self, x):
+        return self.encoder(torch.log1p(x))
+
+
 def build(arch, x_shape, latent_dim, out_channels=1, hidden=400):
     """The encoder and decoder of a named architecture.
 

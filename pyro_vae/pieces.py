@@ -36,7 +36,7 @@ def check_distribution(d, who, event_shape, batch=None):
                          "(e.g. dist.Normal(loc, scale).to_event(1))")
     event, shape = tuple(d.event_shape), tuple(d.batch_shape)
     expected = tuple(event_shape)
-    fits_batch = (shape == ()) if batch is None else (not shape or shape[-1] in (batch, 1))  # 1: broadcast
+    fits_batch = (shape == ()) if batch is None else (not shape or shape[-1] == batch or shape == (1,))
     if event == expected and fits_batch:
         return d
     needs = f"event shape {expected}" + (" and batch shape ()" if batch is None else f" (one per data point, "

@@ -278,7 +278,7 @@ GRAPHVIZ_HINT = ("pyro.render_model needs graphviz: the dot program (apt install
                  "conda install graphviz) and the Python package (pip install graphviz)")
 
 
-def model_graph(vae, x):
+def model_graph(vae, x, y=None):
     """The VAE's model p(x, z) and guide q(z | x) side by side as one ``graphviz.Digraph``: each as
     ``pyro.render_model`` draws it (sample sites, the ``data`` plate, site-to-site dependencies and each
     site's distribution), in clusters labelled "model" and "guide"; in the guide the data point x (grey)
@@ -287,6 +287,7 @@ def model_graph(vae, x):
     Args:
         vae: a :class:`~pyro_vae.VAE`.
         x: a few data points ``(N, *x_shape)`` on the VAE's device (traced once, with no gradient).
+        y: a conditional VAE's conditioning of ``x`` (``(N,)`` or ``(N, K)``).
 
     Raises:
         InputError: the ``graphviz`` Python package is missing (:data:`GRAPHVIZ_HINT`).
@@ -300,8 +301,8 @@ def model_graph(vae, x):
     graph = graphviz.Digraph(graph_attr={"rankdir": "TB", "label": f"{type(vae).__name__}: model and guide",
                                          "labelloc": "t"})
     with torch.no_grad():
-        parts = {"model": pyro.render_model(vae.model, model_args=(x,), render_distributions=True),
-                 "guide": pyro.render_model(vae.guide, model_args=(x,), render_distributions=True)}
+        parts = {"model": pyro.render_model(vae.model, model_args=(x, y), render_distributions=True),
+                 "guide": pyro.render_model(vae.guide, model_args=(x, y), render_distributions=True)}
     levels = [f"z{i}" for i in range(len(vae.latent_dims))]
     readers = levels if getattr(vae, "guide_order", "bottom-up") == "top-down" else levels[-1:]
     for name, part in parts.items():
@@ -329,13 +330,13 @@ def _prefixed(body, name):
 
 
 @_drawing
-def save_model_graph(vae, x, path):
-    """Write :func:`model_graph` as a PNG to ``path`` atomically.
+def save_model_graph(vae, x, path, y=None):
+    """Write :func:`model_graph` (of ``x`` and a conditional VAE's ``y``) as a PNG to ``path`` atomically.
 
     Raises:
         InputError: graphviz (the Python package or the ``dot`` program) is missing, naming how to get it.
     """
-    graph = model_graph(vae, x)
+    graph = model_graph(vae, x, y)
     try:
         data = graph.pipe(format="png")
     except Exception as err:  # graphviz.ExecutableNotFound when dot is not installed
@@ -390,6 +391,9 @@ def save_confusion(predicted, labels, path, names=None):
         raise InputError(f"predicted and labels must be two (N,) tensors of classes, got shapes "
                          f"{tuple(predicted.shape)} and {tuple(labels.shape)}")
     k = len(names) if names is not None else int(max(predicted.max(), labels.max())) + 1
+    if len(labels) and (int(min(predicted.min(), labels.min())) < 0 or int(max(predicted.max(), labels.max())) >= k):
+        raise InputError(f"classes must lie in 0..{k - 1} (one name each), got values in "
+                         f"{int(min(predicted.min(), labels.min()))}..{int(max(predicted.max(), labels.max()))}")
     counts = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
     share = counts.float() / counts.sum(1, keepdim=True).clamp(min=1)
     names = [str(i) for i in range(k)] if names is None else [str(n) for n in names]

@@ -68,11 +68,15 @@ def build_vae(config, x_shape):
     prior = priors.from_name(config.prior)
     label_level = getattr(prior, "reads_label", False)  # gmvae:K, a discrete level y above z0
     classes = prior.k if label_level else CLASSES if config.labels else 0
-    reads += 0 if label_level else classes  # M2: the decoder reads the label beside the levels
+    covariates = len(config.batch_names) if config.batch_file else 0  # count data's batch, one-hot
+    reads += 0 if label_level else classes + covariates  # the decoder reads the label or batch beside the levels
     encoder, decoder = nets.build(config.arch, x_shape, reads, out_channels=likelihood.channels, hidden=config.hidden)
+    if config.dataset == "counts" and config.count_input == "log1p":
+        encoder = nets.Log1p(encoder)
     return VAE(encoder, decoder, config.latent_dims, likelihood=likelihood, beta=config.beta, prior=prior,
                posterior=posteriors.from_name(config.posterior), guide=config.guide, hidden=config.hidden,
-               skip=config.skip, condition=classes, label_site=bool(classes), enumerate=config.enumerate)
+               skip=config.skip, condition=classes or covariates, label_site=bool(classes),
+               enumerate=config.enumerate)
 
 
 def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=None):
@@ -190,13 +194,16 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     vae.check_data(x_train)
     if x_test is not None:
         vae.check_data(x_test)
+    if y_test is not None and x_test is None:
+        raise InputError("y_test labels x_test, which was not given; pass x_test too, or leave y_test out")
     y_train, y_test = _checked_labels(vae, y_train, x_train, "y_train"), _checked_labels(vae, y_test, x_test, "y_test")
     m2 = getattr(vae, "label_site", False)
     if aux_loss and not m2:
         raise InputError("aux_loss trains the classifier q(y | x) of an M2 VAE; build the VAE with condition=K and "
                          "label_site=True, or drop aux_loss")
     if m2:
-        settings.check({"aux_loss": aux_loss, "labels": 1, "free_bits": free_bits, "kl_balance": kl_balance,
+        labelled = int(y_train is not None and bool((y_train != data_.UNLABELLED).any()))
+        settings.check({"aux_loss": aux_loss, "labels": labelled, "free_bits": free_bits, "kl_balance": kl_balance,
                         "elbo": elbo})
     group = distributed.current() or distributed.init(str(x_train.device))  # under torchrun: its group
     if group is not None and (free_bits or kl_balance):
@@ -218,11 +225,20 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     parts += [EpochStats()] + ([Evaluation(x_test, "test", y=y_test)] if x_test is not None else []) + list(callbacks)
     parts += [] if writer is None else [_tensorboard_part(writer, x_train if x_test is None else x_test)]
     main = group is None or group.main  # under torchrun only rank 0 logs, shows progress and saves
-    parts += [EpochLog(log)] if log is not None and main else []
+    parts += [EpochLog(log, unit_of(vae))] if log is not None and main else []
     parts += [ProgressBar()] if progress and main else []
     parts += [Checkpoint(distributed.on_main(checkpoint), checkpoint_every)] if checkpoint is not None else []
     with _store_entries_dropped(vae):
         return Loop(vae, svi, data, epochs, parts, max_bad_steps).run(state)
+
+
+def _batches_per_epoch(n, batch_size, labels=None):
+    """Steps in an epoch of ``n`` points: ``ceil(n / B)``, or for partly labelled M2 data the labelled and
+    the unlabelled parts' batches (:class:`~pyro_vae.data.SemiSupervised`)."""
+    if labels is None or not bool((labels == data_.UNLABELLED).any()):
+        return -(-n // batch_size)
+    labelled = int((labels != data_.UNLABELLED).sum())
+    return -(-labelled // batch_size) + -(-(n - labelled) // batch_size)
 
 
 def _checked_labels(vae, y, x, name):
@@ -266,10 +282,10 @@ def _tensorboard_part(writer, images):
     return writer if isinstance(writer, TensorBoard) else TensorBoard(writer, images=images)
 
 
-def _save_model_graph(vae, x, path):
+def _save_model_graph(vae, x, path, y=None):
     """``model.png`` (:func:`pyro_vae.plots.save_model_graph`), or one line on stderr saying why not."""
     try:
-        plots.save_model_graph(vae, x, path)
+        plots.save_model_graph(vae, x, path, y)
     except InputError as err:
         from tqdm.auto import tqdm
 
@@ -294,6 +310,15 @@ def _store_entries_dropped(vae):
 def is_image(vae):
     """Whether the VAE's data are images ``(C, H, W)``, which the picture files show."""
     return vae.x_shape is not None and len(vae.x_shape) == 3
+
+
+def unit_of(vae):
+    """What one data point of ``vae`` is called in messages: ``"image"``, ``"cell"`` (a count likelihood)
+    or ``"data point"``."""
+    if is_image(vae):
+        return "image"
+    counts = (likelihoods.Poisson, likelihoods.NegativeBinomial, likelihoods.ScaledCounts)
+    return "cell" if isinstance(vae.likelihood, counts) else "data point"
 
 
 def load_splits(config, device):
@@ -324,12 +349,16 @@ def load_labelled_splits(config, device):
             x = data_.load_image_tensor(config.data_file, config.image_size, config.channels)
         else:
             x = data_.load_counts(config.data_file, config.transpose)
+            _say_counts(config, x.shape)
         if x.shape[0] < 2:
             raise InputError(f"{config.data_file} holds {x.shape[0]} row; training and a test set need 2 or more")
         order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed + 1))
         n_test = max(1, x.shape[0] // 10)
         x_train, x_test = x[order[n_test:]], x[order[:n_test]]
         y_train = y_val = y_test = None
+        if config.batch_file:  # the cells' batches, cut as the cells are
+            y = batch_codes(config, x.shape[0])
+            y_train, y_test = y[order[n_test:]], y[order[:n_test]]
     else:
         x_train, y_train, x_test, y_test = data_.load_images(config.dataset, config.data_dir,
                                                              image_size=config.image_size, channels=config.channels)
@@ -360,6 +389,30 @@ def load_labelled_splits(config, device):
         return x.to(device), None if y is None else y.to(device)
 
     return on(x_train, y_train), None if x_val is None else on(x_val, y_val), on(x_test, y_test)
+
+
+def _say_counts(config, shape):
+    """One line on stdout, ``N cells x G genes (FILE)``, and one on stderr where the matrix looks transposed."""
+    if not distributed.is_main():
+        return
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"{shape[0]} cells x {shape[1]} genes ({config.data_file})")
+    hint = data_.orientation_hint(config.data_file, shape, config.transpose)
+    if hint:
+        tqdm.write(f"pyro-vae: {hint}", file=sys.stderr)
+
+
+def batch_codes(config, n):
+    """The batch of each of the ``n`` cells of ``config.batch_file``, as indices into ``config.batch_names``
+    ``(n,)`` (a fresh run takes the file's labels as its names; a saved run's must be the file's)."""
+    codes, names = data_.read_labels(config.batch_file, n)
+    if not config.batch_names:
+        config.batch_names = names
+    elif names != list(config.batch_names):
+        raise InputError(f"{config.batch_file} holds the batches {names[:5]}, but the run was trained on "
+                         f"{list(config.batch_names)[:5]}; give the run's batch file")
+    return codes
 
 
 def squeeze(x, eps):
@@ -410,6 +463,17 @@ def averaged_weights(payload):
     parts = payload.get("callbacks")
     average = parts.get("WeightAverage") if isinstance(parts, dict) else None
     return average.get("weights") if isinstance(average, dict) else None
+
+
+def checkpoint_name(run_dir, config, asked=None):
+    """Which checkpoint of a run to read: ``asked`` ``"best"`` (``best.pt``) or ``"last"``
+    (``checkpoint.pt``); by default ``best.pt`` where the run kept it on a validation split (never an epoch
+    chosen on the test set), else ``checkpoint.pt``."""
+    if asked not in (None, "best", "last"):
+        raise InputError(f"--checkpoint must be best or last, got {asked!r}")
+    best = asked == "best" or (asked is None and config.val_size and config.keep_best
+                               and (Path(run_dir) / "best.pt").exists())
+    return "best.pt" if best else "checkpoint.pt"
 
 
 def load_run(out_dir, device=None, checkpoint="checkpoint.pt", averaged=True):
@@ -562,6 +626,7 @@ def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorb
     (x_train, y_train), (x_test, y_test) = splits[0], splits[2]
     x_val, y_val = splits[1] if splits[1] is not None else (None, None)
     m2 = bool(config.labels)
+    conditioned = m2 or bool(config.batch_file)  # the labels, or the cells' batches
     if distributed.is_main():
         if state is None:  # a new run (or --overwrite): nothing of an old run may be taken for this one's
             for stale in ("checkpoint.pt", "best.pt", "metrics.jsonl", "eval.json"):
@@ -574,8 +639,9 @@ def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorb
 
     run = RunDirectory(out, config, x_train.shape[1:])
     aids = _training_aids(config)
-    parts = aids + _selection_parts(config, x_val, run, callbacks, y_val if m2 else None)
-    warmup = config.kl_warmup or config.kl_warmup_epochs * -(-x_train.shape[0] // config.batch_size)
+    parts = aids + _selection_parts(config, x_val, run, callbacks, y_val if conditioned else None)
+    warmup = config.kl_warmup or config.kl_warmup_epochs * _batches_per_epoch(x_train.shape[0], config.batch_size,
+                                                                              y_train if m2 else None)
     board = _tensorboard_part(out / "tensorboard", x_test if x_val is None else x_val) if tensorboard else None
     history = fit(vae, x_train, None if x_val is not None else x_test, epochs=config.epochs,
                   batch_size=config.batch_size, lr=config.lr,
@@ -584,13 +650,14 @@ def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorb
                   max_bad_steps=config.max_bad_steps, checkpoint_every=config.checkpoint_every,
                   kl_warmup=warmup, free_bits=config.free_bits, kl_balance=config.kl_balance, progress=progress,
                   checkpoint=run.save, state=state, callbacks=parts, writer=board,
-                  y_train=y_train if m2 else None, y_test=y_test if m2 and x_val is None else None,
+                  y_train=y_train if conditioned else None,
+                  y_test=y_test if conditioned and x_val is None else None,
                   aux_loss=config.aux_loss)
     for part in aids:  # the pictures and the VAE returned hold the weight average, as load_run's does
         if isinstance(part, WeightAverage):
             part.copy_to(vae)
     if pictures:
-        _save_model_graph(vae, x_train[:2], out / "model.png")
+        _save_model_graph(vae, x_train[:2], out / "model.png", y_train[:2] if config.batch_file else None)
         if is_image(vae):
             plots.save_samples(vae, out / "samples.png")
             shown = x_test if x_val is None else x_val  # with a validation split, the test set waits for evaluate

@@ -217,6 +217,11 @@ class VAE(nn.Module):
         self.likelihood = likelihoods_.wrap(likelihood)
         x_shape = x_shape or getattr(encoder, "x_shape", None) or getattr(decoder, "x_shape", None)
         self.x_shape = tuple(x_shape) if x_shape is not None else None
+        if hasattr(self.likelihood, "setup"):  # a likelihood with per-value parameters (a gene's dispersion)
+            if self.x_shape is None:
+                raise InputError(f"{type(self.likelihood).__name__} makes parameters for each data value; give "
+                                 "the VAE x_shape (or an encoder with x_shape)")
+            self.likelihood.setup(self.x_shape)
         family = posteriors_.DiagonalGaussian if posterior is None or isinstance(posterior, nn.Module) else posterior
         needs_width = not isinstance(posterior, nn.Module) or len(latent_dims) > 1 and guide == "top-down"
         needs_width = needs_width or self.label_site  # the classifier reads the encoder's features too
@@ -360,11 +365,11 @@ class VAE(nn.Module):
                 prior = dist.Categorical(logits=torch.zeros(self.condition, device=device))
                 c = self._one_hot(pyro.sample("y", prior, obs=self._labels(y, n, device)))
             with self._kl_scale():
-                zs = [pyro.sample("z0", self._top_prior(c))]
+                zs = [pyro.sample("z0", self._top_prior(c, n))]
                 for level in range(1, self.levels + 1):
                     zs.append(pyro.sample(f"z{level}", self._transition(level, self._above(zs))))
             out = self.decoder(self._decoded(zs, c))
-            return pyro.sample("x", self.likelihood(out, self._event_dims(x)), obs=x)
+            return pyro.sample("x", self._likelihood(out, x), obs=x)
 
     def guide(self, x, y=None, batch_size=None, size=None):
         """The recognition model q(z0, ..., zL | x, y), bottom-up or top-down (see the module's doc).
@@ -559,9 +564,21 @@ class VAE(nn.Module):
         (not where the label is a level above z0, ``label_in_prior``)."""
         return _beside(self._above(zs), None if self.label_in_prior else c)
 
-    def _top_prior(self, c=None):
-        """p(z0), or p(z0 | y) for the label's one-hot ``c`` where the prior reads the label."""
-        return self.prior(c) if self.label_in_prior and c is not None else self.prior()
+    def _likelihood(self, out, x):
+        """p(x | the decoder's output); a likelihood that scales by the library size (``uses_library``,
+        :class:`~pyro_vae.likelihoods.ScaledCounts`) gets the observed ``x``'s, ``(B, 1)``."""
+        if getattr(self.likelihood, "uses_library", False):
+            library = None if x is None else x.sum(-1, keepdim=True)
+            return self.likelihood(out, self._event_dims(x), library=library)
+        return self.likelihood(out, self._event_dims(x))
+
+    def _top_prior(self, c=None, n=None):
+        """p(z0), or p(z0 | y) for the label's one-hot ``c`` ``(..., K)`` where the prior reads the label, its
+        batch expanded to ``n`` data points (an enumerated label's ``(K, 1)`` to ``(K, n)``)."""
+        if not (self.label_in_prior and c is not None):
+            return self.prior()
+        d = self.prior(c)
+        return d if n is None else d.expand(d.batch_shape[:-1] + (n,))
 
     def _transition(self, level, parent):
         """p(z_level | parent): the one the top-down guide computed at this very ``parent`` tensor (the
@@ -595,6 +612,18 @@ class VAE(nn.Module):
         return self._mean(self.decoder(self._decoded(zs, c)), x.dim() - 1)
 
     @torch.no_grad()
+    def encode(self, x, y=None, level=None):
+        """The guide's posterior means of ``x`` ``(B, *x_shape)``: level ``level`` ``(B, D_level)`` (default
+        the level nearest the data, zL; for a one-level VAE z0), each level at q's mean given the means
+        above it, as :meth:`reconstruct` reads them. ``y``: a conditional VAE's conditioning (the cells'
+        batches, the labels); for an M2 VAE without it, q(y | x)'s most probable class."""
+        self.check_data(x)
+        level = self.levels if level is None else level
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= self.levels:
+            raise InputError(f"level must be in 0..{self.levels} for a chain of {self.levels + 1} levels, got {level!r}")
+        return self._guide_levels(x, level + 1, "mean", self._guessed(x, y))[level]
+
+    @torch.no_grad()
     def sample(self, n, temperature=1.0, y=None):
         """E[x | zL] for ``n`` draws of the whole chain from the model: ``(n, *x_shape)``.
 
@@ -615,7 +644,8 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample_latents(self, n, temperature=1.0):
         """The levels of ``n`` draws from the model at ``temperature`` (as in :meth:`sample`, which
-        draws the same values from the same RNG state): ``[z0, ..., zL]``, each ``(n, D_l)``."""
+        draws the same values from the same RNG state, except with a label site, whose label :meth:`sample`
+        draws first; here z0 is drawn from the prior's marginal): ``[z0, ..., zL]``, each ``(n, D_l)``."""
         return self._draw_levels([], _count(n), check_temperature(temperature))
 
     @torch.no_grad()
@@ -681,6 +711,8 @@ class VAE(nn.Module):
             raise InputError(f"kept must be one of: {', '.join(KEPT)} (one guide draw per data point, or the "
                              f"guide's means), got {kept!r}")
         level, n, temperature = int(level), int(n), check_temperature(temperature)
+        if self.label_in_prior and level == 0 and y is None:  # y is a level above z0: redrawn with the rest
+            y = torch.randint(0, self.condition, (x.shape[0],), device=x.device)
         y = self._guessed(x, y)
         c = self.conditioning(y, x.shape[0], x.device)
         zs = [z.repeat_interleave(n, dim=0) for z in self._guide_levels(x, level, kept, y)]  # (B * n, D_l)
@@ -715,7 +747,7 @@ class VAE(nn.Module):
         for level in range(len(zs), self.levels + 1):
             if level == 0:
                 top = tempered(self._top_prior(c), temperature, "the prior p(z0)")
-                zs.append(top.sample() if top.batch_shape else top.sample((n,)))
+                zs.append(top.sample() if self.label_in_prior and c is not None else top.sample((n,)))
             else:
                 p = self.transitions[level - 1](self._above(zs))
                 zs.append(tempered(p, temperature, f"the transition p(z{level} | z{level - 1})").sample())

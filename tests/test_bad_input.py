@@ -353,7 +353,7 @@ CASES = [
                                                 "--binarize", "none", "--no-progress"],
         r"--dataset counts needs the count matrix", r"pass --data-file PATH \(\.npz, \.csv"),
     cli("counts-binarised", lambda ws: ["train", "--out", ws.fresh(), "--dataset", "counts", "--data-file",
-                                        ws.counts([[1, 2], [3, 4]]), "--no-progress"],
+                                        ws.counts([[1, 2], [3, 4]]), "--binarize", "dynamic", "--no-progress"],
         r"count data are not binarised, but binarize is 'dynamic'", r"pass --binarize none with --dataset counts"),
     cli("counts-conv", lambda ws: ["train", "--out", ws.fresh(), "--dataset", "counts", "--data-file",
                                    ws.counts([[1, 2], [3, 4]]), "--binarize", "none", "--arch", "conv", "--no-progress"],

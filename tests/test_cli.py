@@ -153,7 +153,7 @@ def test_train_evaluate_and_resume_on_a_count_file(tmp_path, capsys):
               "--likelihood", "nb", "--latent-dims", "2,4", "--posterior", "iaf:1", "--hidden", "32"]
     assert cli.main(["train", "--out", str(out), "--epochs", "2", *common, *QUICK]) == 0
     printed = capsys.readouterr().out
-    assert "nats/data point" in printed and "checkpoint.pt curves.png" in printed
+    assert "nats/cell" in printed and "200 cells x 30 genes" in printed and "checkpoint.pt curves.png" in printed
     metrics = _metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2] and metrics[1]["train_loss"] < metrics[0]["train_loss"]
     assert (out / "curves.png").is_file() and not (out / "samples.png").exists()

@@ -217,3 +217,26 @@ def test_the_confusion_matrix_counts_true_rows_and_predicted_columns(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     with pytest.raises(InputError, match="two \\(N,\\) tensors"):
         save_confusion(torch.tensor([0, 1]), torch.tensor([0]), tmp_path / "d.png")
+
+
+def test_review_fixes_labels_checks_and_records():
+    from pyro_vae.plots import save_confusion
+    from pyro_vae.train import _batches_per_epoch
+
+    with pytest.raises(InputError, match="labels must be a non-empty integer tensor"):
+        data.balanced_labels(Y.float(), 6)
+    with pytest.raises(InputError, match="smallest class has 2 points; ask for at most 6 labels"):
+        data.balanced_labels(torch.tensor([0] * 10 + [1] * 2 + [2] * 10), 9)
+    assert data.balanced_labels(Y.to(torch.uint8), 6).dtype == torch.long  # no 255 for "unlabelled"
+    with pytest.raises(InputError, match="give labelled data"):
+        fit(net(label_site=True), X, aux_loss=5.0, epochs=1, batch_size=20, progress=False, log=None)
+    with pytest.raises(InputError, match="y_test labels x_test, which was not given"):
+        fit(net(), X, y_train=Y, y_test=Y, epochs=1, batch_size=20, progress=False, log=None)
+    with pytest.raises(InputError, match="classes must lie in 0..1"):
+        save_confusion(torch.tensor([0, 2]), torch.tensor([0, 1]), "/tmp/never.png", names=["a", "b"])
+    history = fit(net(label_site=True), X, X[:10], y_train=Y, y_test=Y[:10], epochs=1, batch_size=20,
+                  progress=False, log=None)
+    assert "test_kl_y" in history[-1] and not [k for k in history[-1] if "units_y" in k]  # a label has no units
+    labels = torch.full((N,), -1)
+    labels[:7] = 0
+    assert _batches_per_epoch(N, 10, labels) == 1 + 6 and _batches_per_epoch(N, 10) == 6
