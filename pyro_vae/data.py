@@ -591,7 +591,8 @@ def read_counts(path, transpose=False):
     Formats: ``.npz`` (``scipy.sparse.save_npz``, or ``numpy.savez`` with an
     array named ``counts``), ``.csv`` (optionally gzipped; a header row and
     a first column of names are skipped), Matrix Market ``.mtx`` (optionally
-    gzipped; 10x Genomics writes genes x cells, so pass ``transpose=True``).
+    gzipped; 10x Genomics writes genes x cells, so pass ``transpose=True``), or a 10x folder
+    (``matrix.mtx(.gz)``, ``barcodes.tsv(.gz)``, ``features.tsv(.gz)``), read as cells x genes.
 
     Args:
         path: the file.
@@ -609,8 +610,13 @@ def read_counts(path, transpose=False):
     import scipy.sparse
 
     path = Path(path)
+    if path.is_dir():
+        if transpose:
+            raise InputError(f"{path} is a 10x folder, read as cells x genes already; drop --transpose")
+        path = _10x_matrix(path)
+        transpose = True  # 10x writes genes x cells
     if not path.is_file():
-        raise InputError(f"count file {path} does not exist; pass a {', '.join(COUNT_FORMATS)} file")
+        raise InputError(f"count file {path} does not exist; pass a {', '.join(COUNT_FORMATS)} file or a 10x folder")
     name = path.name.lower()
     try:
         if name.endswith((".csv", ".csv.gz")):
@@ -639,10 +645,30 @@ def read_counts(path, transpose=False):
     return m.astype(np.float32)
 
 
+def _10x_matrix(folder):
+    """The ``matrix.mtx(.gz)`` of a 10x Genomics folder, after checking that ``barcodes.tsv(.gz)`` and
+    ``features.tsv(.gz)`` (or ``genes.tsv(.gz)``) sit beside it; a missing file is named."""
+    def find(*names):
+        return next((folder / n for n in names if (folder / n).is_file()), None)
+
+    matrix = find("matrix.mtx", "matrix.mtx.gz")
+    missing = [label for label, found in (("matrix.mtx(.gz)", matrix),
+                                          ("barcodes.tsv(.gz)", find("barcodes.tsv", "barcodes.tsv.gz")),
+                                          ("features.tsv(.gz) or genes.tsv(.gz)",
+                                           find("features.tsv", "features.tsv.gz", "genes.tsv", "genes.tsv.gz")))
+               if found is None]
+    if missing:
+        raise InputError(f"{folder} is not a complete 10x folder: {', '.join(missing)} missing; it needs "
+                         "matrix.mtx(.gz), barcodes.tsv(.gz) and features.tsv(.gz)")
+    return matrix
+
+
 def orientation_hint(path, shape, transpose):
     """A one-line warning when a count matrix read as ``shape`` (rows = cells) looks transposed: a 10x
     ``barcodes.tsv(.gz)`` beside it lists as many cells as the matrix has columns; else ``None``."""
     path = Path(path)
+    if path.is_dir():  # a 10x folder is read the right way round
+        return None
     for name in ("barcodes.tsv.gz", "barcodes.tsv"):
         barcodes = path.parent / name
         if barcodes.is_file():

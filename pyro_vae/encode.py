@@ -99,7 +99,7 @@ def _batches_of(config, path, n):
 def _cell_names(path, n):
     """The cells' names: a 10x folder's ``barcodes.tsv(.gz)`` beside the matrix, else ``0 .. n-1``."""
     for name in ("barcodes.tsv.gz", "barcodes.tsv"):
-        barcodes = path.parent / name
+        barcodes = (path if path.is_dir() else path.parent) / name
         if barcodes.is_file():
             opener = gzip.open if name.endswith(".gz") else open
             with opener(barcodes, "rt") as f:

@@ -157,3 +157,19 @@ def test_a_count_run_from_before_the_log1p_input_keeps_its_raw_input():
     assert RunConfig.from_checkpoint({"config": saved}, "old.pt").count_input == "raw"
     with pytest.raises(InputError, match="--batch-file gives one batch label per cell of a count matrix"):
         RunConfig(batch_file="b.txt").validate(device=False)
+
+
+def test_a_10x_folder_is_read_as_cells_by_genes_and_a_missing_file_is_named(tmp_path, capsys):
+    counts = write_10x(tmp_path / "10x", cells=40, genes=12, batches=False)
+    m = data.read_counts(tmp_path / "10x")
+    assert m.shape == (40, 12) and np.array_equal(m.toarray(), counts)
+    with pytest.raises(InputError, match="drop --transpose"):
+        data.read_counts(tmp_path / "10x", transpose=True)
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--dataset", "counts", "--data-file",
+                     str(tmp_path / "10x"), "--epochs", "1", "--batch-size", "8", "--no-progress"]) == 0
+    assert "40 cells x 12 genes" in capsys.readouterr().out
+    assert cli.main(["encode", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "latent.csv").read_text().splitlines()[1].startswith("AAAC0000-1,")
+    (tmp_path / "10x" / "features.tsv").unlink()
+    with pytest.raises(InputError, match="features.tsv\\(.gz\\) or genes.tsv\\(.gz\\) missing"):
+        data.read_counts(tmp_path / "10x")
