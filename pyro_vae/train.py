@@ -162,7 +162,8 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
             ``test_accuracy``).
         aux_loss: for M2, the weight alpha of the classification term ``alpha * -log q(y | x)`` added
             on labelled batches (:class:`~pyro_vae.objectives.SemiSupervisedELBO`; 0: off). An M2 VAE
-            trains on that objective, ``TraceEnum_ELBO`` underneath (``elbo="trace"`` only).
+            trains on that objective, ``TraceEnum_ELBO`` underneath (``elbo="trace"`` only); its
+            ``train_loss`` is the objective trained on, the aux term included (not an ELBO).
 
     Returns:
         list of per-epoch metric dicts (``epoch``, ``train_loss``,
