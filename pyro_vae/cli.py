@@ -89,6 +89,10 @@ def _parser():
     c.add_argument("--batch-file", help="with --data-file: the cells' batches (for a run trained with --batch-file)")
     c.add_argument("--transpose", action="store_true", help="with --data-file: the file is genes x cells")
     c.add_argument("--level", type=int, help="which level of a chain (default: the one nearest the data)")
+    c.add_argument("--expression", action="store_true",
+                   help="write each cell's normalised expression (the decoder's mean at 10 000 counts) instead")
+    c.add_argument("--as-batch", metavar="NAME",
+                   help="with --expression: decode every cell as if of batch NAME (batch-corrected expression)")
     c.add_argument("--checkpoint", help="best or last (default as for evaluate)")
     _add_device_flags(c)
     return p
@@ -387,8 +391,8 @@ def _encode(args):
 
     path, shape = encode_run(args.run_dir, out=args.out, data_file=args.data_file, batch_file=args.batch_file,
                              transpose=args.transpose, level=args.level, checkpoint=args.checkpoint,
-                             device=args.device)
-    print(f"wrote {path}: {shape[0]} rows x {shape[1]} latent dims")
+                             device=args.device, expression=args.expression, as_batch=args.as_batch)
+    print(f"wrote {path}: {shape[0]} rows x {shape[1]} {'genes' if args.expression else 'latent dims'}")
 
 
 def _finite_json(summary):

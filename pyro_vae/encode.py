@@ -23,7 +23,7 @@ FORMATS = (".csv", ".npy")
 
 
 def encode_run(run_dir, out=None, data_file=None, batch_file=None, transpose=False, level=None, checkpoint=None,
-               device=None, batch_size=1000):
+               device=None, batch_size=1000, expression=False, as_batch=None):
     """Write the posterior means of a run's data (or of ``data_file``) to ``out``; returns ``(path, (N, D))``.
 
     Args:
@@ -36,6 +36,10 @@ def encode_run(run_dir, out=None, data_file=None, batch_file=None, transpose=Fal
         level: the chain's level (default the one nearest the data).
         checkpoint: ``"best"``, ``"last"`` or ``None`` (best where the run kept one on a validation split).
         batch_size: rows encoded at once (a sparse matrix is densified this many rows at a time).
+        expression: write each row's normalised expression instead (:meth:`pyro_vae.VAE.expression`:
+            the decoder's mean at 10 000 counts for a library-scaled likelihood), one column per gene.
+        as_batch: with ``expression``, decode every cell as if of this batch (a name of the run's batches):
+            batch-corrected expression.
     """
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "latent.csv"
@@ -50,19 +54,24 @@ def encode_run(run_dir, out=None, data_file=None, batch_file=None, transpose=Fal
     if config.dataset == "counts" and x.shape[1] != vae.x_shape[0]:
         raise InputError(f"{data_file} has {x.shape[1]} genes but the run was trained on {vae.x_shape[0]}; give "
                          "the run's genes, in its order")
+    as_y = _as_batch(config, as_batch) if expression else None
+    if as_batch is not None and not expression:
+        raise InputError("--as-batch decodes the expression of every cell as one batch; add --expression")
     z = []
     for start in range(0, x.shape[0], batch_size):
         rows = x[start:start + batch_size]
         rows = torch.from_numpy(rows.toarray()) if hasattr(rows, "toarray") else rows
+        rows = rows.to(vae.device, torch.float32)
         yb = None if y is None else y[start:start + batch_size].to(vae.device)
-        z.append(vae.encode(rows.to(vae.device, torch.float32), y=yb, level=level).cpu())
-    z = torch.cat(z).numpy()
+        z.append((vae.expression(rows, y=yb, as_y=as_y) if expression else vae.encode(rows, y=yb, level=level)).cpu())
+    z = torch.cat(z).flatten(1).numpy()
     if out.suffix.lower() == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, z)
         write_bytes_atomic(out, buffer.getvalue())
     else:
-        header = "name," + ",".join(f"z{j}" for j in range(z.shape[1]))
+        column = "x" if expression else "z"
+        header = "name," + ",".join(f"{column}{j}" for j in range(z.shape[1]))
         lines = [f"{name}," + ",".join(f"{v:.6g}" for v in row) for name, row in zip(names, z)]
         write_text_atomic(out, "\n".join([header, *lines]) + "\n")
     return out, z.shape
@@ -83,6 +92,17 @@ def _rows(config, vae, data_file, batch_file, transpose):
             raise InputError("the run was trained with --batch-file: give the cells' batches with --batch-file")
         y = _batches_of(config, batch_file, x.shape[0]) if data_file else batch_codes(config, x.shape[0])
     return x, _cell_names(Path(path), x.shape[0]), y
+
+
+def _as_batch(config, name):
+    """The run's index of the batch called ``name`` (``None`` stays: each cell's own batch)."""
+    if name is None:
+        return None
+    if not config.batch_file:
+        raise InputError("--as-batch needs a run trained with --batch-file")
+    if name not in config.batch_names:
+        raise InputError(f"the run has no batch {name!r}; its batches are {', '.join(map(str, config.batch_names[:5]))}")
+    return list(config.batch_names).index(name)
 
 
 def _batches_of(config, path, n):

@@ -624,6 +624,21 @@ class VAE(nn.Module):
         return self._guide_levels(x, level + 1, "mean", self._guessed(x, y))[level]
 
     @torch.no_grad()
+    def expression(self, x, y=None, as_y=None, library=None):
+        """Normalised (and, with ``as_y``, batch-corrected) expression: each data point's latent means
+        (:meth:`encode`, read with its own conditioning ``y``) decoded under the conditioning ``as_y``
+        (one batch for all: an ``int``, or ``(B,)``; default ``y`` itself), as E[x | z] at ``library``
+        counts (default the likelihood's ``library_size``; a library-scaled likelihood only, else the
+        decoder's mean): ``(B, *x_shape)``."""
+        zs = self._guide_levels(x, self.levels + 1, "mean", self._guessed(x, y))
+        c = self.conditioning(y if as_y is None else as_y, x.shape[0], x.device)
+        out = self.decoder(self._decoded(zs, c))
+        if getattr(self.likelihood, "uses_library", False):
+            size = torch.full_like(out[..., :1], library if library is not None else self.likelihood.library_size)
+            return self.likelihood.mean(out, 1, size)
+        return self._mean(out, x.dim() - 1)
+
+    @torch.no_grad()
     def sample(self, n, temperature=1.0, y=None):
         """E[x | zL] for ``n`` draws of the whole chain from the model: ``(n, *x_shape)``.
 

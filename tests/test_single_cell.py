@@ -173,3 +173,21 @@ def test_a_10x_folder_is_read_as_cells_by_genes_and_a_missing_file_is_named(tmp_
     (tmp_path / "10x" / "features.tsv").unlink()
     with pytest.raises(InputError, match="features.tsv\\(.gz\\) or genes.tsv\\(.gz\\) missing"):
         data.read_counts(tmp_path / "10x")
+
+
+def test_batch_corrected_expression_decodes_every_cell_as_one_batch(tmp_path):
+    write_10x(tmp_path / "10x", cells=40, genes=12)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--dataset", "counts", "--data-file", str(tmp_path / "10x"),
+                     "--batch-file", str(tmp_path / "batches.txt"), "--epochs", "1", "--batch-size", "8",
+                     "--no-progress"]) == 0
+    assert cli.main(["encode", str(run), "--expression", "--out", str(tmp_path / "own.npy")]) == 0
+    for b in ("b0", "b1"):
+        assert cli.main(["encode", str(run), "--expression", "--as-batch", b, "--out", str(tmp_path / f"{b}.npy")]) == 0
+    own, b0, b1 = (np.load(tmp_path / f"{n}.npy") for n in ("own", "b0", "b1"))
+    assert own.shape == b0.shape == (40, 12)
+    np.testing.assert_allclose(own.sum(1), 1e4, rtol=1e-3)  # expression per 10 000 counts
+    np.testing.assert_allclose(own[::2], b0[::2], rtol=1e-5)  # cells 0, 2, ... are batch b0 already
+    np.testing.assert_allclose(own[1::2], b1[1::2], rtol=1e-5)
+    assert not np.allclose(b0, b1)
+    assert cli.main(["encode", str(run), "--expression", "--as-batch", "b9"]) == 2
