@@ -360,7 +360,7 @@ def _evaluate(args):
             summary["cluster_accuracy"] = cluster_accuracy(predicted_classes(vae, x_test), classes[:len(x_test)])
         if config.batch_file:
             summary["conditional_on"] = "the cells' batches (--batch-file)"
-        if getattr(vae.likelihood, "uses_library", False):
+        if getattr(vae.likelihood, "uses_library", False) and not getattr(vae.likelihood, "library_site", False):
             summary["conditional_on_library"] = True  # log p(x | observed library size), as scVI reports it
         if y_test is not None and config.labels:
             from .evaluate import predicted_classes

@@ -595,7 +595,8 @@ def _summary(vae, x, elbo_samples, mixture, y=None):
     if x.shape[0] >= 2:
         units = active_units(vae, x, y=y)
         summary.update({f"active_units_{name}": count for name, (count, _) in units.items()})
-        summary.update({f"activity_{name}": [round(float(v), 4) for v in a] for name, (_, a) in units.items()})
+        summary.update({f"activity_{name}": [round(float(v), 4) for v in a.reshape(-1)]  # a scalar site: one
+                        for name, (_, a) in units.items()})
     summary.update(n=int(x.shape[0]), elbo_samples=int(elbo_samples),
                    latent_dims=list(getattr(vae, "latent_dims", [])))
     if any(key.startswith("logratio_") for key in terms) and any(key.startswith("kl_z") for key in terms):

@@ -18,6 +18,7 @@ A likelihood is an ``nn.Module`` with
 
 import math
 
+import numpy as np
 import pyro.distributions as dist
 from pyro.distributions.torch_distribution import TorchDistributionMixin
 import torch
@@ -338,6 +339,11 @@ class ScaledCounts(Likelihood):
 
     Args:
         family: ``"poisson"``, ``"nb"`` or ``"zinb"`` (a zero-inflation gate read from the decoder).
+        library: ``"observed"`` (the default: the cell's total count, an input) or ``"latent"``: a site
+            ``"l"``, the log library, in the model ~ N(mean, sd) of the training cells' log libraries (per
+            batch for a VAE conditioned on batches; :meth:`library_prior_from` sets it) and in the guide
+            q(log l | x) (:meth:`library_posterior`), as scVI's latent library; the ELBO and IW estimate are
+            then of log p(x).
         dispersion: ``"gene"`` or ``"gene-cell"`` (NB/ZINB only).
         library_size: the library where none is observed.
 
@@ -350,8 +356,11 @@ class ScaledCounts(Likelihood):
     FAMILIES = ("poisson", "nb", "zinb")
     DISPERSIONS = ("gene", "gene-cell")
 
-    def __init__(self, family="nb", dispersion="gene", library_size=1e4):
+    def __init__(self, family="nb", dispersion="gene", library_size=1e4, library="observed"):
         super().__init__()
+        if library not in ("observed", "latent"):
+            raise InputError(f"library must be 'observed' or 'latent', got {library!r}")
+        self.library_site = library == "latent"
         if family not in self.FAMILIES:
             raise InputError(f"unknown count family {family!r}; choose one of: {', '.join(self.FAMILIES)}")
         if dispersion not in self.DISPERSIONS:
@@ -363,13 +372,50 @@ class ScaledCounts(Likelihood):
         self.channels = 1 + per_cell + (family == "zinb")
         self.raw_dispersion = None
 
-    def setup(self, x_shape):
-        """Make the per-gene dispersion for data ``(G,)``; returns ``self``."""
+    def setup(self, x_shape, features=None, batches=0):
+        """Make the per-gene dispersion for data ``(G,)`` and, for a latent library, the guide's head
+        q(log l | h) on the ``features`` the guide reads and the prior's buffers (one per batch of
+        ``batches``, or one); returns ``self``."""
         if len(x_shape) != 1:
             raise InputError(f"scaled counts are cells x genes vectors (G,), got data of shape {tuple(x_shape)}")
         if self.family != "poisson" and self.dispersion == "gene" and self.raw_dispersion is None:
             self.raw_dispersion = nn.Parameter(torch.zeros(x_shape[0]))  # softplus(0) + 1e-4 ~ 0.69
+        if self.library_site and not hasattr(self, "library_head"):
+            self.library_head = nn.Linear(features, 2)
+            self.register_buffer("library_loc", torch.full((max(1, batches),), float("nan")))
+            self.register_buffer("library_scale", torch.ones(max(1, batches)))
         return self
+
+    @torch.no_grad()
+    def library_prior_from(self, x, batches=None):
+        """Set the latent library's prior, scVI's: log l ~ N(mean, sd) of the log library sizes of the
+        training cells ``x`` ``(N, G)`` (a tensor or a scipy sparse matrix), per batch with ``batches``
+        ``(N,)`` (indices ``0 .. B-1``)."""
+        sums = torch.as_tensor(np.asarray(x.sum(-1)).reshape(-1) if hasattr(x, "tocsr") else x.sum(-1).cpu(),
+                               dtype=torch.float32)
+        logs = sums.clamp(min=1.0).log()
+        groups = torch.zeros_like(logs, dtype=torch.long) if batches is None else torch.as_tensor(batches).cpu()
+        for b in range(len(self.library_loc)):
+            mine = logs[groups == b]
+            if len(mine):
+                self.library_loc[b] = mine.mean()
+                self.library_scale[b] = mine.std().clamp(min=1e-2) if len(mine) > 1 else 1.0
+        return self
+
+    def library_prior(self, c, n):
+        """p(log l) for ``n`` cells: ``Normal(loc_b, sd_b)`` of each cell's batch (one-hot ``c``
+        ``(..., n, B)``; ``None``: the one prior), batch ``(n,)``."""
+        if bool(torch.isnan(self.library_loc).any()):
+            raise InputError("the latent library's prior is not set: call likelihood.library_prior_from(x_train, "
+                             "batches) before training (pyro-vae train does)")
+        if c is None or len(self.library_loc) == 1:
+            return dist.Normal(self.library_loc[0], self.library_scale[0]).expand([n])
+        return dist.Normal(c @ self.library_loc, c @ self.library_scale)
+
+    def library_posterior(self, h):
+        """q(log l | h): ``Normal`` from the guide's features ``h`` ``(..., n, F)``, batch ``(..., n)``."""
+        loc, raw = self.library_head(h).unbind(-1)
+        return dist.Normal(loc + 8.0, F.softplus(raw) + 1e-4)  # + 8: about a log library of 3000 counts at init
 
     def _parts(self, out, library):
         parts = list(out.chunk(self.channels, dim=-1))
@@ -433,7 +479,8 @@ def _split(out, k, event_dims):
 
 
 LIKELIHOODS = ("bernoulli", "cbernoulli", "gaussian[:fixed|learned|pixel]", "laplace", "beta", "dlogistic[:K]",
-               "poisson", "nb", "zinb", "poisson:library", "nb:library[-cell]", "zinb:library[-cell]")
+               "poisson", "nb", "zinb", "poisson:library", "nb:library[-cell]", "zinb:library[-cell]",
+               "poisson|nb|zinb:latent-library")
 
 
 def from_name(name, gaussian_scale=1.0):
@@ -445,6 +492,8 @@ def from_name(name, gaussian_scale=1.0):
         return simple[kind]()
     if kind in ScaledCounts.FAMILIES and arg in ("library", "library-cell") and (kind != "poisson" or arg == "library"):
         return ScaledCounts(kind, "gene-cell" if arg == "library-cell" else "gene")
+    if kind in ScaledCounts.FAMILIES and arg == "latent-library":
+        return ScaledCounts(kind, library="latent")
     if kind == "gaussian" and arg in ("", *Gaussian.MODES):
         return Gaussian(gaussian_scale, mode=arg or "fixed")
     if kind == "dlogistic" and (not arg or arg.isdigit()):

@@ -638,6 +638,8 @@ def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorb
                 (out / "tensorboard").rmdir()  # a resume of this run must not take up an old run's logging
         write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
+    if state is None and getattr(vae.likelihood, "library_site", False):  # scVI's prior of the latent library
+        vae.likelihood.library_prior_from(x_train, y_train if config.batch_file else None)
     run = RunDirectory(out, config, x_train.shape[1:])
     aids = _training_aids(config)
     parts = aids + _selection_parts(config, x_val, run, callbacks, y_val if conditioned else None)

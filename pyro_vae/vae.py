@@ -217,15 +217,16 @@ class VAE(nn.Module):
         self.likelihood = likelihoods_.wrap(likelihood)
         x_shape = x_shape or getattr(encoder, "x_shape", None) or getattr(decoder, "x_shape", None)
         self.x_shape = tuple(x_shape) if x_shape is not None else None
-        if hasattr(self.likelihood, "setup"):  # a likelihood with per-value parameters (a gene's dispersion)
-            if self.x_shape is None:
-                raise InputError(f"{type(self.likelihood).__name__} makes parameters for each data value; give "
-                                 "the VAE x_shape (or an encoder with x_shape)")
-            self.likelihood.setup(self.x_shape)
+        if hasattr(self.likelihood, "setup") and self.x_shape is None:
+            raise InputError(f"{type(self.likelihood).__name__} makes parameters for each data value; give "
+                             "the VAE x_shape (or an encoder with x_shape)")
+        self._library_site = bool(getattr(self.likelihood, "library_site", False))  # a latent library "l"
         family = posteriors_.DiagonalGaussian if posterior is None or isinstance(posterior, nn.Module) else posterior
         needs_width = not isinstance(posterior, nn.Module) or len(latent_dims) > 1 and guide == "top-down"
-        needs_width = needs_width or self.label_site  # the classifier reads the encoder's features too
+        needs_width = needs_width or self.label_site or self._library_site  # classifier, q(l | x): features
         features = encoder_width(encoder, self.x_shape) + condition if needs_width else None  # h and y
+        if hasattr(self.likelihood, "setup"):  # per-value parameters (a gene's dispersion), q(l | x)'s head
+            self.likelihood.setup(self.x_shape, features=features, batches=condition)
         if not isinstance(posterior, nn.Module):
             posterior = posteriors_.build(family, features + above[-1], latent_dims[-1])
         self.posterior = posterior
@@ -368,8 +369,11 @@ class VAE(nn.Module):
                 zs = [pyro.sample("z0", self._top_prior(c, n))]
                 for level in range(1, self.levels + 1):
                     zs.append(pyro.sample(f"z{level}", self._transition(level, self._above(zs))))
+            library = None
+            if self._library_site:  # scVI's latent library: log l ~ N(the training cells' log libraries)
+                library = pyro.sample("l", self.likelihood.library_prior(c, n)).exp().unsqueeze(-1)
             out = self.decoder(self._decoded(zs, c))
-            return pyro.sample("x", self._likelihood(out, x), obs=x)
+            return pyro.sample("x", self._likelihood(out, x, library), obs=x)
 
     def guide(self, x, y=None, batch_size=None, size=None):
         """The recognition model q(z0, ..., zL | x, y), bottom-up or top-down (see the module's doc).
@@ -398,9 +402,10 @@ class VAE(nn.Module):
                 c = self._one_hot(labels)
             h = _beside(h, c)
             self._transitions_drawn.clear()  # nothing of an earlier call is kept alive
-            if self.guide_order == "top-down" and self.levels:
-                return self._top_down(h)
-            return self._bottom_up(h)
+            z0 = self._top_down(h) if self.guide_order == "top-down" and self.levels else self._bottom_up(h)
+            if self._library_site:
+                pyro.sample("l", self.likelihood.library_posterior(h))
+            return z0
 
     def _bottom_up(self, h):
         """zL ~ q(zL | h), then zl ~ q(zl | zl+1) for l = L-1 .. 0."""
@@ -564,11 +569,13 @@ class VAE(nn.Module):
         (not where the label is a level above z0, ``label_in_prior``)."""
         return _beside(self._above(zs), None if self.label_in_prior else c)
 
-    def _likelihood(self, out, x):
+    def _likelihood(self, out, x, library=None):
         """p(x | the decoder's output); a likelihood that scales by the library size (``uses_library``,
-        :class:`~pyro_vae.likelihoods.ScaledCounts`) gets the observed ``x``'s, ``(B, 1)``."""
+        :class:`~pyro_vae.likelihoods.ScaledCounts`) gets ``library`` (a latent one, ``(..., B, 1)``) or the
+        observed ``x``'s, ``(B, 1)``."""
         if getattr(self.likelihood, "uses_library", False):
-            library = None if x is None else x.sum(-1, keepdim=True)
+            if library is None and x is not None:
+                library = x.sum(-1, keepdim=True)
             return self.likelihood(out, self._event_dims(x), library=library)
         return self.likelihood(out, self._event_dims(x))
 

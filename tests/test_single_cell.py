@@ -191,3 +191,40 @@ def test_batch_corrected_expression_decodes_every_cell_as_one_batch(tmp_path):
     np.testing.assert_allclose(own[1::2], b1[1::2], rtol=1e-5)
     assert not np.allclose(b0, b1)
     assert cli.main(["encode", str(run), "--expression", "--as-batch", "b9"]) == 2
+
+
+def test_a_latent_library_is_a_site_in_model_and_guide_with_the_elbo_by_hand():
+    lik = likelihoods.from_name("nb:latent-library")
+    model = vae(lik, condition=2)
+    y = torch.tensor([0, 1, 1])
+    with pytest.raises(InputError, match="latent library's prior is not set"):
+        model.model(COUNTS, y)
+    lik.library_prior_from(COUNTS, y)
+    assert lik.library_loc.tolist() == pytest.approx([float(COUNTS[0].sum().log()),
+                                                      float(COUNTS[1:].sum(-1).log().mean())])
+    guide = poutine.trace(model.guide).get_trace(COUNTS, y)
+    trace = poutine.trace(poutine.replay(model.model, trace=guide)).get_trace(COUNTS, y)
+    assert guide.nodes["l"]["value"].shape == (3,) and trace.nodes["l"]["fn"].batch_shape == (3,)
+    torch.testing.assert_close(trace.nodes["l"]["fn"].loc, lik.library_loc[y])  # each cell's batch's prior
+    out = model.decoder(model._decoded([guide.nodes["z0"]["value"]], model.conditioning(y, 3)))
+    library = guide.nodes["l"]["value"].exp().unsqueeze(-1)
+    torch.testing.assert_close(trace.nodes["x"]["fn"].mean, library * lik.proportions(out))  # l scales rho
+    guide.compute_log_prob()
+    trace.compute_log_prob()
+    by_hand = sum(trace.nodes[n]["log_prob_sum"] for n in ("z0", "l", "x")) - \
+        sum(guide.nodes[n]["log_prob_sum"] for n in ("z0", "l"))
+    elbo = sum(s["log_prob_sum"] for s in trace.nodes.values() if s["type"] == "sample" and "log_prob_sum" in s) - \
+        sum(s["log_prob_sum"] for s in guide.nodes.values() if s["type"] == "sample" and "log_prob_sum" in s)
+    torch.testing.assert_close(elbo, by_hand)
+
+
+def test_the_command_line_trains_a_latent_library_and_evaluates_log_p_x(tmp_path):
+    write_10x(tmp_path / "10x", cells=40, genes=12)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--dataset", "counts", "--data-file", str(tmp_path / "10x"),
+                     "--batch-file", str(tmp_path / "batches.txt"), "--likelihood", "zinb:latent-library",
+                     "--epochs", "2", "--batch-size", "8", "--no-progress"]) == 0
+    assert cli.main(["evaluate", str(run), "--iw-samples", "4", "--no-progress"]) == 0
+    summary = json.loads((run / "eval.json").read_text())
+    assert "kl_l" in summary and "conditional_on_library" not in summary
+    assert summary["iw_log_likelihood"] >= summary["elbo"] - 5.0
