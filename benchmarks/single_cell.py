@@ -7,7 +7,7 @@ is strong; written as a 10x Genomics folder (``matrix.mtx`` genes x cells, ``bar
 with a batch file (one label per cell) beside it.
 
     python benchmarks/single_cell.py simulate --out ~/runs/sc                 # the data
-    python benchmarks/single_cell.py run --out ~/runs/sc --epochs 60          # PCA and the command-line routes
+    python benchmarks/single_cell.py run --out ~/runs/sc                      # PCA and the command-line routes
 
 Scores of an embedding (every cell's latent mean): the adjusted Rand index of k-means (T clusters, 10
 restarts) against the types; the accuracy of a 15-nearest-neighbour vote predicting each cell's batch from
@@ -185,7 +185,7 @@ if __name__ == "__main__":
     s.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run")
     r.add_argument("--out", required=True)
-    r.add_argument("--epochs", type=int, default=60)
+    r.add_argument("--epochs", type=int, default=300, help="the count data's default")
     r.add_argument("--only", nargs="*")
     r.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -41,7 +41,7 @@ TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_ste
                  "seed", "squeeze", "ema", "skip_grad_norm", "kl_balance", "labels", "aux_loss", "enumerate")
 COUNT_INPUTS = ("log1p", "raw")
 # what --dataset counts means when a flag is not given (applied under the user's flags, see with_defaults)
-COUNT_DEFAULTS = dict(latent_dims=[10], hidden=128, binarize="none", likelihood="nb:library")
+COUNT_DEFAULTS = dict(latent_dims=[10], hidden=128, binarize="none", likelihood="nb:library", epochs=300, batch_size=128)
 LABELLED_DATASETS = data_.DATASETS  # the data sets whose class labels pyro-vae reads (ten classes each)
 CLASSES = 10
 

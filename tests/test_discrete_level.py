@@ -58,12 +58,12 @@ def test_the_iw_estimate_sums_the_discrete_level_out():
 
 def test_it_clusters_unlabelled_data_and_samples_per_class():
     """No labels at all: q(y | x) groups three kinds of points. A GMVAE can merge two clusters in a local
-    optimum (a known trait of the model), so the best of three seeded restarts must cluster well."""
+    optimum (a known trait of the model), so the better of two seeded restarts must cluster well."""
     y = torch.arange(60) % K
     x = (torch.rand(60, D_X, generator=torch.Generator().manual_seed(0))
          < 0.05 + 0.9 * (y[:, None] == torch.arange(D_X)[None] % K)).float()
     scores = []
-    for seed in range(3):
+    for seed in range(2):
         vae = gmvae(seed=seed)
         fit(vae, x, epochs=40, batch_size=20, lr=1e-2, progress=False, log=None, seed=seed)
         scores.append(evaluate.cluster_accuracy(evaluate.predicted_classes(vae, x), y))

@@ -228,3 +228,10 @@ def test_the_command_line_trains_a_latent_library_and_evaluates_log_p_x(tmp_path
     summary = json.loads((run / "eval.json").read_text())
     assert "kl_l" in summary and "conditional_on_library" not in summary
     assert summary["iw_log_likelihood"] >= summary["elbo"] - 5.0
+
+
+def test_count_data_defaults_sit_under_the_users_flags():
+    config = RunConfig.with_defaults({"dataset": "counts", "data_file": "x.npz", "epochs": 7})
+    assert (config.epochs, config.batch_size, config.latent_dims, config.likelihood) == (7, 128, [10], "nb:library")
+    assert os.path.isabs(config.data_file)
+    assert RunConfig.with_defaults({}).epochs == RunConfig().epochs  # images keep theirs
