@@ -861,6 +861,11 @@ def _rows_of(y, n, name):
     return y
 
 
+def is_sparse(x):
+    """Whether ``x`` is a ``scipy.sparse`` matrix (not a tensor)."""
+    return not torch.is_tensor(x) and hasattr(x, "tocsr")
+
+
 def batch_points(batch):
     """The number of data points in a batch of a batch source: ``x_b`` ``(B, ...)`` or ``(x_b, y_b)``."""
     return (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]

@@ -206,7 +206,8 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         labelled = int(y_train is not None and bool((y_train != data_.UNLABELLED).any()))
         settings.check({"aux_loss": aux_loss, "labels": labelled, "free_bits": free_bits, "kl_balance": kl_balance,
                         "elbo": elbo})
-    group = distributed.current() or distributed.init(str(x_train.device))  # under torchrun: its group
+    device = vae.device if data_.is_sparse(x_train) else x_train.device  # sparse rows go where the VAE is
+    group = distributed.current() or distributed.init(str(device))  # under torchrun: its group
     if group is not None and (free_bits or kl_balance):
         raise InputError("free bits and KL balancing weigh each level's KL averaged over the batch, which under "
                          "torchrun would be each process's share of it (not the one-process objective); train "
@@ -215,7 +216,7 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         raise InputError(f"batch size {batch_size} is smaller than the {group.size} processes, which each take a "
                          f"share of every batch; use a batch size of {group.size} or more")
     pyro.set_rng_seed(seed + (group.rank if group else 0))  # under torchrun every rank draws its own noise
-    generator = torch.Generator(device=x_train.device).manual_seed(seed)  # the same batches on every rank
+    generator = torch.Generator(device=device).manual_seed(seed)  # the same batches on every rank
     data = _batch_source(vae, x_train, y_train, batch_size, generator, dynamic_binarize)
     loss_fn = (SemiSupervisedELBO(vae, aux_loss, num_particles) if m2
                else make_elbo(elbo, num_particles, free_bits, vae if kl_balance else None))
@@ -255,7 +256,7 @@ def _checked_labels(vae, y, x, name):
     if not condition:
         raise InputError(f"{name} was given to a VAE without conditioning; build it with condition=K, or leave "
                          f"{name} out")
-    y = data_._rows_of(y, x.shape[0], name).to(x.device)
+    y = data_._rows_of(y, x.shape[0], name).to(vae.device if data_.is_sparse(x) else x.device)
     if not m2:
         vae.conditioning(y, x.shape[0])  # the VAE's own check, with its one-line message
     elif y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
@@ -348,14 +349,14 @@ def load_labelled_splits(config, device):
             x = data_.load_folder(config.data_dir, config.image_size, config.channels)[0]
         elif config.dataset == "tensor":
             x = data_.load_image_tensor(config.data_file, config.image_size, config.channels)
-        else:
-            x = data_.load_counts(config.data_file, config.transpose)
+        else:  # kept sparse: training densifies a batch at a time, the held-out rows once
+            x = data_.read_counts(config.data_file, config.transpose)
             _say_counts(config, x.shape)
         if x.shape[0] < 2:
             raise InputError(f"{config.data_file} holds {x.shape[0]} row; training and a test set need 2 or more")
         order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed + 1))
         n_test = max(1, x.shape[0] // 10)
-        x_train, x_test = x[order[n_test:]], x[order[:n_test]]
+        x_train, x_test = _rows(x, order[n_test:]), _dense(_rows(x, order[:n_test]))
         y_train = y_val = y_test = None
         if config.batch_file:  # the cells' batches, cut as the cells are
             y = batch_codes(config, x.shape[0])
@@ -368,7 +369,7 @@ def load_labelled_splits(config, device):
         if config.val_size >= x_train.shape[0]:
             raise InputError(f"val_size {config.val_size} leaves nothing to train on ({x_train.shape[0]} training "
                              f"points); use --val-size {x_train.shape[0] // 6} or less")
-        x_train, x_val = x_train[:-config.val_size], x_train[-config.val_size:]
+        x_train, x_val = x_train[:-config.val_size], _dense(x_train[-config.val_size:])
         if y_train is not None:
             y_train, y_val = y_train[:-config.val_size], y_train[-config.val_size:]
     if config.labels:
@@ -386,10 +387,21 @@ def load_labelled_splits(config, device):
     if config.squeeze:  # [0, 1] -> [eps, 1 - eps], for likelihoods whose support is the open interval
         x_train, x_test = squeeze(x_train, config.squeeze), squeeze(x_test, config.squeeze)
         x_val = None if x_val is None else squeeze(x_val, config.squeeze)
-    def on(x, y):
-        return x.to(device), None if y is None else y.to(device)
+    def on(x, y):  # a sparse training matrix stays on the CPU (Batches moves each batch)
+        return x if data_.is_sparse(x) else x.to(device), None if y is None else y.to(device)
 
     return on(x_train, y_train), None if x_val is None else on(x_val, y_val), on(x_test, y_test)
+
+
+def _rows(x, index):
+    """Rows ``index`` of a count matrix: a sparse matrix's rows stay sparse for training (``index`` of the
+    training rows) and are densified for the held-out sets (see :func:`_dense`)."""
+    return x[index.numpy()] if data_.is_sparse(x) else x[index]
+
+
+def _dense(x):
+    """A held-out set as a dense float32 tensor (a sparse one densified once)."""
+    return torch.from_numpy(x.toarray()).float() if data_.is_sparse(x) else x
 
 
 def _say_counts(config, shape):
@@ -660,7 +672,8 @@ def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorb
         if isinstance(part, WeightAverage):
             part.copy_to(vae)
     if pictures:
-        _save_model_graph(vae, x_train[:2], out / "model.png", y_train[:2] if config.batch_file else None)
+        _save_model_graph(vae, _dense(x_train[:2]).to(vae.device), out / "model.png",
+                          y_train[:2] if config.batch_file else None)
         if is_image(vae):
             plots.save_samples(vae, out / "samples.png")
             shown = x_test if x_val is None else x_val  # with a validation split, the test set waits for evaluate

@@ -791,7 +791,19 @@ class VAE(nn.Module):
 
     def check_data(self, x):
         """Raise :class:`InputError` unless ``x`` is a finite float tensor ``(B, *x_shape)``
-        inside the likelihood's support."""
+        inside the likelihood's support (or a ``scipy.sparse`` matrix ``(B, G)`` of such values, which
+        is checked without densifying it)."""
+        if hasattr(x, "tocsr") and not torch.is_tensor(x):  # sparse counts: the stored values are checked
+            if self.x_shape is not None and tuple(x.shape[1:]) != self.x_shape:
+                raise InputError(f"data has shape {tuple(x.shape)} but the networks expect (batch, "
+                                 f"{', '.join(map(str, self.x_shape))}); build the VAE for this shape")
+            if x.shape[0] == 0:
+                raise InputError("data is empty (0 data points); pass at least one data point")
+            values = torch.as_tensor(x.tocsr().data, dtype=torch.float32)
+            if not bool(torch.isfinite(values).all()):
+                raise InputError("data holds NaN or infinite values; clean or drop them before training")
+            self.likelihood.check(values)
+            return
         if not torch.is_tensor(x):
             raise InputError(f"data must be a torch.Tensor, got {type(x).__name__}; "
                              "convert it with torch.as_tensor(x, dtype=torch.float32)")

@@ -235,3 +235,31 @@ def test_count_data_defaults_sit_under_the_users_flags():
     assert (config.epochs, config.batch_size, config.latent_dims, config.likelihood) == (7, 128, [10], "nb:library")
     assert os.path.isabs(config.data_file)
     assert RunConfig.with_defaults({}).epochs == RunConfig().epochs  # images keep theirs
+
+
+def test_the_command_line_never_densifies_the_whole_count_matrix(tmp_path, monkeypatch):
+    """Training reads the matrix sparse and densifies a batch at a time (the held-out tenth once): the
+    largest block ever densified is far below the 200 cells."""
+    write_10x(tmp_path / "10x", cells=200, genes=12, batches=False)
+    densified = []
+    original = scipy.sparse.csr_matrix.toarray
+
+    def recorded(self, *args, **kwargs):
+        densified.append(self.shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(scipy.sparse.csr_matrix, "toarray", recorded)
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--dataset", "counts", "--data-file",
+                     str(tmp_path / "10x"), "--epochs", "2", "--batch-size", "16", "--no-progress"]) == 0
+    assert densified and max(densified) <= 20, sorted(set(densified))  # batches of 16, the 20 test cells
+
+
+def test_fit_takes_a_sparse_matrix_and_checks_its_values():
+    from pyro_vae import fit
+
+    m = scipy.sparse.csr_matrix(COUNTS.numpy())
+    model = vae(likelihoods.ScaledCounts("nb"))
+    history = fit(model, m, COUNTS, epochs=2, batch_size=2, progress=False, log=None)
+    assert len(history) == 2 and "test_elbo" in history[-1]
+    with pytest.raises(InputError, match="counts >= 0"):
+        fit(model, scipy.sparse.csr_matrix(-COUNTS.numpy()), epochs=1, batch_size=2, progress=False, log=None)
