@@ -111,7 +111,8 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
 
     Args:
         vae: a :class:`VAE`, already on the data's device.
-        x_train: training data ``(N, *x_shape)`` on that device.
+        x_train: training data ``(N, *x_shape)`` on that device, or a ``scipy.sparse`` matrix ``(N, G)``
+            of counts (kept on the CPU; each batch is densified and moved to the VAE's device).
         x_test: optional test data ``(M, *x_shape)``; its ELBO per data point
             (one draw of z each) is measured after every epoch
             (:class:`~pyro_vae.callbacks.Evaluation`).
