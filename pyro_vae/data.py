@@ -663,23 +663,32 @@ def _10x_matrix(folder):
     return matrix
 
 
+def barcodes(path):
+    """The cell names of a 10x ``barcodes.tsv(.gz)`` in the folder ``path`` (or beside the file ``path``):
+    ``(file, names)``, or ``(None, None)`` where there is none."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    for name in ("barcodes.tsv.gz", "barcodes.tsv"):
+        file = folder / name
+        if file.is_file():
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(file, "rt") as f:
+                return file, [line.split("\t")[0].strip() for line in f if line.strip()]
+    return None, None
+
+
 def orientation_hint(path, shape, transpose):
     """A one-line warning when a count matrix read as ``shape`` (rows = cells) looks transposed: a 10x
     ``barcodes.tsv(.gz)`` beside it lists as many cells as the matrix has columns; else ``None``."""
     path = Path(path)
     if path.is_dir():  # a 10x folder is read the right way round
         return None
-    for name in ("barcodes.tsv.gz", "barcodes.tsv"):
-        barcodes = path.parent / name
-        if barcodes.is_file():
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(barcodes, "rt") as f:
-                cells = sum(1 for line in f if line.strip())
-            if cells == shape[1] != shape[0]:
-                flag = "with --transpose" if transpose else "without --transpose"
-                return (f"warning: {path} read {flag} gives {shape[0]} cells x {shape[1]} genes, but {barcodes.name} "
-                        f"lists {cells} cells: the matrix looks transposed ({'add' if not transpose else 'drop'} "
-                        "--transpose; 10x writes genes x cells)")
+    file, cells = barcodes(path)
+    if file is not None and len(cells) == shape[1] != shape[0]:
+        flag = "with --transpose" if transpose else "without --transpose"
+        return (f"warning: {path} read {flag} gives {shape[0]} cells x {shape[1]} genes, but {file.name} "
+                f"lists {len(cells)} cells: the matrix looks transposed ({'add' if not transpose else 'drop'} "
+                "--transpose; 10x writes genes x cells)")
     return None
 
 

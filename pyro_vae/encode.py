@@ -6,7 +6,6 @@ image data set: its test images) or another count file, and writes each row's po
 10x ``barcodes.tsv(.gz)`` sits beside the matrix, else the row numbers), or an ``N x D`` NumPy array.
 """
 
-import gzip
 import io
 from pathlib import Path
 
@@ -118,12 +117,5 @@ def _batches_of(config, path, n):
 
 def _cell_names(path, n):
     """The cells' names: a 10x folder's ``barcodes.tsv(.gz)`` beside the matrix, else ``0 .. n-1``."""
-    for name in ("barcodes.tsv.gz", "barcodes.tsv"):
-        barcodes = (path if path.is_dir() else path.parent) / name
-        if barcodes.is_file():
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(barcodes, "rt") as f:
-                cells = [line.split("\t")[0].strip() for line in f if line.strip()]
-            if len(cells) == n:
-                return cells
-    return [str(i) for i in range(n)]
+    _, cells = data_.barcodes(path)
+    return cells if cells is not None and len(cells) == n else [str(i) for i in range(n)]
