@@ -8,6 +8,10 @@ with a batch file (one label per cell) beside it.
 
     python benchmarks/single_cell.py simulate --out ~/runs/sc                 # the data
     python benchmarks/single_cell.py run --out ~/runs/sc                      # PCA and the command-line routes
+    python benchmarks/single_cell.py de --out ~/runs/sc --run cli-batch-file  # differential expression, 0 vs 1
+
+``simulate`` also writes the same cells as an AnnData file, ``cells.h5ad`` (the batch in ``.obs["batch"]``),
+which the route ``cli-anndata`` reads with ``--batch-key batch``.
 
 Scores of an embedding (every cell's latent mean): the adjusted Rand index of k-means (T clusters, 10
 restarts) against the types; the accuracy of a 15-nearest-neighbour vote predicting each cell's batch from
@@ -57,11 +61,27 @@ def simulate(out, cells=3000, genes=500, types=4, seed=0):
     (folder / "barcodes.tsv").write_text("".join(f"CELL{i:05d}-1\n" for i in range(cells)))
     (folder / "features.tsv").write_text("".join(f"GENE{g:04d}\tGENE{g:04d}\tGene Expression\n" for g in range(genes)))
     (out / "batches.txt").write_text("".join(f"batch{b}\n" for b in batch))
-    truth = {"types": kind.tolist(), "batches": batch.tolist(), "log_library": np.log(counts.sum(1)).tolist()}
+    truth = {"types": kind.tolist(), "batches": batch.tolist(), "log_library": np.log(counts.sum(1)).tolist(),
+             "base": base.tolist(), "effect": effect.tolist(), "batch_effect": batch_effect.tolist()}
+    _write_h5ad(out / "cells.h5ad", counts, batch)
     (out / "truth.json").write_text(json.dumps(truth))
     print(f"wrote {cells} cells x {genes} genes to {folder} ({(counts == 0).mean():.0%} zeros; library sizes "
           f"{counts.sum(1).min()}..{counts.sum(1).max()})")
     return truth
+
+
+def _write_h5ad(path, counts, batch):
+    """The cells as AnnData (needs ``anndata``; skipped with a note where it is missing)."""
+    try:
+        import anndata
+        import pandas as pd
+    except ImportError:
+        print("anndata is not installed: no cells.h5ad (pip install anndata)")
+        return
+    obs = pd.DataFrame({"batch": pd.Categorical([f"batch{b}" for b in batch])},
+                       index=[f"CELL{i:05d}-1" for i in range(len(batch))])
+    var = pd.DataFrame(index=[f"GENE{g:04d}" for g in range(counts.shape[1])])
+    anndata.AnnData(X=scipy.sparse.csr_matrix(counts.astype(np.float32)), obs=obs, var=var).write_h5ad(path)
 
 
 # ------------------------------------------------------------------ scores
@@ -141,6 +161,8 @@ def cli_route(out, name, flags, epochs):
     """Train with ``pyro-vae train --dataset counts`` and ``flags``, evaluate, encode; the embedding and eval."""
     run = Path(out) / name
     data = ["--dataset", "counts", "--data-file", str(Path(out) / "10x" / "matrix.mtx"), "--transpose"]
+    if "--data-file" in flags:  # the route reads another file (the AnnData one)
+        data = ["--dataset", "counts"]
     start = time.perf_counter()
     pyro_vae("train", "--out", str(run), *data, "--epochs", str(epochs), "--no-progress", "--overwrite", *flags)
     seconds = time.perf_counter() - start
@@ -153,6 +175,7 @@ ROUTES = {
     "cli-raw-input": ["--count-input", "raw", "--latent-dims", "50", "--hidden", "400", "--likelihood", "nb"],
     "cli-defaults": [],
     "cli-batch-file": ["--batch-file", "BATCHES"],
+    "cli-anndata": ["--data-file", "H5AD", "--batch-key", "batch"],
 }
 
 
@@ -165,7 +188,7 @@ def run(args):
     for name, flags in ROUTES.items():
         if args.only and name not in args.only:
             continue
-        flags = [str(out / "batches.txt") if f == "BATCHES" else f for f in flags]
+        flags = [{"BATCHES": str(out / "batches.txt"), "H5AD": str(out / "cells.h5ad")}.get(f, f) for f in flags]
         z, ev, seconds = cli_route(out, name, flags, args.epochs)
         rows.append({"route": f"pyro-vae train --dataset counts {' '.join(flags)}".strip().replace(str(out) + "/", ""),
                      **scores(z, truth, types), "test_elbo": ev["elbo"], "iw_log_likelihood": ev["iw_log_likelihood"],
@@ -173,6 +196,59 @@ def run(args):
                      "machine": f"{platform.machine()} cpu, {args.threads} thread(s)"})
         print(json.dumps(rows[-1]), flush=True)
     RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def true_lfc(truth, a, b):
+    """The simulation's log2 fold change of the expression proportions of type ``a`` over type ``b`` ``(G,)``,
+    each type's proportions averaged over both batches (the batch-corrected truth)."""
+    base, effect, batch_effect = (np.asarray(truth[k]) for k in ("base", "effect", "batch_effect"))
+
+    def rho(t):
+        logits = base + effect[t] + batch_effect  # (2 batches, G)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return (p / p.sum(1, keepdims=True)).mean(0)
+
+    return np.log2(rho(a)) - np.log2(rho(b))
+
+
+def de(args):
+    """``pyro-vae de`` on a trained route, type ``a`` against type ``b``, scored against the simulation."""
+    out = Path(args.out).expanduser()
+    truth = json.loads((out / "truth.json").read_text())
+    if "effect" not in truth:
+        raise SystemExit(f"{out}/truth.json predates the DE truth: run simulate again (same seed, same cells)")
+    run = out / args.run
+    groups = out / "types.txt"
+    groups.write_text("".join(f"type{t}\n" for t in truth["types"]))
+    table = run / f"de_type{args.a}_vs_type{args.b}.csv"
+    start = time.perf_counter()
+    pyro_vae("de", str(run), "--groups", str(groups), "--a", f"type{args.a}", "--b", f"type{args.b}",
+             *(["--as-batch", args.as_batch] if args.as_batch else []), "--out", str(table))
+    seconds = time.perf_counter() - start
+    lines = table.read_text().splitlines()
+    header = lines[0].split(",")
+    rows = {r[0]: dict(zip(header[1:], r[1:])) for r in (line.split(",") for line in lines[1:])}
+    genes = [f"GENE{g:04d}" for g in range(len(rows))]
+    lfc = true_lfc(truth, args.a, args.b)
+    estimate = np.array([float(rows[g]["lfc_median"]) for g in genes])
+    proba = np.array([float(rows[g]["proba_de"]) for g in genes])
+    called = np.array([rows[g]["is_de"] == "true" for g in genes])
+    changed = np.abs(lfc) >= 1.0  # clearly changed genes
+    unchanged = np.abs(lfc) < 0.25  # below scVI's delta
+    ranks = proba.argsort().argsort()
+    auc = float((ranks[changed][:, None] > ranks[unchanged][None]).mean())
+    row = {"run": args.run, "a": args.a, "b": args.b, "as_batch": args.as_batch,
+           "genes_changed_1": int(changed.sum()), "genes_called": int(called.sum()),
+           "called_that_changed_0.25": float((np.abs(lfc[called]) >= 0.25).mean()) if called.any() else None,
+           "changed_1_called": float(called[changed].mean()),
+           "auc_proba_changed_vs_unchanged": auc,
+           "lfc_correlation": float(np.corrcoef(estimate, lfc)[0, 1]), "seconds": seconds,
+           "machine": f"{platform.machine()} cpu"}
+    print(json.dumps(row), flush=True)
+    path = RESULTS.with_name("single_cell_de.json")
+    old = json.loads(path.read_text()) if path.is_file() else []
+    old = [r for r in old if (r["run"], r["a"], r["b"], r.get("as_batch")) != (args.run, args.a, args.b, args.as_batch)]
+    path.write_text(json.dumps(old + [row], indent=2) + "\n")
 
 
 if __name__ == "__main__":
@@ -188,8 +264,16 @@ if __name__ == "__main__":
     r.add_argument("--epochs", type=int, default=300, help="the count data's default")
     r.add_argument("--only", nargs="*")
     r.add_argument("--threads", type=int, default=1)
+    d = sub.add_parser("de")
+    d.add_argument("--out", required=True)
+    d.add_argument("--run", default="cli-batch-file")
+    d.add_argument("--a", type=int, default=0)
+    d.add_argument("--b", type=int, default=1)
+    d.add_argument("--as-batch")
     args = parser.parse_args()
     if args.command == "simulate":
         simulate(Path(args.out).expanduser(), args.cells, args.genes, seed=args.seed)
+    elif args.command == "de":
+        de(args)
     else:
         run(args)

@@ -87,15 +87,38 @@ def _parser():
                                  "(default RUN_DIR/latent.csv)")
     c.add_argument("--data-file", help="count data to encode instead of the run's (its genes in the run's order)")
     c.add_argument("--batch-file", help="with --data-file: the cells' batches (for a run trained with --batch-file)")
+    c.add_argument("--covariate-file", help="with --data-file: the cells' continuous covariates (for a run trained "
+                                            "with --covariate-file)")
     c.add_argument("--transpose", action="store_true", help="with --data-file: the file is genes x cells")
     c.add_argument("--level", type=int, help="which level of a chain (default: the one nearest the data)")
     c.add_argument("--expression", action="store_true",
-                   help="write each cell's normalised expression (the decoder's mean at 10 000 counts) instead")
+                   help="write each cell's normalised expression (the decoder's proportions times 10 000 counts) "
+                        "instead")
     c.add_argument("--as-batch", metavar="NAME",
                    help="with --expression: decode every cell as if of batch NAME (batch-corrected expression)")
     c.add_argument("--checkpoint", help="best or last (default as for evaluate)")
     _add_device_flags(c)
+    _add_de_flags(sub)
     return p
+
+
+def _add_de_flags(sub):
+    """``de``: differential expression between two groups of a count run's cells."""
+    d = sub.add_parser("de", help="differential expression between two groups of cells (scVI's change mode)")
+    d.add_argument("run_dir", help="run directory made by pyro-vae train on count data")
+    d.add_argument("--groups", metavar="FILE", help="one group label per cell (a line each, in the data's cell order)")
+    d.add_argument("--groupby", metavar="COLUMN", help="for a run on an AnnData .h5ad file: the .obs column of groups")
+    d.add_argument("--a", required=True, metavar="NAME", help="the group compared (log fold changes are A over B)")
+    d.add_argument("--b", metavar="NAME", help="the group compared with (default: every other cell)")
+    d.add_argument("--as-batch", metavar="NAME", help="decode every cell as of batch NAME (batch-corrected)")
+    d.add_argument("--draws", type=int, default=5000, help="posterior draws per group (default 5000)")
+    d.add_argument("--delta", type=float, default=0.25,
+                   help="smallest |log2 fold change| that counts as a change (default 0.25)")
+    d.add_argument("--fdr", type=float, default=0.05, help="posterior expected false discovery rate (default 0.05)")
+    d.add_argument("--out", help="CSV, one row per gene (default RUN_DIR/de_A_vs_B.csv)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--checkpoint", help="best or last (default as for evaluate)")
+    _add_device_flags(d)
 
 
 def _add_explore_flags(sub):
@@ -171,13 +194,23 @@ def _add_model_flags(t):
                                       "package and torchvision's download), CIFAR-10's cifar-10-batches-py, "
                                       "or with --dataset folder the images (or one sub-folder of them per class)")
     t.add_argument("--data-file", help="with --dataset counts: a cells x genes (documents x words) count matrix, "
-                                       ".npz, .csv(.gz) or .mtx(.gz); with --dataset tensor: images (N, H, W), "
-                                       "(N, C, H, W) or (N, H, W, C), uint8 or floats in [0, 1], .npy or .pt")
+                                       ".npz, .csv(.gz), .mtx(.gz), a 10x folder or an AnnData .h5ad; with "
+                                       "--dataset tensor: images (N, H, W), (N, C, H, W) or (N, H, W, C), uint8 "
+                                       "or floats in [0, 1], .npy or .pt")
     t.add_argument("--transpose", action="store_true", default=None,
                    help="with --data-file: the file is genes x cells, as 10x Genomics .mtx files are")
     t.add_argument("--batch-file", metavar="FILE",
                    help="with --dataset counts: one batch label per cell (a line each, in the matrix's cell order); "
                         "encoder and decoder read it one-hot, so the latent need not hold the batch")
+    t.add_argument("--layer", metavar="NAME",
+                   help="with an AnnData .h5ad --data-file: the layer holding the raw counts (default .X)")
+    t.add_argument("--batch-key", metavar="COLUMN",
+                   help="with an AnnData .h5ad --data-file: the .obs column of each cell's batch (as --batch-file)")
+    t.add_argument("--covariate-file", metavar="FILE",
+                   help="with --dataset counts: continuous covariates, a CSV of one row of numbers per cell (a header "
+                        "row names them); standardised, then read by encoder and decoder beside the batch")
+    t.add_argument("--covariate-keys", metavar="A,B", type=_names,
+                   help="with an AnnData .h5ad --data-file: numeric .obs columns read as continuous covariates")
     t.add_argument("--count-input", metavar="log1p|raw",
                    help="with --dataset counts: what the encoder reads, log(1 + x) or the raw counts "
                         "(default log1p)")
@@ -342,7 +375,7 @@ def _evaluate(args):
 
         vae, config, (x_test, y_test) = distributed.main_first(load)
         classes = y_test if vae.label_site and not config.labels else None  # a discrete level learnt unsupervised
-        y_test = y_test if config.labels or config.batch_file else None  # M2's accuracy; the cells' batches
+        y_test = y_test if config.labels or config.cell_covariates else None  # M2's accuracy; the cells' covariates
         _NEWS.clear()  # stdout is the JSON alone: the device is in it
         if args.limit is not None:
             x_test, y_test = x_test[:args.limit], None if y_test is None else y_test[:args.limit]
@@ -358,8 +391,10 @@ def _evaluate(args):
             from .evaluate import cluster_accuracy, predicted_classes
 
             summary["cluster_accuracy"] = cluster_accuracy(predicted_classes(vae, x_test), classes[:len(x_test)])
-        if config.batch_file:
-            summary["conditional_on"] = "the cells' batches (--batch-file)"
+        if config.cell_covariates:
+            summary["conditional_on"] = "the cells' " + " and ".join(
+                what for what, given in (("batches", config.batch_names), ("covariates", config.covariate_names))
+                if given)
         if getattr(vae.likelihood, "uses_library", False) and not getattr(vae.likelihood, "library_site", False):
             summary["conditional_on_library"] = True  # log p(x | observed library size), as scVI reports it
         if y_test is not None and config.labels:
@@ -391,8 +426,29 @@ def _encode(args):
 
     path, shape = encode_run(args.run_dir, out=args.out, data_file=args.data_file, batch_file=args.batch_file,
                              transpose=args.transpose, level=args.level, checkpoint=args.checkpoint,
-                             device=args.device, expression=args.expression, as_batch=args.as_batch)
+                             device=args.device, expression=args.expression, as_batch=args.as_batch,
+                             covariate_file=args.covariate_file)
     print(f"wrote {path}: {shape[0]} rows x {shape[1]} {'genes' if args.expression else 'latent dims'}")
+
+
+def _de(args):
+    from .differential import de_run
+
+    path, result, (n_a, n_b) = de_run(args.run_dir, args.a, args.b, groups=args.groups, groupby=args.groupby,
+                                      as_batch=args.as_batch, out=args.out, draws=args.draws, delta=args.delta,
+                                      fdr=args.fdr, seed=args.seed, checkpoint=args.checkpoint, device=args.device)
+    called = int(result["is_de"].sum())
+    print(f"{n_a} cells of {args.a} against {n_b} of {args.b or 'the rest'}: {called} of {len(result['is_de'])} "
+          f"genes DE at |LFC| >= {args.delta} and FDR {args.fdr}")
+    print(f"wrote {path}")
+
+
+def _names(text):
+    """``"a,b"`` -> ``["a", "b"]`` (a flag's comma-separated names)."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, e.g. percent_mito,n_genes; got {text!r}")
+    return names
 
 
 def _finite_json(summary):
@@ -560,11 +616,11 @@ def main(argv=None):
     """
     args = _parser().parse_args(argv)
     try:
-        if distributed.launched() and args.command in ("sample", "explore", "encode"):
+        if distributed.launched() and args.command in ("sample", "explore", "encode", "de"):
             raise InputError(f"pyro-vae {args.command} runs in one process; start it without torchrun")
         args.device = _chosen_device(args.device)
         {"train": _train, "evaluate": _evaluate, "sample": _sample, "explore": _explore,
-         "encode": _encode}[args.command](args)
+         "encode": _encode, "de": _de}[args.command](args)
     except InputError as err:
         _say(f"error: {err}", err.rank_specific)
         return 2

@@ -98,6 +98,11 @@ class RunConfig:
     ``"raw"`` (runs written before it existed); ``batch_file`` a text file of one batch label per cell
     (in the data's cell order), a categorical covariate that the encoder and decoder read one-hot (a
     conditional VAE, ``VAE(condition=B)``), whose distinct labels the run keeps in ``batch_names``.
+    ``data_file`` may be an AnnData ``.h5ad`` file (:func:`pyro_vae.cells.read_anndata`): ``layer`` names
+    the layer holding the counts (default ``.X``) and ``batch_key`` the ``.obs`` column of the batch.
+    Continuous covariates (``covariate_file``, a CSV of one row per cell, or ``covariate_keys``, numeric
+    ``.obs`` columns) are read beside the batch, standardised with the means and spreads the run keeps in
+    ``covariate_names``, ``covariate_mean`` and ``covariate_std`` (:func:`pyro_vae.cells.conditioning`).
     """
 
     dataset: str = "fashion-mnist"
@@ -143,11 +148,19 @@ class RunConfig:
     count_input: str = "log1p"
     batch_file: str | None = None
     batch_names: list = dataclasses.field(default_factory=list)
+    layer: str | None = None
+    batch_key: str | None = None
+    covariate_file: str | None = None
+    covariate_keys: list = dataclasses.field(default_factory=list)
+    covariate_names: list = dataclasses.field(default_factory=list)
+    covariate_mean: list = dataclasses.field(default_factory=list)
+    covariate_std: list = dataclasses.field(default_factory=list)
 
     # settings that change the model or its data; a resume must not change them
     MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",
                   "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze", "skip", "image_size", "channels",
-                  "labels", "count_input", "batch_names")
+                  "labels", "count_input", "batch_names", "layer", "covariate_names", "covariate_mean",
+                  "covariate_std")
     RESUME_KEYS = MODEL_KEYS + ("data_dir", "val_size", "seed", "ema")
 
     def check_resume(self, saved, mid_epoch, where):
@@ -172,7 +185,7 @@ class RunConfig:
         if self.dataset == "counts":
             if not self.data_file:
                 raise InputError("--dataset counts needs the count matrix: pass --data-file PATH "
-                                 f"({', '.join(data_.COUNT_FORMATS)})")
+                                 f"({', '.join(data_.COUNT_FORMATS)}, a 10x folder or an AnnData .h5ad)")
             if self.binarize != "none":
                 raise InputError(f"count data are not binarised, but binarize is {self.binarize!r}; "
                                  "pass --binarize none with --dataset counts")
@@ -240,13 +253,12 @@ class RunConfig:
                              "KL balancing, analytic KL or jit; use --elbo trace without them")
         if self.count_input not in COUNT_INPUTS:
             raise InputError(f"unknown count input {self.count_input!r}; choose one of: {', '.join(COUNT_INPUTS)}")
-        if self.batch_file and self.dataset != "counts":
-            raise InputError("--batch-file gives one batch label per cell of a count matrix; use it with "
-                             "--dataset counts")
+        self._check_cells()
         if self.enumerate != "parallel" and not (self.labels or self.prior.startswith("gmvae")):
             raise InputError("--enumerate sums out a label site: use it with --labels N or --prior gmvae:K")
-        if self.batch_file and self.labels:
-            raise InputError("--batch-file and --labels are two conditionings; use one of them")
+        if self.cell_covariates and self.labels:
+            raise InputError("--labels and the cells' covariates (--batch-file, --batch-key, --covariate-file, "
+                             "--covariate-keys) are two conditionings; use one of them")
         if self.labels and self.dataset not in LABELLED_DATASETS:
             raise InputError(f"--labels needs class labels, which --dataset {self.dataset} does not give; use one of: "
                              f"{', '.join(LABELLED_DATASETS)}")
@@ -254,6 +266,35 @@ class RunConfig:
         if device:
             resolve_device(self.device)
         return self
+
+    @property
+    def cell_covariates(self):
+        """Whether the run's VAE is conditioned on the cells' batch or continuous covariates."""
+        return bool(self.batch_file or self.batch_key or self.covariate_file or self.covariate_keys)
+
+    def _check_cells(self):
+        """The single-cell inputs: each goes with count data, AnnData's with an ``.h5ad`` file, and a
+        batch or covariates come from one place."""
+        h5ad = str(self.data_file or "").lower().endswith(".h5ad")
+        given = [flag for flag, value in (("--batch-file", self.batch_file), ("--batch-key", self.batch_key),
+                                          ("--covariate-file", self.covariate_file),
+                                          ("--covariate-keys", self.covariate_keys), ("--layer", self.layer))
+                 if value]
+        if given and self.dataset != "counts":
+            raise InputError(f"{given[0]} describes the cells of a count matrix; use it with --dataset counts")
+        for flag, value in (("--layer", self.layer), ("--batch-key", self.batch_key),
+                            ("--covariate-keys", self.covariate_keys)):
+            if value and not h5ad:
+                raise InputError(f"{flag} reads an AnnData .h5ad file; --data-file {self.data_file} is not one "
+                                 "(use --batch-file or --covariate-file for other files)")
+        if self.batch_file and self.batch_key:
+            raise InputError("--batch-file and --batch-key both give the batch; use one of them")
+        if self.covariate_file and self.covariate_keys:
+            raise InputError("--covariate-file and --covariate-keys both give the covariates; use one of them")
+        if not isinstance(self.covariate_keys, list) or not all(isinstance(k, str) and k for k in
+                                                                 self.covariate_keys):
+            raise InputError(f"covariate_keys is a list of .obs column names, got {self.covariate_keys!r}; use e.g. "
+                             "--covariate-keys percent_mito,n_genes")
 
     def _check_size(self):
         """Refuse networks whose parameters and Adam's state alone cannot fit in this machine's memory."""
@@ -304,7 +345,7 @@ class RunConfig:
         (``COUNT_DEFAULTS`` for ``dataset="counts"``) and data paths made absolute, so that the run's
         ``config.json`` works from any directory."""
         given = dict(given)
-        for key in ("data_dir", "data_file", "batch_file"):
+        for key in ("data_dir", "data_file", "batch_file", "covariate_file"):
             if given.get(key):
                 given[key] = os.path.abspath(os.path.expanduser(given[key]))
         base = COUNT_DEFAULTS if given.get("dataset") == "counts" else {}

@@ -641,7 +641,7 @@ def read_counts(path, transpose=False):
                          "and one column")
     if transpose:
         m = m.T.tocsr()
-    _check_counts(m, path)
+    check_counts(m, path)
     return m.astype(np.float32)
 
 
@@ -718,7 +718,9 @@ def read_labels(path, n=None):
     return torch.tensor([index[line] for line in lines], dtype=torch.long), names
 
 
-def _check_counts(m, path):
+def check_counts(m, path):
+    """Refuse a ``scipy.sparse.csr_matrix`` whose stored values are not counts (NaN/inf, negative,
+    non-integer), naming ``path``, the first bad value's row and column, and how many there are."""
     data = m.data
     problems = [("not finite", ~np.isfinite(data)), ("negative", data < 0),
                 ("not an integer", np.isfinite(data) & (data != np.round(data)))]

@@ -349,8 +349,12 @@ class ScaledCounts(Likelihood):
 
     ``channels``: 1 (proportions) + 1 for a ``gene-cell`` dispersion + 1 for ZINB's gate. The per-gene
     dispersion is made for G genes by ``setup(x_shape)``, which the VAE calls (so, unlike the others,
-    one object serves one data shape).
+    one object serves one data shape). ``library_groups``: how many batches the latent library's prior
+    has (default ``None``: one per column of the VAE's conditioning, which is then a batch one-hot; set it
+    where continuous covariates follow the batch's B columns).
     """
+
+    library_groups = None
 
     uses_library = True
     FAMILIES = ("poisson", "nb", "zinb")
@@ -382,8 +386,9 @@ class ScaledCounts(Likelihood):
             self.raw_dispersion = nn.Parameter(torch.zeros(x_shape[0]))  # softplus(0) + 1e-4 ~ 0.69
         if self.library_site and not hasattr(self, "library_head"):
             self.library_head = nn.Linear(features, 2)
-            self.register_buffer("library_loc", torch.full((max(1, batches),), float("nan")))
-            self.register_buffer("library_scale", torch.ones(max(1, batches)))
+            groups = max(1, batches if self.library_groups is None else self.library_groups)
+            self.register_buffer("library_loc", torch.full((groups,), float("nan")))
+            self.register_buffer("library_scale", torch.ones(groups))
         return self
 
     @torch.no_grad()
@@ -404,12 +409,14 @@ class ScaledCounts(Likelihood):
 
     def library_prior(self, c, n):
         """p(log l) for ``n`` cells: ``Normal(loc_b, sd_b)`` of each cell's batch (one-hot ``c``
-        ``(..., n, B)``; ``None``: the one prior), batch ``(n,)``."""
+        ``(..., n, B)``, or ``(..., n, B + C)`` with continuous covariates after the batch; ``None``: the one
+        prior), batch ``(n,)``."""
         if bool(torch.isnan(self.library_loc).any()):
             raise InputError("the latent library's prior is not set: call likelihood.library_prior_from(x_train, "
                              "batches) before training (pyro-vae train does)")
         if c is None or len(self.library_loc) == 1:
             return dist.Normal(self.library_loc[0], self.library_scale[0]).expand([n])
+        c = c[..., :len(self.library_loc)]  # the batch one-hot leads; continuous covariates follow it
         return dist.Normal(c @ self.library_loc, c @ self.library_scale)
 
     def library_posterior(self, h):

@@ -43,6 +43,7 @@ import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from . import data as data_
+from . import cells as cells_
 from . import distributed, likelihoods, nets, plots, posteriors, priors, rundir, settings
 from .callbacks import (Checkpoint, DataParallel, DivergenceGuard, EarlyStopping, EpochLog, EpochStats, Evaluation,
                         GradientSkip, KeepBest, KLWeight, ProgressBar, WeightAverage)
@@ -64,11 +65,13 @@ CLASS_NAMES = {"fashion-mnist": ("T-shirt", "Trouser", "Pullover", "Dress", "Coa
 def build_vae(config, x_shape):
     """The :class:`VAE` that ``config`` (a :class:`RunConfig`) describes, for data of ``x_shape``."""
     likelihood = likelihoods.from_name(config.likelihood, config.gaussian_scale)
+    if config.cell_covariates:  # the latent library's prior is per batch, not per covariate
+        likelihood.library_groups = len(config.batch_names)
     reads = sum(config.latent_dims) if config.skip else config.latent_dims[-1]  # what the decoder reads
     prior = priors.from_name(config.prior)
     label_level = getattr(prior, "reads_label", False)  # gmvae:K, a discrete level y above z0
     classes = prior.k if label_level else CLASSES if config.labels else 0
-    covariates = len(config.batch_names) if config.batch_file else 0  # count data's batch, one-hot
+    covariates = cells_.width(config)  # count data's batch (one-hot) and continuous covariates
     reads += 0 if label_level else classes + covariates  # the decoder reads the label or batch beside the levels
     encoder, decoder = nets.build(config.arch, x_shape, reads, out_channels=likelihood.channels, hidden=config.hidden)
     if config.dataset == "counts" and config.count_input == "log1p":
@@ -351,7 +354,8 @@ def load_labelled_splits(config, device):
         elif config.dataset == "tensor":
             x = data_.load_image_tensor(config.data_file, config.image_size, config.channels)
         else:  # kept sparse: training densifies a batch at a time, the held-out rows once
-            x = data_.read_counts(config.data_file, config.transpose)
+            cells = cells_.read_cells(config.data_file, config.transpose, config.layer)
+            x = cells.x
             _say_counts(config, x.shape)
         if x.shape[0] < 2:
             raise InputError(f"{config.data_file} holds {x.shape[0]} row; training and a test set need 2 or more")
@@ -359,8 +363,8 @@ def load_labelled_splits(config, device):
         n_test = max(1, x.shape[0] // 10)
         x_train, x_test = _rows(x, order[n_test:]), _dense(_rows(x, order[:n_test]))
         y_train = y_val = y_test = None
-        if config.batch_file:  # the cells' batches, cut as the cells are
-            y = batch_codes(config, x.shape[0])
+        if config.cell_covariates:  # the cells' batches and covariates, cut as the cells are
+            y = cells_.conditioning(config, cells)
             y_train, y_test = y[order[n_test:]], y[order[:n_test]]
     else:
         x_train, y_train, x_test, y_test = data_.load_images(config.dataset, config.data_dir,
@@ -415,18 +419,6 @@ def _say_counts(config, shape):
     hint = data_.orientation_hint(config.data_file, shape, config.transpose)
     if hint:
         tqdm.write(f"pyro-vae: {hint}", file=sys.stderr)
-
-
-def batch_codes(config, n):
-    """The batch of each of the ``n`` cells of ``config.batch_file``, as indices into ``config.batch_names``
-    ``(n,)`` (a fresh run takes the file's labels as its names; a saved run's must be the file's)."""
-    codes, names = data_.read_labels(config.batch_file, n)
-    if not config.batch_names:
-        config.batch_names = names
-    elif names != list(config.batch_names):
-        raise InputError(f"{config.batch_file} holds the batches {names[:5]}, but the run was trained on "
-                         f"{list(config.batch_names)[:5]}; give the run's batch file")
-    return codes
 
 
 def squeeze(x, eps):
@@ -640,7 +632,7 @@ def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorb
     (x_train, y_train), (x_test, y_test) = splits[0], splits[2]
     x_val, y_val = splits[1] if splits[1] is not None else (None, None)
     m2 = bool(config.labels)
-    conditioned = m2 or bool(config.batch_file)  # the labels, or the cells' batches
+    conditioned = m2 or config.cell_covariates  # the labels, or the cells' batches and covariates
     if distributed.is_main():
         if state is None:  # a new run (or --overwrite): nothing of an old run may be taken for this one's
             for stale in ("checkpoint.pt", "best.pt", "metrics.jsonl", "eval.json"):
@@ -652,7 +644,7 @@ def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorb
         write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     if state is None and getattr(vae.likelihood, "library_site", False):  # scVI's prior of the latent library
-        vae.likelihood.library_prior_from(x_train, y_train if config.batch_file else None)
+        vae.likelihood.library_prior_from(x_train, cells_.batch_index(config, y_train))
     run = RunDirectory(out, config, x_train.shape[1:])
     aids = _training_aids(config)
     parts = aids + _selection_parts(config, x_val, run, callbacks, y_val if conditioned else None)
@@ -674,7 +666,7 @@ def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorb
             part.copy_to(vae)
     if pictures:
         _save_model_graph(vae, _dense(x_train[:2]).to(vae.device), out / "model.png",
-                          y_train[:2] if config.batch_file else None)
+                          y_train[:2] if config.cell_covariates else None)
         if is_image(vae):
             plots.save_samples(vae, out / "samples.png")
             shown = x_test if x_val is None else x_val  # with a validation split, the test set waits for evaluate

@@ -631,18 +631,20 @@ class VAE(nn.Module):
         return self._guide_levels(x, level + 1, "mean", self._guessed(x, y))[level]
 
     @torch.no_grad()
-    def expression(self, x, y=None, as_y=None, library=None):
-        """Normalised (and, with ``as_y``, batch-corrected) expression: each data point's latent means
-        (:meth:`encode`, read with its own conditioning ``y``) decoded under the conditioning ``as_y``
-        (one batch for all: an ``int``, or ``(B,)``; default ``y`` itself), as E[x | z] at ``library``
-        counts (default the likelihood's ``library_size``; a library-scaled likelihood only, else the
-        decoder's mean): ``(B, *x_shape)``."""
-        zs = self._guide_levels(x, self.levels + 1, "mean", self._guessed(x, y))
+    def expression(self, x, y=None, as_y=None, library=None, kept="mean"):
+        """Normalised (and, with ``as_y``, batch-corrected) expression: each data point's latents
+        (:meth:`encode`'s means, or with ``kept="draw"`` one draw of the guide, read with its own
+        conditioning ``y``) decoded under the conditioning ``as_y`` (one batch for all: an ``int``, or
+        ``(B,)`` / ``(B, K)``; default ``y`` itself): for a library-scaled likelihood the decoder's
+        proportions times ``library`` counts (default the likelihood's ``library_size``; scVI's normalised
+        expression, without ZINB's dropout), else the decoder's mean: ``(B, *x_shape)``."""
+        if kept not in ("mean", "draw"):
+            raise InputError(f"kept must be 'mean' or 'draw', got {kept!r}")
+        zs = self._guide_levels(x, self.levels + 1, kept, self._guessed(x, y))
         c = self.conditioning(y if as_y is None else as_y, x.shape[0], x.device)
         out = self.decoder(self._decoded(zs, c))
         if getattr(self.likelihood, "uses_library", False):
-            size = torch.full_like(out[..., :1], library if library is not None else self.likelihood.library_size)
-            return self.likelihood.mean(out, 1, size)
+            return self.likelihood.proportions(out) * (library if library is not None else self.likelihood.library_size)
         return self._mean(out, x.dim() - 1)
 
     @torch.no_grad()

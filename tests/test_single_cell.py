@@ -155,7 +155,7 @@ def test_a_count_run_from_before_the_log1p_input_keeps_its_raw_input():
     saved = RunConfig(dataset="counts", data_file="x.npz", binarize="none").to_dict()
     del saved["count_input"]
     assert RunConfig.from_checkpoint({"config": saved}, "old.pt").count_input == "raw"
-    with pytest.raises(InputError, match="--batch-file gives one batch label per cell of a count matrix"):
+    with pytest.raises(InputError, match="--batch-file describes the cells of a count matrix; use it with --dataset counts"):
         RunConfig(batch_file="b.txt").validate(device=False)
 
 
