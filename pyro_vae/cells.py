@@ -33,6 +33,9 @@ class Cells:
             ``"g0" ..``).
         obs: AnnData's ``.obs`` (a ``pandas.DataFrame``, N rows), or ``None`` for other files.
         path: the file read.
+        named: whether the cells have names of their own (not row numbers), which side files may be
+            matched against.
+        named_genes: whether the genes have names of their own (not ``g0 ..``).
     """
 
     x: object
@@ -40,6 +43,8 @@ class Cells:
     genes: list
     obs: object = None
     path: str = ""
+    named: bool = True
+    named_genes: bool = True
 
 
 def is_anndata(path):
@@ -58,10 +63,31 @@ def read_cells(path, transpose=False, layer=None):
         raise InputError(f"--layer names a layer of an AnnData .h5ad file; {path} is not one (leave --layer out)")
     x = data_.read_counts(path, transpose)
     _, cells = data_.barcodes(path)
+    named = cells is not None and len(cells) == x.shape[0]
     genes = _feature_names(Path(path))
-    return Cells(x, cells if cells is not None and len(cells) == x.shape[0] else [str(i) for i in range(x.shape[0])],
-                 genes if genes is not None and len(genes) == x.shape[1] else [f"g{j}" for j in range(x.shape[1])],
-                 path=str(path))
+    named_genes = genes is not None and len(genes) == x.shape[1]
+    return Cells(x, cells if named else [str(i) for i in range(x.shape[0])],
+                 unique_names(genes) if named_genes else [f"g{j}" for j in range(x.shape[1])], path=str(path),
+                 named=named, named_genes=named_genes)
+
+
+def unique_names(names):
+    """``names`` with repeats made unique as scanpy's ``var_names_make_unique`` does (``A, A, A`` ->
+    ``A, A-1, A-2``): 10x references repeat some gene symbols."""
+    seen, out = {}, []
+    taken = set(names)
+    for name in names:
+        if name in seen:
+            k = seen[name]
+            while f"{name}-{k}" in taken:
+                k += 1
+            seen[name] = k + 1
+            taken.add(f"{name}-{k}")
+            out.append(f"{name}-{k}")
+        else:
+            seen[name] = 1
+            out.append(name)
+    return out
 
 
 def read_anndata(path, layer=None):
@@ -90,7 +116,7 @@ def read_anndata(path, layer=None):
     m = adata.layers[layer] if layer else adata.X
     if m is None:
         raise InputError(f"{path} has no .X; name a layer with --layer ({', '.join(layers) or 'it has none'})")
-    m = scipy.sparse.csr_matrix(m, dtype=np.float64)
+    m = scipy.sparse.csr_matrix(m)  # sparse stays as it is; the values are checked in their own dtype
     if 0 in m.shape:
         raise InputError(f"{path} holds {m.shape[0]} cells x {m.shape[1]} genes; training needs both")
     where = f"{path} ({'layer ' + repr(layer) if layer else '.X'})"
@@ -99,10 +125,11 @@ def read_anndata(path, layer=None):
     except InputError as err:
         others = [name for name in layers if name != layer]
         hint = (f"; name the raw counts with --layer ({', '.join(others)})" if others else
-                "; store the raw counts in .X or a layer")
+                "; store the raw counts in .X or a layer" + (" (this file's .raw is not read: copy adata.raw.X "
+                                                             "into a layer)" if adata.raw is not None else ""))
         raise InputError(f"{err}{hint}") from None
-    return Cells(m.astype(np.float32), [str(v) for v in adata.obs_names], [str(v) for v in adata.var_names],
-                 adata.obs, str(path))
+    return Cells(m.astype(np.float32), [str(v) for v in adata.obs_names],
+                 unique_names([str(v) for v in adata.var_names]), adata.obs, str(path))
 
 
 def _feature_names(path):
@@ -120,25 +147,27 @@ def _feature_names(path):
 
 
 # ------------------------------------------------------------------ covariates
-def read_covariates(path, n):
-    """Continuous covariates, one row per cell of a CSV file (a header row of names, else ``c0 ..``):
-    ``(values, names)``, ``values`` ``(n, C)`` float64. A row count other than ``n``, a value that is not a
-    finite number, or a file without columns is refused with one line."""
+def read_covariates(path, n, cell_names=None):
+    """Continuous covariates, one row per cell of a CSV file (a header row of names, else ``c0 ..``; a
+    first column of cell names, as pandas' and R's ``write.csv`` write, is matched against ``cell_names``):
+    ``(values, names)``, ``values`` ``(n, C)`` float64 in the cells' order. Rows by position need exactly
+    ``n`` of them; named rows must cover every cell. A value that is not a finite number is refused with
+    one line."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"covariate file {path} does not exist; pass a CSV with one row of numbers per cell")
     with open(path, newline="") as f:
         rows = [row for row in csv.reader(f) if row]
-    if rows and not all(_number(v) is not None for v in rows[0]):
-        names, rows = [v.strip() for v in rows[0]], rows[1:]
-    else:
-        names = [f"c{j}" for j in range(len(rows[0]) if rows else 0)]
+    header = bool(rows) and not all(_number(v) is not None for v in rows[0][1:] or rows[0])
+    named = bool(rows[header:]) and _number(rows[header][0]) is None  # a first column of names
+    names = [v.strip() for v in rows[0]][named:] if header else \
+        [f"c{j}" for j in range(len(rows[0]) - named if rows else 0)]
+    rows = rows[header:]
     if not names:
-        raise InputError(f"{path} holds no columns; give one row of numbers per cell")
-    if len(rows) != n:
-        raise InputError(f"{path} holds {len(rows)} rows of covariates for {n} cells; give one row per cell, in the "
-                         "data's cell order")
-    values = np.empty((n, len(names)))
+        raise InputError(f"{path} holds no columns of numbers; give one row of numbers per cell")
+    row_names = [row[0].strip() for row in rows] if named else None
+    rows = [row[1:] for row in rows] if named else rows
+    values = np.empty((len(rows), len(names)))
     for i, row in enumerate(rows):
         parsed = [_number(v) for v in row]
         if len(row) != len(names) or any(v is None or not np.isfinite(v) for v in parsed):
@@ -146,7 +175,21 @@ def read_covariates(path, n):
             raise InputError(f"{path}: row {i + 1} of the covariates holds {bad!r}; each row needs {len(names)} "
                              "finite numbers")
         values[i] = parsed
-    return values, names
+    if row_names is None:
+        if len(rows) != n:
+            raise InputError(f"{path} holds {len(rows)} rows of covariates for {n} cells; give one row per cell, in "
+                             "the data's cell order (or a first column of cell names)")
+        return values, names
+    if cell_names is None:
+        raise InputError(f"{path} names its rows, but the cells have no names to match them with (a 10x "
+                         "barcodes.tsv or an AnnData file names them); drop the name column and give the rows in "
+                         "the data's cell order")
+    where = {name: i for i, name in enumerate(row_names)}
+    missing = [name for name in cell_names if name not in where]
+    if missing:
+        raise InputError(f"{path} has no covariates for {len(missing)} of the {n} cells (e.g. {missing[0]!r}); "
+                         "give a row for every cell, named as the data name it")
+    return values[[where[name] for name in cell_names]], names
 
 
 def _number(v):
@@ -156,10 +199,12 @@ def _number(v):
         return None
 
 
-def _obs_column(cells, key, what):
+def obs_column(cells, key, flag, instead):
+    """AnnData's ``.obs[key]`` for the cells (``pandas.Series``); a file without ``.obs``, a missing column or
+    a cell without a value is refused in one line naming ``flag`` (and the flag to use ``instead``)."""
     if cells.obs is None:
-        raise InputError(f"--{what} reads a column of an AnnData file's .obs, but {cells.path} is not a .h5ad file; "
-                         f"use --{'batch-file' if what == 'batch-key' else 'covariate-file'} for it")
+        raise InputError(f"{flag} reads a column of an AnnData file's .obs, but {cells.path} is not a .h5ad file; "
+                         f"use {instead} for it")
     if key not in cells.obs.columns:
         raise InputError(f"{cells.path} has no .obs column {key!r}; its columns are: "
                          f"{', '.join(map(str, cells.obs.columns[:12])) or 'none'}")
@@ -175,12 +220,19 @@ def _batch_labels(config, cells, batch_file=None):
     ``.obs[config.batch_key]``; ``None`` for a run without batches."""
     n = cells.x.shape[0]
     if config.batch_key:
-        return [str(v) for v in _obs_column(cells, config.batch_key, "batch-key")]
+        return [label(v) for v in obs_column(cells, config.batch_key, "--batch-key", "--batch-file")]
     path = batch_file or config.batch_file
     if not path:
         return None
     codes, names = data_.read_labels(path, n)
     return [names[c] for c in codes.tolist()]
+
+
+def label(v):
+    """A batch label as text, a whole number the same however the column stores it (``1``, ``1.0``)."""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
 
 
 def batch_codes(config, cells, batch_file=None):
@@ -200,30 +252,31 @@ def batch_codes(config, cells, batch_file=None):
     return torch.tensor([known[v] for v in labels], dtype=torch.long)
 
 
-def covariates(config, cells, covariate_file=None):
+def covariates(config, cells, covariate_file=None, fit_rows=None):
     """The cells' continuous covariates standardised with the run's means and spreads (a new run takes
-    them from these cells and keeps them in ``config.covariate_names/_mean/_std``): ``(N, C)`` float32,
-    or ``None`` for a run without them."""
+    them from the cells ``fit_rows`` (its training cells; default all) and keeps them in
+    ``config.covariate_names/_mean/_std``): ``(N, C)`` float32, or ``None`` for a run without them."""
     n = cells.x.shape[0]
     if config.covariate_keys:
-        columns = [_obs_column(cells, key, "covariate-keys") for key in config.covariate_keys]
-        try:
-            values = np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
-        except (TypeError, ValueError):
-            bad = next(k for k, c in zip(config.covariate_keys, columns) if not _numeric(c))
-            raise InputError(f"{cells.path}: .obs[{bad!r}] is not numeric; continuous covariates are numbers "
-                             "(a categorical column goes to --batch-key)") from None
+        columns = [obs_column(cells, key, "--covariate-keys", "--covariate-file") for key in config.covariate_keys]
+        bad = next(((k, c.dtype) for k, c in zip(config.covariate_keys, columns) if not _numeric(c)), None)
+        if bad is not None:
+            raise InputError(f"{cells.path}: .obs[{bad[0]!r}] is not numeric (dtype {bad[1]}); continuous covariates "
+                             "are numbers (a categorical column goes to --batch-key)")
+        values = np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
         names = list(config.covariate_keys)
         if not np.isfinite(values).all():
             raise InputError(f"{cells.path}: the covariates {', '.join(names)} hold NaN or infinite values")
     elif covariate_file or config.covariate_file:
-        values, names = read_covariates(covariate_file or config.covariate_file, n)
+        values, names = read_covariates(covariate_file or config.covariate_file, n,
+                                        cells.names if cells.named else None)
     else:
         return None
     if not config.covariate_names:
-        spread = values.std(0)
+        fit = values if fit_rows is None else values[np.asarray(fit_rows)]
+        spread = fit.std(0)
         config.covariate_names = names
-        config.covariate_mean = values.mean(0).tolist()
+        config.covariate_mean = fit.mean(0).tolist()
         config.covariate_std = np.where(spread > 0, spread, 1.0).tolist()
     elif names != list(config.covariate_names):
         raise InputError(f"the covariates are {', '.join(names)}, but the run was trained on "
@@ -233,24 +286,71 @@ def covariates(config, cells, covariate_file=None):
 
 
 def _numeric(column):
-    try:
-        np.asarray(column, dtype=np.float64)
-        return True
-    except (TypeError, ValueError):
-        return False
+    """Whether an ``.obs`` column holds numbers (or booleans), not categories that look like numbers."""
+    import pandas as pd
+
+    return pd.api.types.is_numeric_dtype(column.dtype) or pd.api.types.is_bool_dtype(column.dtype)
 
 
-def conditioning(config, cells, batch_file=None, covariate_file=None):
+def conditioning(config, cells, batch_file=None, covariate_file=None, fit_rows=None):
     """What a run's VAE reads beside each cell: ``None`` without covariates; the batch codes ``(N,)``
     (read one-hot) with a batch alone; else a float tensor ``(N, B + C)``: the batch one-hot, then the
-    standardised continuous covariates (:meth:`pyro_vae.VAE.conditioning` reads both)."""
+    standardised continuous covariates (:meth:`pyro_vae.VAE.conditioning` reads both; a new run
+    standardises with the cells ``fit_rows``, its training cells)."""
     codes = batch_codes(config, cells, batch_file)
-    values = covariates(config, cells, covariate_file)
+    values = covariates(config, cells, covariate_file, fit_rows)
     if values is None:
         return codes
     if codes is None:
         return values
     return torch.cat([torch.nn.functional.one_hot(codes, len(config.batch_names)).float(), values], 1)
+
+
+def in_run_order(config, cells):
+    """``cells`` with their genes in the run's order (``config.genes``, kept by training where the data
+    name their genes): another file's genes are matched by name, and one the run needs but the file lacks
+    is refused; without names on either side only the count of genes is checked."""
+    g = cells.x.shape[1]
+    if not (config.genes and cells.named_genes):
+        if config.genes and g != len(config.genes):
+            raise InputError(f"{cells.path} has {g} genes but the run was trained on {len(config.genes)}; give the "
+                             "run's genes, in its order")
+        return cells
+    if list(cells.genes) == list(config.genes):
+        return cells
+    where = {name: j for j, name in enumerate(cells.genes)}
+    missing = [name for name in config.genes if name not in where]
+    if missing:
+        raise InputError(f"{cells.path} lacks {len(missing)} of the run's {len(config.genes)} genes (e.g. "
+                         f"{', '.join(missing[:3])}); give a matrix with the run's genes")
+    index = [where[name] for name in config.genes]
+    return dataclasses.replace(cells, x=cells.x[:, index], genes=list(config.genes))
+
+
+def reading(config, data_file, transpose=False, layer=None, batch_file=None, batch_key=None, covariate_file=None,
+            covariate_keys=None):
+    """The run's ``config`` made to read another file, ``data_file``, with its own batch and covariates: the
+    flags given, else for an AnnData file the run's layer, batch key and covariate keys. The run's batch
+    names, covariate names and standardisation stay; a run that reads a batch or covariates needs them
+    for the new cells too, and one that does not refuses them."""
+    h5ad = is_anndata(data_file)
+    layer = layer or (config.layer if h5ad else None)
+    if batch_file is None and batch_key is None and h5ad:
+        batch_key = config.batch_key
+    if covariate_file is None and not covariate_keys and h5ad:
+        covariate_keys = list(config.covariate_keys)
+    other = dataclasses.replace(config, data_file=str(data_file), transpose=bool(transpose), layer=layer,
+                                batch_file=batch_file, batch_key=batch_key, covariate_file=covariate_file,
+                                covariate_keys=list(covariate_keys or []))
+    for what, needed, given in (("batch", config.batch_names, other.batch_file or other.batch_key),
+                                ("covariates", config.covariate_names, other.covariate_file or other.covariate_keys)):
+        flags = "--batch-file (or --batch-key for an AnnData file)" if what == "batch" else \
+            "--covariate-file (or --covariate-keys for an AnnData file)"
+        if needed and not given:
+            raise InputError(f"the run reads each cell's {what}: give {data_file}'s with {flags}")
+        if given and not needed:
+            raise InputError(f"the run was trained without {what}; leave out {flags.split(' ')[0]}")
+    return other
 
 
 def width(config):

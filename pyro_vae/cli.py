@@ -86,9 +86,13 @@ def _parser():
     c.add_argument("--out", help="latent.csv (a name per row, then the D values) or latent.npy (N x D) "
                                  "(default RUN_DIR/latent.csv)")
     c.add_argument("--data-file", help="count data to encode instead of the run's (its genes in the run's order)")
-    c.add_argument("--batch-file", help="with --data-file: the cells' batches (for a run trained with --batch-file)")
+    c.add_argument("--batch-file", help="with --data-file: the cells' batches (for a run trained with batches)")
     c.add_argument("--covariate-file", help="with --data-file: the cells' continuous covariates (for a run trained "
-                                            "with --covariate-file)")
+                                            "with covariates)")
+    c.add_argument("--layer", help="with an AnnData --data-file: the layer of its counts (default: the run's, or .X)")
+    c.add_argument("--batch-key", help="with an AnnData --data-file: its .obs column of batches (default: the run's)")
+    c.add_argument("--covariate-keys", type=_names, metavar="A,B",
+                   help="with an AnnData --data-file: its numeric .obs columns of covariates (default: the run's)")
     c.add_argument("--transpose", action="store_true", help="with --data-file: the file is genes x cells")
     c.add_argument("--level", type=int, help="which level of a chain (default: the one nearest the data)")
     c.add_argument("--expression", action="store_true",
@@ -427,7 +431,8 @@ def _encode(args):
     path, shape = encode_run(args.run_dir, out=args.out, data_file=args.data_file, batch_file=args.batch_file,
                              transpose=args.transpose, level=args.level, checkpoint=args.checkpoint,
                              device=args.device, expression=args.expression, as_batch=args.as_batch,
-                             covariate_file=args.covariate_file)
+                             covariate_file=args.covariate_file, layer=args.layer, batch_key=args.batch_key,
+                             covariate_keys=args.covariate_keys)
     print(f"wrote {path}: {shape[0]} rows x {shape[1]} {'genes' if args.expression else 'latent dims'}")
 
 

@@ -103,6 +103,8 @@ class RunConfig:
     Continuous covariates (``covariate_file``, a CSV of one row per cell, or ``covariate_keys``, numeric
     ``.obs`` columns) are read beside the batch, standardised with the means and spreads the run keeps in
     ``covariate_names``, ``covariate_mean`` and ``covariate_std`` (:func:`pyro_vae.cells.conditioning`).
+    ``genes`` keeps the genes' names where the data name them (a 10x ``features.tsv``, AnnData's
+    ``var_names``), so that another file is read in the run's gene order (:func:`pyro_vae.cells.in_run_order`).
     """
 
     dataset: str = "fashion-mnist"
@@ -155,6 +157,7 @@ class RunConfig:
     covariate_names: list = dataclasses.field(default_factory=list)
     covariate_mean: list = dataclasses.field(default_factory=list)
     covariate_std: list = dataclasses.field(default_factory=list)
+    genes: list = dataclasses.field(default_factory=list)
 
     # settings that change the model or its data; a resume must not change them
     MODEL_KEYS = ("dataset", "data_file", "transpose", "arch", "latent_dims", "guide", "prior", "posterior",

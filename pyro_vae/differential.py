@@ -68,15 +68,13 @@ def differential_expression(vae, x_a, x_b, y_a=None, y_b=None, as_y=None, draws=
     if draws < 1 or delta < 0 or pseudocount < 0 or not 0 < fdr < 1:
         raise InputError(f"need draws >= 1, delta >= 0, pseudocount >= 0 and 0 < fdr < 1; got draws={draws}, "
                          f"delta={delta}, pseudocount={pseudocount}, fdr={fdr}")
-    torch_state = torch.random.get_rng_state()
-    try:
+    cuda = [vae.device] if vae.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # the caller's random state is left as it was
         torch.manual_seed(seed)  # the guide's draws
         g = torch.Generator().manual_seed(seed)
         as_a, as_b = as_y if isinstance(as_y, tuple) else (as_y, as_y)
         h_a = expression_draws(vae, x_a, y_a, as_a, draws, g).double()
         h_b = expression_draws(vae, x_b, y_b, as_b, draws, g).double()
-    finally:
-        torch.random.set_rng_state(torch_state)
     tiny = torch.finfo(torch.float32).tiny
     lfc = torch.log2((h_a + pseudocount).clamp(min=tiny)) - torch.log2((h_b + pseudocount).clamp(min=tiny))
     proba = (lfc.abs() >= delta).double().mean(0)
@@ -144,13 +142,7 @@ def de_run(run_dir, a, b=None, groups=None, groupby=None, as_batch=None, out=Non
     cells = cells_.read_cells(config.data_file, config.transpose, config.layer)
     n = cells.x.shape[0]
     if groupby is not None:
-        if cells.obs is None:
-            raise InputError(f"--groupby reads an AnnData .obs column, but the run's data {config.data_file} is not "
-                             "a .h5ad file; use --groups FILE")
-        if groupby not in cells.obs.columns:
-            raise InputError(f"{config.data_file} has no .obs column {groupby!r}; its columns are: "
-                             f"{', '.join(map(str, cells.obs.columns[:12]))}")
-        labels = np.asarray([str(v) for v in cells.obs[groupby]])
+        labels = np.asarray([cells_.label(v) for v in cells_.obs_column(cells, groupby, "--groupby", "--groups FILE")])
     else:
         codes, names = data_.read_labels(groups, n)
         labels = np.asarray(names)[codes.numpy()]

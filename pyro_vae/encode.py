@@ -23,7 +23,8 @@ FORMATS = (".csv", ".npy")
 
 
 def encode_run(run_dir, out=None, data_file=None, batch_file=None, transpose=False, level=None, checkpoint=None,
-               device=None, batch_size=1000, expression=False, as_batch=None, covariate_file=None):
+               device=None, batch_size=1000, expression=False, as_batch=None, covariate_file=None, layer=None,
+               batch_key=None, covariate_keys=None):
     """Write the posterior means of a run's data (or of ``data_file``) to ``out``; returns ``(path, (N, D))``.
 
     Args:
@@ -32,8 +33,10 @@ def encode_run(run_dir, out=None, data_file=None, batch_file=None, transpose=Fal
         data_file, transpose: another count matrix to encode (cells x genes; ``transpose`` for genes x cells;
             or an AnnData ``.h5ad`` file, read with the run's layer, batch key and covariate keys), its genes
             those the run was trained on, in the same order.
-        batch_file, covariate_file: with ``data_file``, its cells' batches and continuous covariates (for a
-            run trained with ``--batch-file`` / ``--covariate-file``; each batch one of the run's).
+        batch_file, covariate_file, layer, batch_key, covariate_keys: with ``data_file``, where its counts,
+            its cells' batches and continuous covariates are (for a run that reads them; each batch one of
+            the run's; an AnnData file's default to the run's layer and keys), see
+            :func:`pyro_vae.cells.reading`. Its genes are matched to the run's by name where both name them.
         level: the chain's level (default the one nearest the data).
         checkpoint: ``"best"``, ``"last"`` or ``None`` (best where the run kept one on a validation split).
         batch_size: rows encoded at once (a sparse matrix is densified this many rows at a time).
@@ -47,15 +50,17 @@ def encode_run(run_dir, out=None, data_file=None, batch_file=None, transpose=Fal
     out = Path(out) if out else run_dir / "latent.csv"
     if out.suffix.lower() not in FORMATS:
         raise InputError(f"--out must end in {' or '.join(FORMATS)}, got {out.name}")
-    if (batch_file or covariate_file) and not data_file:
-        raise InputError("--batch-file and --covariate-file go with --data-file (the run's own cells use the "
-                         "run's)")
+    other = dict(layer=layer, batch_file=batch_file, batch_key=batch_key, covariate_file=covariate_file,
+                 covariate_keys=covariate_keys)
+    if any(other.values()) and not data_file:
+        raise InputError("--layer, --batch-file, --batch-key, --covariate-file and --covariate-keys describe "
+                         "--data-file (the run's own cells are read as the run read them)")
     if as_batch is not None and not expression:
         raise InputError("--as-batch decodes the expression of every cell as one batch; add --expression")
     config = RunConfig.from_checkpoint(load_run_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
     vae, config = load_run(run_dir, device=device, checkpoint=checkpoint_name(run_dir, config, checkpoint))
     vae.eval()
-    x, names, genes, y = _rows(config, data_file, batch_file, covariate_file, transpose)
+    x, names, genes, y = _rows(config, data_file, transpose, other)
     if config.dataset == "counts" and x.shape[1] != vae.x_shape[0]:
         raise InputError(f"{data_file} has {x.shape[1]} genes but the run was trained on {vae.x_shape[0]}; give "
                          "the run's genes, in its order")
@@ -81,22 +86,17 @@ def encode_run(run_dir, out=None, data_file=None, batch_file=None, transpose=Fal
     return out, z.shape
 
 
-def _rows(config, data_file, batch_file, covariate_file, transpose):
+def _rows(config, data_file, transpose, other):
     """``(x, names, genes, y)``: the rows to encode (a sparse matrix or a tensor), their names, the genes'
-    names (``None`` for images), their conditioning (:func:`pyro_vae.cells.conditioning`)."""
+    names (``None`` for images), their conditioning (:func:`pyro_vae.cells.conditioning`); ``other``: how
+    ``data_file`` is read (:func:`pyro_vae.cells.reading`)."""
     if config.dataset != "counts":
         if data_file:
             raise InputError("--data-file is for runs on count data; an image run encodes its test images")
         _, _, (x, _) = load_labelled_splits(config, "cpu")
         return x, [str(i) for i in range(x.shape[0])], None, None
-    if data_file:
-        cells = cells_.read_cells(data_file, transpose, config.layer if cells_.is_anndata(data_file) else None)
-        missing = [flag for flag, needed, given in (("--batch-file", config.batch_file, batch_file),
-                                                    ("--covariate-file", config.covariate_file, covariate_file))
-                   if needed and not given]
-        if missing:
-            raise InputError(f"the run was trained with {missing[0]}: give the cells' own with {missing[0]}")
-    else:
-        cells = cells_.read_cells(config.data_file, config.transpose, config.layer)  # sparse: a batch at a time
-    y = cells_.conditioning(config, cells, batch_file, covariate_file) if config.cell_covariates else None
+    source = cells_.reading(config, data_file, transpose, **other) if data_file else config
+    cells = cells_.read_cells(source.data_file, source.transpose, source.layer)  # sparse: a batch at a time
+    cells = cells_.in_run_order(config, cells)
+    y = cells_.conditioning(source, cells) if config.cell_covariates else None
     return cells.x, cells.names, cells.genes, y

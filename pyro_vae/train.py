@@ -356,6 +356,8 @@ def load_labelled_splits(config, device):
         else:  # kept sparse: training densifies a batch at a time, the held-out rows once
             cells = cells_.read_cells(config.data_file, config.transpose, config.layer)
             x = cells.x
+            if cells.named_genes and not config.genes:  # kept, so that other files' genes are matched by name
+                config.genes = list(cells.genes)
             _say_counts(config, x.shape)
         if x.shape[0] < 2:
             raise InputError(f"{config.data_file} holds {x.shape[0]} row; training and a test set need 2 or more")
@@ -364,7 +366,9 @@ def load_labelled_splits(config, device):
         x_train, x_test = _rows(x, order[n_test:]), _dense(_rows(x, order[:n_test]))
         y_train = y_val = y_test = None
         if config.cell_covariates:  # the cells' batches and covariates, cut as the cells are
-            y = cells_.conditioning(config, cells)
+            fit = order[n_test:]  # covariates are standardised on the training cells
+            fit = fit[:-config.val_size] if 0 < config.val_size < len(fit) else fit
+            y = cells_.conditioning(config, cells, fit_rows=fit.numpy())
             y_train, y_test = y[order[n_test:]], y[order[:n_test]]
     else:
         x_train, y_train, x_test, y_test = data_.load_images(config.dataset, config.data_dir,

@@ -85,7 +85,7 @@ def test_the_batch_and_covariates_come_from_obs_standardised_with_the_runs_numbe
 @pytest.mark.parametrize("settings, message", [
     (dict(batch_key="batch"), r"has no \.obs column 'batch'; its columns are: sample, pct_mito, cell_type, gappy"),
     (dict(batch_key="gappy"), r"\.obs\['gappy'\] has no value for 1 cells"),
-    (dict(covariate_keys=["cell_type", "sample"]), r"\.obs\['sample'\] is not numeric"),
+    (dict(covariate_keys=["pct_mito", "cell_type"]), r"\.obs\['cell_type'\] is not numeric \(dtype category\)"),
 ])
 def test_a_bad_obs_column_gets_one_line(tmp_path, settings, message):
     write_h5ad(tmp_path / "a.h5ad")
@@ -150,7 +150,8 @@ def test_the_command_line_trains_on_an_h5ad_file_with_batch_and_covariates_and_e
     assert f"{N} cells x {G} genes" in capsys.readouterr().out
     config = json.loads((run / "config.json").read_text())
     assert config["batch_names"] == ["s0", "s1"] and config["covariate_names"] == ["pct_mito"]
-    assert config["covariate_mean"] == pytest.approx([obs["pct_mito"].mean()])
+    train = torch.randperm(N, generator=torch.Generator().manual_seed(0 + 1))[N // 10:].numpy()  # seed 0's split
+    assert config["covariate_mean"] == pytest.approx([obs["pct_mito"].to_numpy()[train].mean()])
     assert cli.main(["evaluate", str(run), "--iw-samples", "3", "--no-progress"]) == 0
     assert json.loads((run / "eval.json").read_text())["conditional_on"] == "the cells' batches and covariates"
     assert cli.main(["encode", str(run)]) == 0
@@ -159,15 +160,35 @@ def test_the_command_line_trains_on_an_h5ad_file_with_batch_and_covariates_and_e
     assert cli.main(["encode", str(run), "--expression", "--as-batch", "s0", "--out", str(tmp_path / "e.csv")]) == 0
     header = (tmp_path / "e.csv").read_text().splitlines()[0]
     assert header == "name," + ",".join(f"Gene{g}" for g in range(G))  # the genes' names
-    # another AnnData file is read with the run's layer, batch key and covariate keys
-    write_h5ad(tmp_path / "b.h5ad", n=10, seed=1)
+    # another AnnData file (ten of the cells, genes in another order) is read with the run's layer, batch key,
+    # covariate keys and standardisation, its genes put in the run's order: the same latent as the run's own
+    adata = anndata.read_h5ad(tmp_path / "a.h5ad")
+    adata[5:15, ::-1].copy().write_h5ad(tmp_path / "b.h5ad")
+    assert cli.main(["encode", str(run), "--out", str(tmp_path / "own.npy")]) == 0
     assert cli.main(["encode", str(run), "--data-file", str(tmp_path / "b.h5ad"), "--out", str(tmp_path / "b.npy")]) == 0
-    assert np.load(tmp_path / "b.npy").shape == (10, 10)
+    np.testing.assert_allclose(np.load(tmp_path / "b.npy"), np.load(tmp_path / "own.npy")[5:15], rtol=1e-5, atol=1e-6)
+    adata[:, 1:].copy().write_h5ad(tmp_path / "fewer.h5ad")
+    assert cli.main(["encode", str(run), "--data-file", str(tmp_path / "fewer.h5ad")]) == 2
+    assert "lacks 1 of the run's 12 genes (e.g. Gene0)" in capsys.readouterr().err
+    # a plain matrix of the same cells, with a batch file and a covariate file beside it
+    scipy.sparse.save_npz(tmp_path / "m.npz", scipy.sparse.csr_matrix(counts[5:15].astype(np.float32)))
+    (tmp_path / "b.txt").write_text("".join(f"s{i % 2}\n" for i in range(5, 15)))
+    (tmp_path / "c.csv").write_text("pct_mito\n" + "".join(f"{v!r}\n" for v in obs["pct_mito"][5:15]))
+    assert cli.main(["encode", str(run), "--data-file", str(tmp_path / "m.npz"), "--batch-file",
+                     str(tmp_path / "b.txt"), "--covariate-file", str(tmp_path / "c.csv"), "--out",
+                     str(tmp_path / "m.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "m.npy"), np.load(tmp_path / "own.npy")[5:15], rtol=1e-5, atol=1e-6)
+    assert cli.main(["encode", str(run), "--data-file", str(tmp_path / "m.npz"), "--batch-file",
+                     str(tmp_path / "b.txt")]) == 2
+    assert "the run reads each cell's covariates" in capsys.readouterr().err
     # differential expression between .obs groups, every cell decoded as batch s0 (its covariate kept)
     assert cli.main(["de", str(run), "--groupby", "cell_type", "--a", "0", "--b", "1", "--as-batch", "s0",
                      "--draws", "200"]) == 0
     table = (run / "de_0_vs_1.csv").read_text().splitlines()
     assert len(table) == 1 + G and {line.split(",")[0] for line in table[1:]} == {f"Gene{g}" for g in range(G)}
+    assert cli.main(["de", str(run), "--groupby", "cell_type", "--a", "0", "--b", "1", "--draws", "200", "--out",
+                     str(tmp_path / "own_batches.csv")]) == 0
+    assert sorted(table) != sorted((tmp_path / "own_batches.csv").read_text().splitlines())  # as_y is read
 
 
 def test_the_command_line_reads_a_covariate_file_beside_a_matrix_and_refuses_bad_obs_in_one_line(tmp_path, capsys):
@@ -183,10 +204,60 @@ def test_the_command_line_reads_a_covariate_file_beside_a_matrix_and_refuses_bad
     assert config["covariate_names"] == ["depth"] and config["covariate_std"][0] > 0
     assert cli.main(["encode", str(run), "--data-file", str(tmp_path / "10x"), "--batch-file",
                      str(tmp_path / "batches.txt")]) == 2  # the run also read covariates
-    assert "--covariate-file: give the cells' own" in capsys.readouterr().err
+    assert "the run reads each cell's covariates: give" in capsys.readouterr().err
     write_h5ad(tmp_path / "a.h5ad")
     assert cli.main(["train", "--out", str(tmp_path / "r2"), "--dataset", "counts", "--data-file",
                      str(tmp_path / "a.h5ad"), "--layer", "counts", "--batch-key", "donor", "--epochs", "1",
                      "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "has no .obs column 'donor'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_covariates_follow_their_cells_through_the_split_and_are_standardised_on_the_training_cells(tmp_path):
+    from pyro_vae.train import load_labelled_splits
+
+    counts, _ = write_h5ad(tmp_path / "a.h5ad", log_x=False)
+    totals = counts.sum(1)
+    (tmp_path / "c.csv").write_text("total\n" + "".join(f"{t}\n" for t in totals))
+    config = RunConfig(dataset="counts", data_file=str(tmp_path / "a.h5ad"), covariate_file=str(tmp_path / "c.csv"),
+                       binarize="none", val_size=8)
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = load_labelled_splits(config, "cpu")
+    mean, std = config.covariate_mean[0], config.covariate_std[0]
+    for x, y in ((x_train, y_train), (x_val, y_val), (x_test, y_test)):
+        sums = np.asarray(x.sum(1)).reshape(-1) if scipy.sparse.issparse(x) else x.sum(1).numpy()
+        np.testing.assert_allclose(y[:, 0].numpy() * std + mean, sums, rtol=1e-5)
+    train_sums = np.asarray(x_train.sum(1)).reshape(-1)
+    assert mean == pytest.approx(train_sums.mean()) and std == pytest.approx(train_sums.std())  # not all cells'
+    assert config.genes == [f"Gene{g}" for g in range(G)]
+
+
+def test_a_covariate_file_with_cell_names_is_matched_by_name(tmp_path):
+    (tmp_path / "c.csv").write_text(",age,dose\nB,3,4\nA,1,2\nZ,9,9\nC,5,6\n")  # pandas' to_csv, shuffled, extra
+    values, names = cells.read_covariates(tmp_path / "c.csv", 3, ["A", "B", "C"])
+    assert names == ["age", "dose"] and values.tolist() == [[1, 2], [3, 4], [5, 6]]
+    with pytest.raises(InputError, match=r"no covariates for 1 of the 4 cells \(e.g. 'D'\)"):
+        cells.read_covariates(tmp_path / "c.csv", 4, ["A", "B", "C", "D"])
+    with pytest.raises(InputError, match="names its rows, but the cells have no names"):
+        cells.read_covariates(tmp_path / "c.csv", 3)
+
+
+def test_numbers_stored_as_categories_are_not_covariates_and_batch_labels_read_alike(tmp_path):
+    _, obs = write_h5ad(tmp_path / "a.h5ad")
+    adata = anndata.read_h5ad(tmp_path / "a.h5ad")
+    adata.obs["leiden"] = pd.Categorical([str(i % 3) for i in range(N)])
+    adata.obs["donor"] = [float(i % 2) for i in range(N)]
+    adata.write_h5ad(tmp_path / "b.h5ad")
+    config = RunConfig(dataset="counts", data_file=str(tmp_path / "b.h5ad"), layer="counts", binarize="none",
+                       covariate_keys=["leiden"])
+    got = cells.read_cells(config.data_file, layer="counts")
+    with pytest.raises(InputError, match=r"\.obs\['leiden'\] is not numeric \(dtype category\)"):
+        cells.conditioning(config, got)
+    config = RunConfig(dataset="counts", data_file=str(tmp_path / "b.h5ad"), layer="counts", binarize="none",
+                       batch_key="donor")
+    cells.conditioning(config, got)
+    assert config.batch_names == ["0", "1"]  # 0.0 and 1.0 read as 0 and 1, as an integer column's are
+
+
+def test_repeated_gene_names_are_made_unique_as_scanpy_does():
+    assert cells.unique_names(["A", "B", "A", "A", "A-1"]) == ["A", "B", "A-2", "A-3", "A-1"]
+

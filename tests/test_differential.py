@@ -73,14 +73,17 @@ def test_the_changed_genes_come_first_with_their_sign_and_the_rest_are_not_calle
                      "--out", str(run / "again.csv")]) == 0
     assert (run / "again.csv").read_text() == (run / "run" / "de_t0_vs_t1.csv").read_text()
     assert cli.main(["de", str(run / "run"), "--groups", str(run / "types.txt"), "--a", "t0", "--as-batch", "b1",
-                     "--draws", "500", "--out", str(run / "b1.csv")]) == 0
+                     "--draws", "2000", "--out", str(run / "b1.csv")]) == 0
+    _, corrected = rows(run / "b1.csv")
+    scale = {row["gene"]: float(row["scale_a"]) for row in table}
+    assert any(abs(float(row["scale_a"]) - scale[row["gene"]]) > 1e-4 for row in corrected)  # decoded as b1
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--a", "t0"], "give the groups with one of --groups FILE"),
     (["--groups", "types.txt", "--a", "t7"], "no cell is in group 't7'; the groups are t0, t1"),
     (["--groups", "types.txt", "--a", "t0", "--b", "t0"], "--a and --b are both 't0'"),
-    (["--groupby", "kind", "--a", "t0"], "--groupby reads an AnnData .obs column"),
+    (["--groupby", "kind", "--a", "t0"], "--groupby reads a column of an AnnData file's .obs"),
     (["--groups", "types.txt", "--a", "t0", "--as-batch", "b9"], "the run has no batch 'b9'"),
     (["--groups", "types.txt", "--a", "t0", "--fdr", "2"], "0 < fdr < 1"),
 ])
