@@ -59,7 +59,44 @@ def _row(run, machine):
         "test_nll": -iw if iw is not None else None, "test_elbo": evaluation.get("elbo"),
         "published_nll": PUBLISHED.get((model, prior)), "seed": config["seed"],
         "seconds": round(sum(r.get("seconds", 0.0) for r in records), 1), "machine": machine,
+        **({} if stopped else extrapolate(vals, config["patience"] or 50, config["epochs"],
+                                          config.get("kl_warmup_epochs", 0))),
     }
+
+
+def extrapolate(vals, patience=50, max_epochs=2000, warmup=0):
+    """Where an unfinished row's validation curve is heading: a power law v(t) = a - b t^-c fitted (least
+    squares, c on a grid) to the epochs after the warm-up's and the first half's end, then the first epoch
+    at which the fitted gain over the next ``patience`` epochs falls below the curve's own noise (the sd of
+    the fit's residuals), which is about where early stopping ends the run: ``{"extrapolated_stop_epoch",
+    "extrapolated_val_elbo", "fit_noise"}`` (empty where the curve is too short to fit)."""
+    import numpy as np
+
+    start = max(warmup, len(vals) // 2)
+    t = np.arange(start + 1, len(vals) + 1, dtype=float)
+    v = np.asarray(vals[start:], dtype=float)
+    if len(v) < 50:
+        return {}
+    best = None
+    for c in np.linspace(0.05, 3.0, 60):
+        design = np.stack([np.ones_like(t), -t ** -c], 1)
+        coef, *_ = np.linalg.lstsq(design, v, rcond=None)
+        residual = v - design @ coef
+        if coef[1] > 0 and (best is None or (residual ** 2).sum() < best[0]):
+            best = ((residual ** 2).sum(), c, coef, residual.std())
+    if best is None:  # the curve is not rising: nothing to extrapolate
+        return {}
+    _, c, (a, b), noise = best
+    if b * (t[0] ** -c - t[-1] ** -c) <= max(noise, 1e-6):  # the fitted rise is lost in the noise
+        return {}
+
+    def fitted(x):
+        return a - b * x ** -c
+
+    stop = next((x for x in range(len(vals), max_epochs + 1) if fitted(x + patience) - fitted(x) < noise),
+                max_epochs)
+    return {"extrapolated_stop_epoch": int(min(stop + patience, max_epochs)),
+            "extrapolated_val_elbo": round(float(fitted(stop)), 2), "fit_noise": round(float(noise), 3)}
 
 
 def collect(runs, machine, note=None):

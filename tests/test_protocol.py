@@ -171,3 +171,24 @@ def test_the_hvae_preset_resumes_bitwise(idx_dir, tmp_path):
     assert straight.skip and straight.guide_order == "top-down"
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_density_benchmark_extrapolates_an_unfinished_curve_to_where_early_stopping_ends_it():
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from density import extrapolate
+
+    t = np.arange(1, 401)
+    curve = -230.0 - 60.0 * t ** -0.5 + np.random.default_rng(0).normal(0, 0.05, len(t))
+    got = extrapolate(curve.tolist(), patience=50, max_epochs=2000, warmup=100)
+    # the true curve's gain over 50 epochs falls below the noise (0.05) at epoch 941: stopped 50 epochs later
+    assert 800 < got["extrapolated_stop_epoch"] - 50 < 1100
+    assert got["extrapolated_val_elbo"] == pytest.approx(-230.0 - 60.0 * (got["extrapolated_stop_epoch"] - 50) ** -0.5,
+                                                         abs=0.1)
+    assert got["fit_noise"] == pytest.approx(0.05, abs=0.01)
+    assert extrapolate(curve[:120].tolist(), warmup=100) == {}  # too short after the warm-up to fit
+    assert extrapolate((-230.0 + 0.0 * t).tolist()) == {}  # a flat curve goes nowhere
