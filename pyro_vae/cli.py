@@ -445,7 +445,7 @@ def _de(args):
     called = int(result["is_de"].sum())
     print(f"{n_a} cells of {args.a} against {n_b} of {args.b or 'the rest'}: {called} of {len(result['is_de'])} "
           f"genes DE at |LFC| >= {args.delta} and FDR {args.fdr}")
-    print(f"wrote {path}")
+    print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 def _names(text):

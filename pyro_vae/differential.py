@@ -117,11 +117,12 @@ def _number(v):
 
 
 def de_run(run_dir, a, b=None, groups=None, groupby=None, as_batch=None, out=None, draws=5000, delta=0.25,
-           fdr=0.05, seed=0, checkpoint=None, device=None):
+           fdr=0.05, seed=0, checkpoint=None, device=None, picture=True):
     """``pyro-vae de``: differential expression of the run's cells in group ``a`` against group ``b`` (default:
     every other cell), the groups given by ``groups`` (a text file of one label per cell, in the data's cell
     order) or ``groupby`` (an ``.obs`` column of the run's AnnData file). Writes :func:`table` to ``out``
-    (default ``RUN/de_A_vs_B.csv``); returns ``(path, result, (N_a, N_b))``."""
+    (default ``RUN/de_A_vs_B.csv``) and, with ``picture``, its volcano plot beside it (the same name, ``.png``,
+    :func:`pyro_vae.plots.save_volcano`); returns ``(path, result, (N_a, N_b))``."""
     from pathlib import Path
 
     from . import cells as cells_
@@ -164,6 +165,10 @@ def de_run(run_dir, a, b=None, groups=None, groupby=None, as_batch=None, out=Non
         None if y is None else y[torch.from_numpy(ib)], as_y=as_y, draws=draws, delta=delta, fdr=fdr, seed=seed)
     out = Path(out) if out else run_dir / f"de_{_safe(a)}_vs_{_safe(b if b is not None else 'rest')}.csv"
     write_text_atomic(out, table(result, cells.genes))
+    if picture:
+        from .plots import save_volcano
+
+        save_volcano(result, cells.genes, out.with_suffix(".png"), a, b if b is not None else "the rest")
     return out, result, (len(ia), len(ib))
 
 

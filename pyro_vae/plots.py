@@ -416,3 +416,41 @@ def save_confusion(predicted, labels, path, names=None):
     ax.set_title(f"accuracy {accuracy:.3f} on {int(counts.sum())} points", fontsize=9)
     _save_figure(fig, path)
     return counts
+
+
+def save_volcano(result, genes, path, a="A", b="B", label=10):
+    """``de_A_vs_B.png``: differential expression as a volcano plot, each gene at its posterior median log2
+    fold change (x) and its log Bayes factor (y), the genes called DE in colour and, of them, the
+    ``label // 2`` largest rises and falls named.
+
+    Args:
+        result: :func:`pyro_vae.differential.differential_expression`'s dict of ``(G,)`` arrays.
+        genes: the G genes' names.
+        path: the picture (``.png``).
+        a, b: the groups' names, for the axis.
+    """
+    import numpy as np
+
+    lfc, bayes, called = (np.asarray(result[k]) for k in ("lfc_median", "bayes_factor", "is_de"))
+    if not len(lfc) == len(bayes) == len(called) == len(genes):
+        raise InputError(f"the result holds {len(lfc)} genes but {len(genes)} names were given")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    ax.scatter(lfc[~called], bayes[~called], s=6, c="0.6", label="not called", linewidths=0)
+    ax.scatter(lfc[called], bayes[called], s=8, c="tab:red", label=f"DE ({int(called.sum())})", linewidths=0)
+    for sign in (1, -1):  # the largest rises and falls, each side's names in a column below its points
+        side = np.flatnonzero(called & (sign * lfc > 0))
+        for i, g in enumerate(side[np.argsort(-sign * lfc[side], kind="stable")[:label // 2]]):
+            ax.annotate(str(genes[g]), (lfc[g], bayes[g]), fontsize=6, ha="right" if sign > 0 else "left",
+                        xytext=(-sign * 25, -14 - 9 * i), textcoords="offset points",
+                        arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6"))
+    ax.axvline(0, color="0.8", lw=0.8)
+    ax.set_xlabel(f"log2 fold change, {a} over {b} (posterior median)")
+    ax.set_ylabel("log Bayes factor of a change")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    _save_figure(fig, path)

@@ -55,6 +55,7 @@ def test_the_changed_genes_come_first_with_their_sign_and_the_rest_are_not_calle
                      "--draws", "2000"]) == 0
     printed = capsys.readouterr().out
     assert "120 cells of t0 against 120 of t1" in printed
+    assert (run / "run" / "de_t0_vs_t1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the volcano plot
     header, table = rows(run / "run" / "de_t0_vs_t1.csv")
     assert header == ["gene", *differential.COLUMNS] and len(table) == GENES
     top = {row["gene"]: row for row in table[:6]}
