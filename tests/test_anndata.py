@@ -261,3 +261,19 @@ def test_numbers_stored_as_categories_are_not_covariates_and_batch_labels_read_a
 def test_repeated_gene_names_are_made_unique_as_scanpy_does():
     assert cells.unique_names(["A", "B", "A", "A", "A-1"]) == ["A", "B", "A-2", "A-3", "A-1"]
 
+
+
+def test_reading_h5ad_without_anndata_says_how_to_install_it(tmp_path, monkeypatch):
+    import builtins
+
+    write_h5ad(tmp_path / "a.h5ad")
+    real = builtins.__import__
+
+    def no_anndata(name, *args, **kwargs):
+        if name == "anndata":
+            raise ImportError("No module named 'anndata'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_anndata)
+    with pytest.raises(InputError, match=r"needs the anndata package: pip install 'pyro-vae\[anndata\]'"):
+        cells.read_cells(tmp_path / "a.h5ad", layer="counts")
