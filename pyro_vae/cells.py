@@ -106,16 +106,11 @@ def read_anndata(path, layer=None):
         raise InputError(f"reading {path.name} needs the anndata package: pip install 'pyro-vae[anndata]' "
                          "(or pip install anndata)") from err
     try:
-        adata = anndata.read_h5ad(path)
+        obs, var, m, layers, raw = _h5ad_parts(anndata, path, layer)
+    except InputError:
+        raise
     except Exception as err:  # h5py and anndata raise assorted types for broken files
         raise InputError(f"could not read the AnnData file {path}: {type(err).__name__}: {err}") from err
-    layers = list(adata.layers.keys())
-    if layer and layer not in adata.layers:
-        raise InputError(f"{path} has no layer {layer!r}; its layers are: {', '.join(layers) or 'none'} (leave "
-                         "--layer out to read .X)")
-    m = adata.layers[layer] if layer else adata.X
-    if m is None:
-        raise InputError(f"{path} has no .X; name a layer with --layer ({', '.join(layers) or 'it has none'})")
     m = scipy.sparse.csr_matrix(m)  # sparse stays as it is; the values are checked in their own dtype
     if 0 in m.shape:
         raise InputError(f"{path} holds {m.shape[0]} cells x {m.shape[1]} genes; training needs both")
@@ -126,10 +121,30 @@ def read_anndata(path, layer=None):
         others = [name for name in layers if name != layer]
         hint = (f"; name the raw counts with --layer ({', '.join(others)})" if others else
                 "; store the raw counts in .X or a layer" + (" (this file's .raw is not read: copy adata.raw.X "
-                                                             "into a layer)" if adata.raw is not None else ""))
+                                                             "into a layer)" if raw else ""))
         raise InputError(f"{err}{hint}") from None
-    return Cells(m.astype(np.float32), [str(v) for v in adata.obs_names],
-                 unique_names([str(v) for v in adata.var_names]), adata.obs, str(path))
+    return Cells(m.astype(np.float32), [str(v) for v in obs.index], unique_names([str(v) for v in var.index]), obs,
+                 str(path))
+
+
+def _h5ad_parts(anndata, path, layer):
+    """``(obs, var, matrix, layer names, has .raw)`` of an ``.h5ad`` file, reading only ``.obs``, ``.var`` and
+    the one matrix asked for (not every layer, as ``anndata.read_h5ad`` would)."""
+    import h5py
+
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+    with h5py.File(path, "r") as f:
+        layers = list(f["layers"].keys()) if "layers" in f else []
+        if layer and layer not in layers:
+            raise InputError(f"{path} has no layer {layer!r}; its layers are: {', '.join(layers) or 'none'} (leave "
+                             "--layer out to read .X)")
+        if not layer and "X" not in f:
+            raise InputError(f"{path} has no .X; name a layer with --layer ({', '.join(layers) or 'it has none'})")
+        return (read_elem(f["obs"]), read_elem(f["var"]), read_elem(f["layers"][layer] if layer else f["X"]),
+                layers, "raw" in f)
 
 
 def _feature_names(path):

@@ -277,3 +277,14 @@ def test_reading_h5ad_without_anndata_says_how_to_install_it(tmp_path, monkeypat
     monkeypatch.setattr(builtins, "__import__", no_anndata)
     with pytest.raises(InputError, match=r"needs the anndata package: pip install 'pyro-vae\[anndata\]'"):
         cells.read_cells(tmp_path / "a.h5ad", layer="counts")
+
+
+def test_an_h5ad_file_is_read_without_its_other_layers(tmp_path, monkeypatch):
+    import anndata.io
+
+    write_h5ad(tmp_path / "a.h5ad")
+    read = []
+    real = anndata.io.read_elem
+    monkeypatch.setattr(anndata.io, "read_elem", lambda elem: read.append(elem.name) or real(elem))
+    cells.read_cells(tmp_path / "a.h5ad", layer="counts")
+    assert sorted(read) == ["/layers/counts", "/obs", "/var"]  # not /X: a large atlas is not held twice
