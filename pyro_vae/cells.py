@@ -10,7 +10,6 @@ the run's stored means and spreads.
 
 import csv
 import dataclasses
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +63,7 @@ def read_cells(path, transpose=False, layer=None):
     x = data_.read_counts(path, transpose)
     _, cells = data_.barcodes(path)
     named = cells is not None and len(cells) == x.shape[0]
-    genes = _feature_names(Path(path))
+    genes = _feature_names(path)
     named_genes = genes is not None and len(genes) == x.shape[1]
     return Cells(x, cells if named else [str(i) for i in range(x.shape[0])],
                  unique_names(genes) if named_genes else [f"g{j}" for j in range(x.shape[1])], path=str(path),
@@ -150,15 +149,8 @@ def _h5ad_parts(anndata, path, layer):
 def _feature_names(path):
     """The genes of a 10x ``features.tsv(.gz)`` / ``genes.tsv(.gz)`` in (or beside) ``path``: the symbol
     column where there is one, else the ids; ``None`` where there is no such file."""
-    folder = path if path.is_dir() else path.parent
-    for name in ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"):
-        file = folder / name
-        if file.is_file():
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(file, "rt") as f:
-                rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-            return [row[1] if len(row) > 1 else row[0] for row in rows]
-    return None
+    _, rows = data_.side_table(path, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
+    return None if rows is None else [row[1] if len(row) > 1 else row[0] for row in rows]
 
 
 # ------------------------------------------------------------------ covariates
@@ -340,6 +332,15 @@ def in_run_order(config, cells):
                          f"{', '.join(missing[:3])}); give a matrix with the run's genes")
     index = [where[name] for name in config.genes]
     return dataclasses.replace(cells, x=cells.x[:, index], genes=list(config.genes))
+
+
+def of_run(config, source=None):
+    """``(cells, y)``: the cells a run reads (its own data, or another file through ``source``, the run's
+    config from :func:`reading`), their genes in the run's order, and their conditioning (``None`` for a run
+    without covariates)."""
+    source = source or config
+    cells = in_run_order(config, read_cells(source.data_file, source.transpose, source.layer))
+    return cells, conditioning(source, cells) if config.cell_covariates else None
 
 
 def reading(config, data_file, transpose=False, layer=None, batch_file=None, batch_key=None, covariate_file=None,

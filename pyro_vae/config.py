@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from . import cells
 from . import data as data_
 from . import distributed, likelihoods, nets, posteriors, priors, settings
 from .chain import MEANFIELD_BOTTOM_UP
@@ -278,7 +279,7 @@ class RunConfig:
     def _check_cells(self):
         """The single-cell inputs: each goes with count data, AnnData's with an ``.h5ad`` file, and a
         batch or covariates come from one place."""
-        h5ad = str(self.data_file or "").lower().endswith(".h5ad")
+        h5ad = cells.is_anndata(self.data_file or "")
         given = [flag for flag, value in (("--batch-file", self.batch_file), ("--batch-key", self.batch_key),
                                           ("--covariate-file", self.covariate_file),
                                           ("--covariate-keys", self.covariate_keys), ("--layer", self.layer))

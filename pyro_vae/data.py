@@ -663,18 +663,26 @@ def _10x_matrix(folder):
     return matrix
 
 
-def barcodes(path):
-    """The cell names of a 10x ``barcodes.tsv(.gz)`` in the folder ``path`` (or beside the file ``path``):
-    ``(file, names)``, or ``(None, None)`` where there is none."""
+def side_table(path, names):
+    """The first of the tab-separated files ``names`` (each may be gzipped, by its suffix) in the folder
+    ``path`` (or beside the file ``path``), as 10x writes them beside a matrix: ``(file, rows)``, each row
+    its fields, or ``(None, None)`` where there is none."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    for name in ("barcodes.tsv.gz", "barcodes.tsv"):
+    for name in names:
         file = folder / name
         if file.is_file():
             opener = gzip.open if name.endswith(".gz") else open
             with opener(file, "rt") as f:
-                return file, [line.split("\t")[0].strip() for line in f if line.strip()]
+                return file, [line.rstrip("\n").split("\t") for line in f if line.strip()]
     return None, None
+
+
+def barcodes(path):
+    """The cell names of a 10x ``barcodes.tsv(.gz)`` in the folder ``path`` (or beside the file ``path``):
+    ``(file, names)``, or ``(None, None)`` where there is none."""
+    file, rows = side_table(path, ("barcodes.tsv.gz", "barcodes.tsv"))
+    return file, None if rows is None else [row[0].strip() for row in rows]
 
 
 def orientation_hint(path, shape, transpose):

@@ -140,7 +140,7 @@ def de_run(run_dir, a, b=None, groups=None, groupby=None, as_batch=None, out=Non
         raise InputError("pyro-vae de compares groups of cells: give a run trained on count data (--dataset counts)")
     vae, config = load_run(run_dir, device=device, checkpoint=checkpoint_name(run_dir, saved, checkpoint))
     vae.eval()
-    cells = cells_.read_cells(config.data_file, config.transpose, config.layer)
+    cells, y = cells_.of_run(config)
     n = cells.x.shape[0]
     if groupby is not None:
         labels = np.asarray([cells_.label(v) for v in cells_.obs_column(cells, groupby, "--groupby", "--groups FILE")])
@@ -155,7 +155,6 @@ def de_run(run_dir, a, b=None, groups=None, groupby=None, as_batch=None, out=Non
     in_b = labels == b if b is not None else ~in_a
     if a == b:
         raise InputError(f"--a and --b are both {a!r}; compare two different groups")
-    y = cells_.conditioning(config, cells) if config.cell_covariates else None
     as_y = cells_.as_batch(config, y, as_batch) if as_batch is not None else None
     ia, ib = np.flatnonzero(in_a), np.flatnonzero(in_b)
     if torch.is_tensor(as_y):  # continuous covariates: each cell keeps its own

@@ -95,8 +95,5 @@ def _rows(config, data_file, transpose, other):
             raise InputError("--data-file is for runs on count data; an image run encodes its test images")
         _, _, (x, _) = load_labelled_splits(config, "cpu")
         return x, [str(i) for i in range(x.shape[0])], None, None
-    source = cells_.reading(config, data_file, transpose, **other) if data_file else config
-    cells = cells_.read_cells(source.data_file, source.transpose, source.layer)  # sparse: a batch at a time
-    cells = cells_.in_run_order(config, cells)
-    y = cells_.conditioning(source, cells) if config.cell_covariates else None
-    return cells.x, cells.names, cells.genes, y
+    cells, y = cells_.of_run(config, cells_.reading(config, data_file, transpose, **other) if data_file else None)
+    return cells.x, cells.names, cells.genes, y  # x sparse: densified a batch at a time
