@@ -14,6 +14,8 @@ DEMO_IW ?= 200
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt 7 ]; then \
+	  echo "warning: $$free GiB free on this disk; the environment (torch with its CUDA libraries) needs about 6.5 GiB"; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
