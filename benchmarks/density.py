@@ -21,12 +21,21 @@ Rows trained elsewhere (``benchmarks/density_gpu.sh`` trains several side by sid
 time) are collected with their machine named; rows already in ``density.json`` under other names stay::
 
     python benchmarks/density.py collect ~/runs/density-gpu/hvae-standard ... --machine "NVIDIA H100 80GB"
+
+Each row's configuration is kept beside its record (``density/NAME.config.json``), so that anyone can rerun
+its first epochs on the CPU and compare them with the committed record (bitwise on the machine, torch and
+thread count that trained it; elsewhere floating-point sums differ in their last digits, and the difference
+grows over an epoch's steps)::
+
+    OMP_NUM_THREADS=1 python benchmarks/density.py check vae-standard --epochs 2
 """
 
 import argparse
 import json
 import platform
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,9 +119,35 @@ def collect(runs, machine, note=None):
         rows.append({**_row(run, machine), **({"note": note} if note else {})})
         table[run.name] = rows[-1]
         shutil.copyfile(run / "metrics.jsonl", RESULTS / "density" / f"{run.name}.metrics.jsonl")
+        shutil.copyfile(run / "config.json", RESULTS / "density" / f"{run.name}.config.json")
     path.write_text(json.dumps(list(table.values()), indent=2) + "\n")
     _plot(sorted((RESULTS / "density").glob("*.metrics.jsonl")))
     return rows
+
+
+KEYS = ("train_loss", "val_elbo", "test_elbo")
+
+
+def check(name, epochs=2, results=None, device="cpu"):
+    """Rerun the first ``epochs`` epochs of the collected row ``name`` on ``device``, from its stored configuration
+    (``density/NAME.config.json``: same seed, data and settings), and set them beside its committed record
+    (``density/NAME.metrics.jsonl``). Returns ``[(epoch, key, recorded, rerun)]`` for each epoch and each of
+    ``train_loss``, ``val_elbo``, ``test_elbo`` the record holds."""
+    from pyro_vae import InputError, RunConfig
+    from pyro_vae.train import train
+
+    results = results or RESULTS
+    config_path, records_path = (results / "density" / f"{name}.{kind}" for kind in ("config.json", "metrics.jsonl"))
+    if not config_path.exists():
+        known = sorted(p.name.removesuffix(".config.json") for p in (results / "density").glob("*.config.json"))
+        raise InputError(f"no collected row {name!r} with a stored configuration; rows: {', '.join(known) or 'none'}")
+    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+    if not 1 <= epochs <= len(records):
+        raise InputError(f"--epochs must be between 1 and the {len(records)} epochs {name} recorded, got {epochs}")
+    config = RunConfig.from_dict({**json.loads(config_path.read_text()), "epochs": epochs, "device": device})
+    with tempfile.TemporaryDirectory() as tmp:
+        _, history = train(config, Path(tmp) / name, progress=False, pictures=False)
+    return [(r["epoch"], key, r[key], h[key]) for r, h in zip(records, history) for key in KEYS if key in r]
 
 
 def _plot(records_files):
@@ -144,10 +179,31 @@ def main(argv=None):
     c.add_argument("runs", nargs="+")
     c.add_argument("--machine", default=f"{platform.machine()}, 1 thread of a 2-core CPU")
     c.add_argument("--note", help="a remark stored in each of these rows (how they were run, why they stopped)")
+    k = sub.add_parser("check", help="rerun a collected row's first epochs and compare them with its record")
+    k.add_argument("name", help="a row of density.json, e.g. vae-standard")
+    k.add_argument("--epochs", type=int, default=2, help="how many of its first epochs to rerun (default 2)")
+    k.add_argument("--device", default="cpu", help="where to rerun it (default cpu)")
+    k.add_argument("--tolerance", type=float, default=0.05,
+                   help="largest difference in nats per image taken as agreement (default 0.05)")
     args = p.parse_args(argv)
-    for row in collect(args.runs, args.machine, args.note):
-        print(json.dumps(row))
+    if args.command == "collect":
+        for row in collect(args.runs, args.machine, args.note):
+            print(json.dumps(row))
+        return 0
+    rows = check(args.name, args.epochs, device=args.device)
+    trained_on = json.loads((RESULTS / "density" / f"{args.name}.config.json").read_text())["device"]
+    if trained_on.split(":")[0] != args.device.split(":")[0]:
+        print(f"{args.name} trained on {trained_on}, rerun on {args.device}: their random number generators differ, "
+              "so the rerun draws other noise and can agree with the record only roughly")
+    for epoch, key, recorded, rerun in rows:
+        print(f"epoch {epoch:4d} {key:10s} recorded {recorded:10.4f}  rerun {rerun:10.4f}  "
+              f"difference {rerun - recorded:+.2e}")
+    worst = max(abs(rerun - recorded) for _, _, recorded, rerun in rows)
+    same = all(rerun == recorded for *_, recorded, rerun in rows)
+    print("identical to the record" if same else f"largest difference {worst:.2e} nats per image "
+          f"({'within' if worst <= args.tolerance else 'over'} the tolerance {args.tolerance})")
+    return 0 if worst <= args.tolerance else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -192,3 +192,45 @@ def test_the_density_benchmark_extrapolates_an_unfinished_curve_to_where_early_s
     assert got["fit_noise"] == pytest.approx(0.05, abs=0.01)
     assert extrapolate(curve[:120].tolist(), warmup=100) == {}  # too short after the warm-up to fit
     assert extrapolate((-230.0 + 0.0 * t).tolist()) == {}  # a flat curve goes nowhere
+
+
+def test_the_density_benchmark_reruns_a_collected_rows_first_epochs_and_finds_a_changed_record(
+        idx_dir, tmp_path, monkeypatch, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import density
+
+    monkeypatch.setattr(density, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(density, "_plot", lambda files: None)  # leave the README's picture alone
+    run = tmp_path / "tiny-row"
+    train(small_config(idx_dir, val_size=100, epochs=3, kl_warmup_epochs=2), run, progress=False, pictures=False)
+    row, = density.collect([run], "test machine")
+    assert row["name"] == "tiny-row" and row["epochs"] == 3
+    assert (tmp_path / "results" / "density" / "tiny-row.config.json").exists()
+
+    rows = density.check("tiny-row", epochs=2)
+    assert [(e, k) for e, k, *_ in rows] == [(1, "train_loss"), (1, "val_elbo"), (2, "train_loss"), (2, "val_elbo")]
+    assert all(recorded == rerun for *_, recorded, rerun in rows)  # bitwise: same machine, code and threads
+    assert density.main(["check", "tiny-row", "--epochs", "2"]) == 0
+    assert "identical to the record" in capsys.readouterr().out
+
+    # a record that was not what the configuration trains is found out
+    records_path = tmp_path / "results" / "density" / "tiny-row.metrics.jsonl"
+    records = [json.loads(line) for line in records_path.read_text().splitlines()]
+    records[1]["val_elbo"] += 0.5
+    records_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert density.main(["check", "tiny-row", "--epochs", "2"]) == 1
+    assert "largest difference 5.00e-01 nats per image (over the tolerance 0.05)" in capsys.readouterr().out
+
+    # a row trained on a GPU and rerun on the CPU draws other noise, and the check says so
+    config_path = tmp_path / "results" / "density" / "tiny-row.config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "device": "cuda"}))
+    density.main(["check", "tiny-row", "--epochs", "1"])
+    assert "tiny-row trained on cuda, rerun on cpu: their random number generators differ" in capsys.readouterr().out
+
+    with pytest.raises(InputError, match="no collected row 'nope' with a stored configuration; rows: tiny-row"):
+        density.check("nope")
+    with pytest.raises(InputError, match="--epochs must be between 1 and the 3 epochs tiny-row recorded, got 4"):
+        density.check("tiny-row", epochs=4)
