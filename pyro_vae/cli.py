@@ -533,7 +533,7 @@ def _sample(args):
                          "--from-image 0")
     settings.check({"seed": args.seed}, cli=True)
     path = _sample_path(args, temperatures)
-    plots._format(path)  # a known picture format, before any work
+    plots.picture_format(path)  # a known picture format, before any work
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: the directory {path.parent} does not exist; create it or choose "
                          "another --out")

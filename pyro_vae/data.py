@@ -797,7 +797,7 @@ class Batches:
         if int(batch_size) > x.shape[0]:
             raise InputError(f"batch size {batch_size} is larger than the data ({x.shape[0]} points); "
                              "choose a smaller batch size")
-        self.y = _rows_of(y, x.shape[0], "y")
+        self.y = rows_of(y, x.shape[0], "y")
         self.sparse = not torch.is_tensor(x) and hasattr(x, "tocsr")
         self.x = x.tocsr() if self.sparse else x
         self.device = generator.device if self.sparse else x.device
@@ -867,8 +867,9 @@ class Batches:
         return xb if y is None else (xb, y[idx.to(y.device)])
 
 
-def _rows_of(y, n, name):
-    """``y`` checked to be a tensor of ``n`` rows (or ``None``)."""
+def rows_of(y, n, name):
+    """``y`` (labels ``(n,)`` or covariates ``(n, K)``, named ``name`` in errors) checked to be a tensor of ``n``
+    rows, or ``None``; a one-line :class:`InputError` otherwise."""
     if y is None:
         return None
     if not torch.is_tensor(y):
@@ -909,7 +910,7 @@ class SemiSupervised(Batches):
     """
 
     def __init__(self, x, y, batch_size, generator, dynamic_binarize=False):
-        y = _rows_of(y, x.shape[0], "y")
+        y = rows_of(y, x.shape[0], "y")
         if y is None or y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
             raise InputError("semi-supervised batches need integer labels y (N,), -1 for an unlabelled point")
         super().__init__(x, batch_size, generator, dynamic_binarize=dynamic_binarize, y=y)

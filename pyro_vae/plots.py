@@ -15,7 +15,8 @@ from .errors import InputError
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
-def _format(path):
+def picture_format(path):
+    """The picture format (``"PNG"`` or ``"JPEG"``) that ``path``'s suffix names; :class:`InputError` for another."""
     fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise InputError(f"cannot tell the picture format of {path}: name it .png, .jpg or .jpeg")
@@ -27,13 +28,13 @@ def save_grid(images, path, **grid):
     (``torchvision.utils.save_image`` into memory, then by replace: never through an existing link)."""
     from torchvision.utils import save_image
 
-    fmt = _format(path)
+    fmt = picture_format(path)
     buffer = io.BytesIO()
     save_image(images, buffer, format=fmt, **grid)
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def _drawing(fn):
+def drawing(fn):
     """A picture function that leaves the VAE's train/eval mode and the caller's random streams as they
     were: it draws in eval mode from a fork of torch's RNG (the CUDA one too on a CUDA VAE)."""
     @functools.wraps(fn)
@@ -47,14 +48,14 @@ def _drawing(fn):
     return wrapper
 
 
-@_drawing
+@drawing
 def save_samples(vae, path, n=64, nrow=8, temperature=1.0):
     """Save a grid of E[x | zL] for ``n`` draws of the whole chain from the model (images ``(n, C, H, W)``),
     every level drawn at ``temperature`` (:meth:`pyro_vae.VAE.sample`)."""
     save_grid(vae.sample(n, temperature=temperature).clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
 
 
-@_drawing
+@drawing
 def save_temperatures(vae, path, temperatures, n=8, seed=0):
     """Save one labelled row of ``n`` samples (images ``(n, C, H, W)``) per temperature in ``temperatures``.
 
@@ -64,13 +65,13 @@ def save_temperatures(vae, path, temperatures, n=8, seed=0):
     """
     rows = []
     for t in temperatures:
-        with _seeded(seed, vae.device):
+        with seeded(seed, vae.device):
             rows.append(vae.sample(n, temperature=t).clamp(0, 1))
     save_labelled_grid(torch.cat(rows).cpu(), path, n, [f"t = {t:g}" for t in temperatures],
                        title=f"{n} samples per temperature (each column: one draw, at every temperature)")
 
 
-@_drawing
+@drawing
 def save_generated(vae, x, path, keep_levels, temperatures=(1.0,), n=8, seed=0, kept="draw"):
     """Save conditional generation from one data point: per temperature a labelled row of ``x`` and then
     ``n`` draws of :meth:`pyro_vae.VAE.generate_from` (its ``keep_levels`` top levels kept from the guide,
@@ -82,14 +83,14 @@ def save_generated(vae, x, path, keep_levels, temperatures=(1.0,), n=8, seed=0, 
     """
     rows = []
     for t in temperatures:
-        with _seeded(seed, vae.device):
+        with seeded(seed, vae.device):
             rows.append(torch.cat([x, vae.generate_from(x, keep_levels, n, temperature=t, kept=kept)[0].clamp(0, 1)]))
     what = "one draw of q" if kept == "draw" else "q's mean"
     title = f"the image, then {n} draws: {_level_label(keep_levels, vae.levels, what)}"
     save_labelled_grid(torch.cat(rows).cpu(), path, n + 1, [f"t = {t:g}" for t in temperatures], title=title)
 
 
-@_drawing
+@drawing
 def save_reconstructions(vae, x, path, n=32):
     """Save ``n`` test images (odd columns) beside their reconstructions (even columns).
 
@@ -104,7 +105,7 @@ def save_reconstructions(vae, x, path, n=32):
     save_grid(make_grid(pairs.cpu(), nrow=16, padding=2, pad_value=1.0), path)
 
 
-@_drawing
+@drawing
 def save_levels(vae, x, path, images=4, samples=8, kept="draw"):
     """Save what each latent level controls, as ``levels.png``, with each row labelled on its left.
 
@@ -162,7 +163,7 @@ def save_labelled_grid(images, path, nrow, labels, title=None, zoom=2, fontsize=
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
 
-    fmt = _format(path)
+    fmt = picture_format(path)
     rows = -(-images.shape[0] // nrow)
     if len(labels) != rows:
         raise InputError(f"{rows} rows of pictures need {rows} labels, got {len(labels)}")
@@ -205,7 +206,7 @@ def _text_widths(groups, fontsize, dpi):
 
 
 @contextlib.contextmanager
-def _seeded(seed, device):
+def seeded(seed, device):
     """Within: torch's RNG (and the CUDA one of ``device``) seeded with ``seed``; restored afterwards."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -218,7 +219,7 @@ def _save_figure(fig, path):
 
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=_format(path).lower())
+    fig.savefig(buffer, format=picture_format(path).lower())
     plt.close(fig)
     write_bytes_atomic(path, buffer.getvalue())
 
@@ -329,7 +330,7 @@ def _prefixed(body, name):
     return [site.sub(lambda m: f"{m.group(1)}{name}_{m.group(2)}", line) for line in body]
 
 
-@_drawing
+@drawing
 def save_model_graph(vae, x, path, y=None):
     """Write :func:`model_graph` (of ``x`` and a conditional VAE's ``y``) as a PNG to ``path`` atomically.
 
@@ -346,7 +347,7 @@ def save_model_graph(vae, x, path, y=None):
     write_bytes_atomic(path, data)
 
 
-@_drawing
+@drawing
 def save_classes(vae, path, n=8, names=None, temperature=1.0, seed=0):
     """``classes.png``: one labelled row of ``n`` draws per class of a conditional VAE
     (``VAE(condition=K)``), ``vae.sample(n, y=k)`` for k = 0 .. K-1, every row from the same noise
@@ -367,7 +368,7 @@ def save_classes(vae, path, n=8, names=None, temperature=1.0, seed=0):
         raise InputError(f"names must hold one name per class ({k}), got {len(names)}")
     rows = []
     for label in range(k):
-        with _seeded(seed, vae.device):
+        with seeded(seed, vae.device):
             rows.append(vae.sample(n, temperature=temperature, y=label).clamp(0, 1).cpu())
     save_labelled_grid(torch.cat(rows), path, n, names, title=f"{n} draws per class")
 

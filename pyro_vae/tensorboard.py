@@ -173,7 +173,7 @@ def _learning_rate(svi):
     return float(lr) if isinstance(lr, (int, float)) else None
 
 
-@plots._drawing
+@plots.drawing
 @torch.no_grad()
 def pictures(vae, x=None, samples=64, images=4, draws=8, seed=0):
     """The grids the part logs, ``{"samples", "reconstructions", "levels"}`` (the last two with ``x``, the
@@ -186,17 +186,17 @@ def pictures(vae, x=None, samples=64, images=4, draws=8, seed=0):
         return make_grid(tiles.clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
 
     out = {}
-    with plots._seeded(seed, vae.device):
+    with plots.seeded(seed, vae.device):
         out["samples"] = grid(vae.sample(samples), 8)
     if x is None:
         return out
     x = x.to(vae.device)
-    with plots._seeded(seed, vae.device):
+    with plots.seeded(seed, vae.device):
         recon = vae.reconstruct(x)
     out["reconstructions"] = grid(torch.stack([x, recon.clamp(0, 1)], dim=1).reshape(-1, *x.shape[1:]), 16)
     if vae.levels:
         x = x[:images]
-        with plots._seeded(seed, vae.device):
+        with plots.seeded(seed, vae.device):
             rows = [vae.resample_below(x, level, draws) for level in range(vae.levels + 2)]
         out["levels"] = grid(torch.cat([torch.cat([x[i:i + 1], d[i].clamp(0, 1)])
                                         for i in range(x.shape[0]) for d in rows]), draws + 1)

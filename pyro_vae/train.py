@@ -260,7 +260,7 @@ def _checked_labels(vae, y, x, name):
     if not condition:
         raise InputError(f"{name} was given to a VAE without conditioning; build it with condition=K, or leave "
                          f"{name} out")
-    y = data_._rows_of(y, x.shape[0], name).to(vae.device if data_.is_sparse(x) else x.device)
+    y = data_.rows_of(y, x.shape[0], name).to(vae.device if data_.is_sparse(x) else x.device)
     if not m2:
         vae.conditioning(y, x.shape[0])  # the VAE's own check, with its one-line message
     elif y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
