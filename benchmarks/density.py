@@ -38,6 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pyro_vae import InputError
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MNIST, test NLL at K=5000
     ("vae", "standard"): 228.70, ("vae", "vamp"): 227.35,
@@ -116,6 +118,9 @@ def collect(runs, machine, note=None):
     (RESULTS / "density").mkdir(parents=True, exist_ok=True)
     rows = []
     for run in map(Path, runs):
+        missing = [name for name in ("config.json", "metrics.jsonl") if not (run / name).exists()]
+        if missing:
+            raise InputError(f"{run} is not a run directory of pyro-vae train: it has no {' and no '.join(missing)}")
         rows.append({**_row(run, machine), **({"note": note} if note else {})})
         table[run.name] = rows[-1]
         shutil.copyfile(run / "metrics.jsonl", RESULTS / "density" / f"{run.name}.metrics.jsonl")
@@ -133,7 +138,7 @@ def check(name, epochs=2, results=None, device="cpu"):
     (``density/NAME.config.json``: same seed, data and settings), and set them beside its committed record
     (``density/NAME.metrics.jsonl``). Returns ``[(epoch, key, recorded, rerun)]`` for each epoch and each of
     ``train_loss``, ``val_elbo``, ``test_elbo`` the record holds."""
-    from pyro_vae import InputError, RunConfig
+    from pyro_vae import RunConfig
     from pyro_vae.train import train
 
     results = results or RESULTS
@@ -206,4 +211,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except InputError as error:  # one line, status 2 (1 is a check that found a difference)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

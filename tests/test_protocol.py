@@ -230,6 +230,9 @@ def test_the_density_benchmark_reruns_a_collected_rows_first_epochs_and_finds_a_
     density.main(["check", "tiny-row", "--epochs", "1"])
     assert "tiny-row trained on cuda, rerun on cpu: their random number generators differ" in capsys.readouterr().out
 
+    with pytest.raises(InputError, match="is not a run directory of pyro-vae train: it has no config.json and no "
+                                         "metrics.jsonl"):
+        density.collect([tmp_path / "results"], "test machine")
     with pytest.raises(InputError, match="no collected row 'nope' with a stored configuration; rows: tiny-row"):
         density.check("nope")
     with pytest.raises(InputError, match="--epochs must be between 1 and the 3 epochs tiny-row recorded, got 4"):
