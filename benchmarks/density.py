@@ -124,10 +124,23 @@ def collect(runs, machine, note=None):
         rows.append({**_row(run, machine), **({"note": note} if note else {})})
         table[run.name] = rows[-1]
         shutil.copyfile(run / "metrics.jsonl", RESULTS / "density" / f"{run.name}.metrics.jsonl")
-        shutil.copyfile(run / "config.json", RESULTS / "density" / f"{run.name}.config.json")
+        _keep_config(run / "config.json", RESULTS / "density" / f"{run.name}.config.json")
     path.write_text(json.dumps(list(table.values()), indent=2) + "\n")
     _plot(sorted((RESULTS / "density").glob("*.metrics.jsonl")))
     return rows
+
+
+def _keep_config(config, kept):
+    """Copy a run's ``config.json`` to ``kept``, unless ``kept`` differs from it only in the device: a run
+    resumed on another device keeps the device its record's first epochs ran on (which ``check`` names)."""
+    from pyro_vae import RunConfig
+
+    def settings(path):  # with the defaults of fields written by a later version filled in
+        return {**RunConfig.from_dict(json.loads(path.read_text())).to_dict(), "device": None}
+
+    if kept.exists() and settings(kept) == settings(config):
+        return
+    shutil.copyfile(config, kept)
 
 
 KEYS = ("train_loss", "val_elbo", "test_elbo")
@@ -162,14 +175,16 @@ def _plot(records_files):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    lowest = float("inf")
     for path in records_files:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         points = [(r["epoch"], -r["val_elbo"]) for r in records if "val_elbo" in r]
         if points:
             ax.plot(*zip(*points), label=path.name.removesuffix(".metrics.jsonl"))
+            lowest = min(lowest, min(y for _, y in points))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation -ELBO (nats per image)")
-    ax.set_ylim(top=260)
+    ax.set_ylim(top=250, **({"bottom": lowest - 1.0} if lowest < 249 else {}))  # the last nats, where rows differ
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

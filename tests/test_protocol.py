@@ -210,6 +210,18 @@ def test_the_density_benchmark_reruns_a_collected_rows_first_epochs_and_finds_a_
     assert row["name"] == "tiny-row" and row["epochs"] == 3
     assert (tmp_path / "results" / "density" / "tiny-row.config.json").exists()
 
+    # a run resumed on another device keeps the stored configuration its record started with; another change replaces it
+    kept = tmp_path / "results" / "density" / "tiny-row.config.json"
+    run_config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**run_config, "device": "cuda"}))
+    density.collect([run], "test machine")
+    assert json.loads(kept.read_text())["device"] == "cpu"
+    (run / "config.json").write_text(json.dumps({**run_config, "device": "cuda", "lr": 0.5}))
+    density.collect([run], "test machine")
+    assert json.loads(kept.read_text())["lr"] == 0.5
+    (run / "config.json").write_text(json.dumps(run_config))
+    density.collect([run], "test machine")
+
     rows = density.check("tiny-row", epochs=2)
     assert [(e, k) for e, k, *_ in rows] == [(1, "train_loss"), (1, "val_elbo"), (2, "train_loss"), (2, "val_elbo")]
     assert all(recorded == rerun for *_, recorded, rerun in rows)  # bitwise: same machine, code and threads
