@@ -39,6 +39,7 @@ import tempfile
 from pathlib import Path
 
 from pyro_vae import InputError
+from pyro_vae.checkpoints import read_records
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MNIST, test NLL at K=5000
@@ -50,7 +51,7 @@ PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MN
 
 def _row(run, machine):
     config = json.loads((run / "config.json").read_text())
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_records(run / "metrics.jsonl")
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     levels = len(config["latent_dims"])
     model = ("conv" if config["arch"] == "conv" else "") + ("vae" if levels == 1 else "hvae")
@@ -146,6 +147,15 @@ def _keep_config(config, kept):
 KEYS = ("train_loss", "val_elbo", "test_elbo")
 
 
+def stored_config(name, results=None):
+    """The configuration (a dict) kept for the collected row ``name`` (``density/NAME.config.json``)."""
+    path = (results or RESULTS) / "density" / f"{name}.config.json"
+    if not path.exists():
+        known = sorted(p.name.removesuffix(".config.json") for p in path.parent.glob("*.config.json"))
+        raise InputError(f"no collected row {name!r} with a stored configuration; rows: {', '.join(known) or 'none'}")
+    return json.loads(path.read_text())
+
+
 def check(name, epochs=2, results=None, device="cpu"):
     """Rerun the first ``epochs`` epochs of the collected row ``name`` on ``device``, from its stored configuration
     (``density/NAME.config.json``: same seed, data and settings), and set them beside its committed record
@@ -154,15 +164,11 @@ def check(name, epochs=2, results=None, device="cpu"):
     from pyro_vae import RunConfig
     from pyro_vae.train import train
 
-    results = results or RESULTS
-    config_path, records_path = (results / "density" / f"{name}.{kind}" for kind in ("config.json", "metrics.jsonl"))
-    if not config_path.exists():
-        known = sorted(p.name.removesuffix(".config.json") for p in (results / "density").glob("*.config.json"))
-        raise InputError(f"no collected row {name!r} with a stored configuration; rows: {', '.join(known) or 'none'}")
-    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+    stored = stored_config(name, results)
+    records = read_records((results or RESULTS) / "density" / f"{name}.metrics.jsonl")
     if not 1 <= epochs <= len(records):
         raise InputError(f"--epochs must be between 1 and the {len(records)} epochs {name} recorded, got {epochs}")
-    config = RunConfig.from_dict({**json.loads(config_path.read_text()), "epochs": epochs, "device": device})
+    config = RunConfig.from_dict({**stored, "epochs": epochs, "device": device})
     with tempfile.TemporaryDirectory() as tmp:
         _, history = train(config, Path(tmp) / name, progress=False, pictures=False)
     return [(r["epoch"], key, r[key], h[key]) for r, h in zip(records, history) for key in KEYS if key in r]
@@ -177,7 +183,7 @@ def _plot(records_files):
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     lowest = float("inf")
     for path in records_files:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_records(path)
         points = [(r["epoch"], -r["val_elbo"]) for r in records if "val_elbo" in r]
         if points:
             ax.plot(*zip(*points), label=path.name.removesuffix(".metrics.jsonl"))
@@ -211,7 +217,7 @@ def main(argv=None):
             print(json.dumps(row))
         return 0
     rows = check(args.name, args.epochs, device=args.device)
-    trained_on = json.loads((RESULTS / "density" / f"{args.name}.config.json").read_text())["device"]
+    trained_on = stored_config(args.name)["device"]
     if trained_on.split(":")[0] != args.device.split(":")[0]:
         print(f"{args.name} trained on {trained_on}, rerun on {args.device}: their random number generators differ, "
               "so the rerun draws other noise and can agree with the record only roughly")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pyro_vae import data
+from pyro_vae.checkpoints import read_records
 from pyro_vae.train import RunConfig, load_labelled_splits
 
 RESULTS = Path(__file__).parent / "results" / "semi_supervised.json"
@@ -67,7 +68,7 @@ def m2_row(run):
     """The row of an evaluated M2 run directory (its config.json, metrics.jsonl and eval.json)."""
     run = Path(run).expanduser()
     config = json.loads((run / "config.json").read_text())
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_records(run / "metrics.jsonl")
     ev = json.loads((run / "eval.json").read_text())
     return {"model": "m2", "labels": config["labels"], "aux_loss": config["aux_loss"] or None,
             "epochs": metrics[-1]["epoch"], "best_epoch": ev["epoch"],

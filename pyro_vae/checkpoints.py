@@ -9,6 +9,7 @@ the old or the new checkpoint, never a broken one.
 
 import contextlib
 import io
+import json
 import os
 import random
 import signal
@@ -115,6 +116,12 @@ def save_checkpoint(path, payload):
 def write_text_atomic(path, text):
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     _replace_atomically(path, text.encode("utf-8"))
+
+
+def read_records(path):
+    """The records of a JSON-lines file such as a run's ``metrics.jsonl``: a list of dicts, one per non-empty
+    line (the file :class:`~pyro_vae.train.RunDirectory` writes atomically, one epoch a line)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def write_bytes_atomic(path, data):

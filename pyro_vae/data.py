@@ -798,7 +798,7 @@ class Batches:
             raise InputError(f"batch size {batch_size} is larger than the data ({x.shape[0]} points); "
                              "choose a smaller batch size")
         self.y = rows_of(y, x.shape[0], "y")
-        self.sparse = not torch.is_tensor(x) and hasattr(x, "tocsr")
+        self.sparse = is_sparse(x)
         self.x = x.tocsr() if self.sparse else x
         self.device = generator.device if self.sparse else x.device
         self.batch_size = int(batch_size)

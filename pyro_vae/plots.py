@@ -4,12 +4,11 @@ generation grids (labelled with matplotlib), training curves."""
 import contextlib
 import functools
 import io
-import json
 from pathlib import Path
 
 import torch
 
-from .checkpoints import write_bytes_atomic
+from .checkpoints import read_records, write_bytes_atomic
 from .errors import InputError
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -232,7 +231,7 @@ def save_curves(metrics_path, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    records = read_records(metrics_path)
     epochs = [r["epoch"] for r in records]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train loss (-ELBO)")
@@ -255,7 +254,7 @@ def save_level_curves(metrics_path, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    records = read_records(metrics_path)
     prefix = "val" if any("val_elbo" in r for r in records) else "test"
     levels = sorted({k[len(prefix) + 4:] for r in records for k in r if k.startswith(f"{prefix}_kl_z")},
                     key=lambda name: int(name[1:]))
