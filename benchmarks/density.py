@@ -17,6 +17,11 @@ per-epoch record beside it, and a picture of the validation ELBO per epoch::
 
     python benchmarks/density.py collect ~/runs/density/vae-standard ~/runs/density/vae-vamp
 
+and write the README's table of every collected row (the test suite fails while the README and the JSON
+disagree)::
+
+    python benchmarks/density.py table --readme
+
 Rows trained elsewhere (``benchmarks/density_gpu.sh`` trains several side by side on one GPU for a fixed
 time) are collected with their machine named; rows already in ``density.json`` under other names stay::
 
@@ -33,19 +38,19 @@ grows over an epoch's steps)::
 import argparse
 import json
 import platform
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from pyro_vae import InputError
-from pyro_vae.checkpoints import read_records
+from pyro_vae.checkpoints import read_records, write_bytes_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MNIST, test NLL at K=5000
-    ("vae", "standard"): 228.70, ("vae", "vamp"): 227.35,
-    ("hvae", "standard"): 227.37, ("hvae", "vamp"): 226.72,
-    ("convhvae", "standard"): 225.38, ("convhvae", "vamp"): 224.67,
+README = Path(__file__).resolve().parents[1] / "README.md"
+PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MNIST, test NLL at K=5000: mean, sd
+    ("vae", "standard"): (228.70, 0.15), ("vae", "vamp"): (227.35, 0.05),
+    ("hvae", "standard"): (227.37, 0.10), ("hvae", "vamp"): (226.72, 0.08),
+    ("convhvae", "standard"): (225.38, 0.08), ("convhvae", "vamp"): (224.67, 0.03),
 }
 
 
@@ -54,8 +59,7 @@ def _row(run, machine):
     records = read_records(run / "metrics.jsonl")
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     levels = len(config["latent_dims"])
-    model = ("conv" if config["arch"] == "conv" else "") + ("vae" if levels == 1 else "hvae")
-    prior = config["prior"].split(":")[0]
+    model = _model(config)
     vals = [r.get("val_elbo") for r in records if r.get("val_elbo") is not None]
     best = max(range(len(vals)), key=vals.__getitem__) + 1 if vals else None
     stopped = bool(records) and (len(records) >= config["epochs"] or
@@ -69,11 +73,31 @@ def _row(run, machine):
         "last_val_elbo": vals[-1] if vals else None,
         "iw_samples": evaluation.get("iw_samples"), "evaluated_epoch": evaluation.get("epoch"),
         "test_nll": -iw if iw is not None else None, "test_elbo": evaluation.get("elbo"),
-        "published_nll": PUBLISHED.get((model, prior)), "seed": config["seed"],
+        **published(config), "seed": config["seed"],
         "seconds": round(sum(r.get("seconds", 0.0) for r in records), 1), "machine": machine,
         **({} if stopped else extrapolate(vals, config["patience"] or 50, config["epochs"],
                                           config.get("kl_warmup_epochs", 0))),
     }
+
+
+def _model(config):
+    levels = len(config["latent_dims"])
+    return ("conv" if config["arch"] == "conv" else "") + ("vae" if levels == 1 else "hvae")
+
+
+def published(config):
+    """``{"published_nll", "published_sd"}``: the published test NLL (mean and sd over runs) of the table's row that
+    ``config`` (a run's settings, a dict) reproduces: the paper's depth (one level for the VAE, two for the HVAEs),
+    40-d Gaussian posteriors, the gated MLP of 300 units (or the conv networks), the skip connections of its HVAE,
+    and N(0, I) or a VampPrior of 500 pseudo-inputs. Both None for a row beyond the table (another depth, latent
+    size, posterior, prior or network)."""
+    model, dims = _model(config), config["latent_dims"]
+    prior = {"standard": "standard", "vamp:500": "vamp"}.get(config["prior"])
+    paper = (dims == [40] * (1 if model == "vae" else 2) and config["posterior"] == "gaussian"
+             and (config["arch"] == "conv" or (config["arch"] == "gated" and config["hidden"] == 300))
+             and (model == "vae" or config.get("skip", False)))
+    mean, sd = PUBLISHED.get((model, prior), (None, None)) if paper else (None, None)
+    return {"published_nll": mean, "published_sd": sd}
 
 
 def extrapolate(vals, patience=50, max_epochs=2000, warmup=0):
@@ -115,7 +139,7 @@ def collect(runs, machine, note=None):
     """Rows for ``runs`` (run directories), merged by name into ``density.json``: rows of other runs,
     collected earlier (on another machine, say), are kept. Returns the new rows."""
     path = RESULTS / "density.json"
-    table = {row["name"]: row for row in (json.loads(path.read_text()) if path.exists() else [])}
+    by_name = {row["name"]: row for row in (json.loads(path.read_text()) if path.exists() else [])}
     (RESULTS / "density").mkdir(parents=True, exist_ok=True)
     rows = []
     for run in map(Path, runs):
@@ -123,10 +147,10 @@ def collect(runs, machine, note=None):
         if missing:
             raise InputError(f"{run} is not a run directory of pyro-vae train: it has no {' and no '.join(missing)}")
         rows.append({**_row(run, machine), **({"note": note} if note else {})})
-        table[run.name] = rows[-1]
-        shutil.copyfile(run / "metrics.jsonl", RESULTS / "density" / f"{run.name}.metrics.jsonl")
+        by_name[run.name] = rows[-1]
+        write_bytes_atomic(RESULTS / "density" / f"{run.name}.metrics.jsonl", (run / "metrics.jsonl").read_bytes())
         _keep_config(run / "config.json", RESULTS / "density" / f"{run.name}.config.json")
-    path.write_text(json.dumps(list(table.values()), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(list(by_name.values()), indent=2) + "\n")
     _plot(sorted((RESULTS / "density").glob("*.metrics.jsonl")))
     return rows
 
@@ -141,7 +165,7 @@ def _keep_config(config, kept):
 
     if kept.exists() and settings(kept) == settings(config):
         return
-    shutil.copyfile(config, kept)
+    write_bytes_atomic(kept, config.read_bytes())
 
 
 KEYS = ("train_loss", "val_elbo", "test_elbo")
@@ -172,6 +196,65 @@ def check(name, epochs=2, results=None, device="cpu"):
     with tempfile.TemporaryDirectory() as tmp:
         _, history = train(config, Path(tmp) / name, progress=False, pictures=False)
     return [(r["epoch"], key, r[key], h[key]) for r, h in zip(records, history) for key in KEYS if key in r]
+
+
+def _label(row):
+    """What a row is, in words: "VAE, gated MLP, N(0, I)", "beyond: HVAE, gated MLP, IAF posterior (2 steps), ..."."""
+    network = {"vae": "VAE, gated MLP", "hvae": "HVAE, gated MLP", "convhvae": "ConvHVAE"}.get(row["model"], row["model"])
+    prior = row["prior"]
+    if prior == "standard":
+        prior = "N(0, I)"
+    elif prior.startswith("vamp:"):
+        prior = f"VampPrior({prior.removeprefix('vamp:')})"
+    parts = [network]
+    if row["levels"] > 2:
+        parts.append(f"{row['levels']} levels {'-'.join(map(str, row['latent_dims']))}")
+    if row["posterior"].startswith("iaf:"):
+        parts.append(f"IAF posterior ({row['posterior'].split(':')[1]} steps)")
+    elif row["posterior"] != "gaussian":
+        parts.append(f"{row['posterior']} posterior")
+    return ("" if row["published_nll"] else "beyond: ") + ", ".join(parts + [prior])
+
+
+def _nats(value):
+    return "—" if value is None else f"{value:.2f}".replace("-", "−")
+
+
+def table(rows):
+    """The README's density table (a markdown string) for ``rows`` (``density.json``'s rows): per row the published
+    test NLL, the epochs trained, the best validation ELBO and its epoch, the test NLL at K=5000 and test ELBO with
+    the epoch evaluated (an unfinished row's evaluation is of an earlier epoch, or none), where an unfinished
+    row's early stopping is expected (``extrapolate``), the seed, the epochs' summed wall time and the machine."""
+    lines = ["| row | published test NLL | epochs | best validation ELBO (epoch) | test NLL, K=5000 (epoch) | "
+             "test ELBO | expected stop, epoch (validation ELBO) | seed | hours | machine |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        epochs = f"{row['epochs']}, stopped early" if row["finished"] and row["epochs"] < row["max_epochs"] else \
+            f"{row['epochs']}" if row["finished"] else f"{row['epochs']} so far"
+        nll = "not yet" if row["test_nll"] is None else f"{_nats(row['test_nll'])} ({row['evaluated_epoch']})"
+        if row["finished"] and row["test_nll"] is not None and row["evaluated_epoch"] == row["best_epoch"]:
+            nll = f"**{_nats(row['test_nll'])}** ({row['evaluated_epoch']})"
+        stop = "—" if "extrapolated_stop_epoch" not in row else \
+            f"{row['extrapolated_stop_epoch']} ({_nats(row['extrapolated_val_elbo'])})"
+        mean, sd = row["published_nll"], row.get("published_sd")
+        lines.append(f"| {_label(row)} | {_nats(mean)}{f' ± {sd:.2f}' if mean and sd else ''} | {epochs} | "
+                     f"{_nats(row['best_val_elbo'])} ({row['best_epoch']}) | {nll} | {_nats(row['test_elbo'])} | "
+                     f"{stop} | {row['seed']} | {row['seconds'] / 3600:.2f} | {row['machine']} |")
+    return "\n".join(lines) + "\n"
+
+
+README_MARKS = ("<!-- density table: benchmarks/density.py table --readme -->\n", "<!-- end of density table -->\n")
+
+
+def write_readme_table(readme, rows):
+    """Replace the part of ``readme`` (a path) between ``README_MARKS`` with ``table(rows)``."""
+    text = readme.read_text()
+    start, end = (text.find(mark) for mark in README_MARKS)
+    if start < 0 or end < start:
+        raise InputError(f"{readme} has no density table between the lines {README_MARKS[0].strip()} and "
+                         f"{README_MARKS[1].strip()}")
+    start += len(README_MARKS[0])
+    write_text_atomic(readme, text[:start] + table(rows) + text[end:])
 
 
 def _plot(records_files):
@@ -211,10 +294,16 @@ def main(argv=None):
     k.add_argument("--device", default="cpu", help="where to rerun it (default cpu)")
     k.add_argument("--tolerance", type=float, default=0.05,
                    help="largest difference in nats per image taken as agreement (default 0.05)")
+    t = sub.add_parser("table", help="print the README's table of the collected rows (markdown)")
+    t.add_argument("--readme", action="store_true", help="write it into README.md, between its density-table marks")
     args = p.parse_args(argv)
     if args.command == "collect":
         for row in collect(args.runs, args.machine, args.note):
             print(json.dumps(row))
+        return 0
+    if args.command == "table":
+        rows = json.loads((RESULTS / "density.json").read_text())
+        write_readme_table(README, rows) if args.readme else print(table(rows), end="")
         return 0
     rows = check(args.name, args.epochs, device=args.device)
     trained_on = stored_config(args.name)["device"]

@@ -249,3 +249,74 @@ def test_the_density_benchmark_reruns_a_collected_rows_first_epochs_and_finds_a_
         density.check("nope")
     with pytest.raises(InputError, match="--epochs must be between 1 and the 3 epochs tiny-row recorded, got 4"):
         density.check("tiny-row", epochs=4)
+
+
+def _density_benchmark():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import density
+
+    return density
+
+
+def test_a_row_gets_the_published_number_only_when_it_is_the_papers_architecture():
+    density = _density_benchmark()
+    vae = RunConfig.from_dict(PRESETS["vampprior-vae"]).to_dict()
+    hvae = RunConfig.from_dict(PRESETS["vampprior-hvae"]).to_dict()
+    conv = RunConfig.from_dict(PRESETS["vampprior-convhvae"]).to_dict()
+    assert density.published(vae) == {"published_nll": 228.70, "published_sd": 0.15}
+    assert density.published({**vae, "prior": "vamp:500"}) == {"published_nll": 227.35, "published_sd": 0.05}
+    assert density.published(hvae)["published_nll"] == 227.37
+    assert density.published({**hvae, "prior": "vamp:500"})["published_nll"] == 226.72
+    assert density.published(conv)["published_nll"] == 225.38
+    beyond = [{**hvae, "latent_dims": [40, 40, 40]}, {**hvae, "posterior": "iaf:2"}, {**vae, "prior": "vamp:100"},
+              {**vae, "hidden": 200}, {**vae, "latent_dims": [32]}, {**hvae, "skip": False}, {**vae, "arch": "mlp"}]
+    for config in beyond:
+        assert density.published(config) == {"published_nll": None, "published_sd": None}, config
+
+
+def _row(**changes):
+    row = {"name": "r", "model": "hvae", "prior": "standard", "levels": 2, "latent_dims": [40, 40],
+           "posterior": "gaussian", "epochs": 929, "max_epochs": 2000, "finished": True, "best_epoch": 879,
+           "best_val_elbo": -230.747, "evaluated_epoch": 879, "test_nll": 228.634, "test_elbo": -231.413,
+           "published_nll": 227.37, "published_sd": 0.1, "seed": 0, "seconds": 7200.0, "machine": "a CPU"}
+    return {**row, **changes}
+
+
+def test_the_density_table_says_what_is_final_and_what_is_not():
+    density = _density_benchmark()
+    head, rule, final, unfinished, beyond = density.table([
+        _row(), _row(finished=False, epochs=343, best_epoch=335, evaluated_epoch=33, test_nll=236.924,
+                     extrapolated_stop_epoch=1040, extrapolated_val_elbo=-229.08),
+        _row(levels=3, latent_dims=[40, 40, 40], posterior="iaf:2", prior="vamp:500", published_nll=None,
+             published_sd=None, test_nll=None, test_elbo=None, evaluated_epoch=None, finished=False, epochs=21)]
+    ).splitlines()
+    assert head.count("|") == rule.count("|") == final.count("|") == 11
+    assert final == ("| HVAE, gated MLP, N(0, I) | 227.37 ± 0.10 | 929, stopped early | −230.75 (879) | **228.63** (879) "
+                     "| −231.41 | — | 0 | 2.00 | a CPU |")
+    assert "| 343 so far | −230.75 (335) | 236.92 (33) |" in unfinished and "| 1040 (−229.08) |" in unfinished
+    assert beyond.startswith("| beyond: HVAE, gated MLP, 3 levels 40-40-40, IAF posterior (2 steps), VampPrior(500) | — "
+                             "| 21 so far |") and "| not yet | — |" in beyond
+
+
+def test_the_readmes_density_table_is_the_collected_rows(tmp_path):
+    density = _density_benchmark()
+    rows = json.loads((density.RESULTS / "density.json").read_text())
+    for row in rows:  # a stored row's published number is the one its stored configuration earns
+        published = density.published(density.stored_config(row["name"]))
+        assert {key: row[key] for key in published} == published, row["name"]
+    readme = density.README.read_text()
+    start, end = (readme.index(mark) for mark in density.README_MARKS)
+    assert readme[start + len(density.README_MARKS[0]):end] == density.table(rows), \
+        "README's density table is stale: run python benchmarks/density.py table --readme"
+
+    copy = tmp_path / "README.md"
+    copy.write_text("intro\n" + density.README_MARKS[0] + "old\n" + density.README_MARKS[1] + "after\n")
+    density.write_readme_table(copy, rows[:1])
+    assert copy.read_text() == ("intro\n" + density.README_MARKS[0] + density.table(rows[:1])
+                                + density.README_MARKS[1] + "after\n")
+    copy.write_text("no table here\n")
+    with pytest.raises(InputError, match="has no density table between the lines"):
+        density.write_readme_table(copy, rows)
