@@ -200,7 +200,8 @@ def check(name, epochs=2, results=None, device="cpu"):
 
 def _label(row):
     """What a row is, in words: "VAE, gated MLP, N(0, I)", "beyond: HVAE, gated MLP, IAF posterior (2 steps), ..."."""
-    network = {"vae": "VAE, gated MLP", "hvae": "HVAE, gated MLP", "convhvae": "ConvHVAE"}.get(row["model"], row["model"])
+    networks = {"vae": "VAE, gated MLP", "hvae": "HVAE, gated MLP", "convhvae": "ConvHVAE"}
+    network = networks.get(row["model"], row["model"])
     prior = row["prior"]
     if prior == "standard":
         prior = "N(0, I)"

@@ -184,6 +184,20 @@ class RunConfig:
     def validate(self, device=True):
         """Raise :class:`InputError` naming the first bad setting (``device=False``: all but the device,
         for a saved run whose device is a record of where it trained, not a request)."""
+        self._check_data()
+        self._check_images()
+        self._check_latents()
+        settings.check({key: getattr(self, key) for key in TRAINING_KEYS}, cli=True)
+        self._check_mixture()
+        self._check_cells()
+        self._check_conditioning()
+        self._check_size()
+        if device:
+            resolve_device(self.device)
+        return self
+
+    def _check_data(self):
+        """Where the data come from: each dataset with the files or folder it reads, and nothing else."""
         if self.dataset not in DATASETS:
             raise InputError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.dataset == "counts":
@@ -210,6 +224,9 @@ class RunConfig:
         if self.dataset == "folder" and not self.data_dir:
             raise InputError("--dataset folder needs the images: pass --data-dir DIR holding them, or one sub-folder "
                              "of images per class")
+
+    def _check_images(self):
+        """The networks, the image size and channels, the likelihood and the binarisation."""
         if self.arch not in nets.ARCHS:
             raise InputError(f"unknown arch {self.arch!r}; choose one of: {', '.join(nets.ARCHS)}")
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size < 0:
@@ -228,6 +245,9 @@ class RunConfig:
         if self.likelihood.split(":")[0] == "dlogistic" and self.binarize != "none":
             raise InputError(f"--likelihood dlogistic is a mass over the 256 values of 8-bit pixels, but binarize "
                              f"is {self.binarize!r} (images of 0s and 1s); pass --binarize none")
+
+    def _check_latents(self):
+        """The latent levels, the prior, the posterior and the guide, and the pairs of them that do not go together."""
         dims = self.latent_dims
         if not (isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) and d >= 1 for d in dims)):
             raise InputError(f"latent_dims must be a non-empty list of positive integers (top level first), "
@@ -248,16 +268,19 @@ class RunConfig:
                              "order; add --guide top-down")
         if self.elbo == "meanfield" and self.guide == "bottom-up" and len(dims) > 1:
             raise InputError(MEANFIELD_BOTTOM_UP)
-        settings.check({key: getattr(self, key) for key in TRAINING_KEYS}, cli=True)
+
+    def _check_mixture(self):
+        """The GMVAE prior's discrete level: the class when labels are given, summed out by TraceEnum_ELBO."""
         if self.prior.startswith("gmvae") and self.labels and priors.from_name(self.prior).k != CLASSES:
             raise InputError(f"--prior {self.prior} with --labels: the discrete level is the class, so it needs "
                              f"{CLASSES} values; use --prior gmvae:{CLASSES}")
         if self.prior.startswith("gmvae") and (self.free_bits or self.kl_balance or self.elbo != "trace"):
             raise InputError("--prior gmvae sums its discrete level out with TraceEnum_ELBO, which has no free bits, "
                              "KL balancing, analytic KL or jit; use --elbo trace without them")
-        if self.count_input not in COUNT_INPUTS:
-            raise InputError(f"unknown count input {self.count_input!r}; choose one of: {', '.join(COUNT_INPUTS)}")
-        self._check_cells()
+
+    def _check_conditioning(self):
+        """What the VAE is conditioned on: labels (with a dataset that has them, summed out where unseen) or the
+        cells' covariates, not both."""
         if self.enumerate != "parallel" and not (self.labels or self.prior.startswith("gmvae")):
             raise InputError("--enumerate sums out a label site: use it with --labels N or --prior gmvae:K")
         if self.cell_covariates and self.labels:
@@ -266,10 +289,6 @@ class RunConfig:
         if self.labels and self.dataset not in LABELLED_DATASETS:
             raise InputError(f"--labels needs class labels, which --dataset {self.dataset} does not give; use one of: "
                              f"{', '.join(LABELLED_DATASETS)}")
-        self._check_size()
-        if device:
-            resolve_device(self.device)
-        return self
 
     @property
     def cell_covariates(self):
@@ -277,8 +296,10 @@ class RunConfig:
         return bool(self.batch_file or self.batch_key or self.covariate_file or self.covariate_keys)
 
     def _check_cells(self):
-        """The single-cell inputs: each goes with count data, AnnData's with an ``.h5ad`` file, and a
-        batch or covariates come from one place."""
+        """The single-cell inputs: a known count input, each input going with count data, AnnData's with an
+        ``.h5ad`` file, and a batch or covariates from one place."""
+        if self.count_input not in COUNT_INPUTS:
+            raise InputError(f"unknown count input {self.count_input!r}; choose one of: {', '.join(COUNT_INPUTS)}")
         h5ad = cells.is_anndata(self.data_file or "")
         given = [flag for flag, value in (("--batch-file", self.batch_file), ("--batch-key", self.batch_key),
                                           ("--covariate-file", self.covariate_file),
