@@ -10,6 +10,9 @@
 #   TRAIN_S=20 K=10 LIMIT=100 OUT=/tmp/gpu bash benchmarks/density_gpu.sh     # a dry run on the CPU
 #
 # Unpack here with: cat ckpt.tar.* | tar -x -C ~/runs/density; tar -xzf rows.tar.gz -C ~/runs/density
+#
+# ONLY="convhvae-standard convhvae-vamp" trains only the rows named; SEED=DIR holding NAME.tar.xz (a run folder:
+# config.json, metrics.jsonl, checkpoint.pt) goes on with that row (--resume) instead of starting it afresh.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; TRAIN_S=${TRAIN_S:-360}; EVAL_S=${EVAL_S:-150}; K=${K:-5000}; LIMIT=${LIMIT:-}
@@ -31,11 +34,20 @@ ROWS=(
   "hvae-iaf|--preset vampprior-hvae --posterior iaf:2"
   "hvae3-standard|--preset vampprior-hvae --latent-dims 40,40,40"
 )
+if [ -n "${ONLY:-}" ]; then
+  keep=(); for row in "${ROWS[@]}"; do [[ " $ONLY " == *" ${row%%|*} "* ]] && keep+=("$row"); done; ROWS=("${keep[@]}")
+fi
+for f in ${SEED:+"$SEED"/*.tar.xz}; do  # python's tarfile: the image may lack xz
+  $PY -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2], filter='data')" "$f" "$R"
+  log "seeded $(basename "$f" .tar.xz) at epoch $(tail -n 1 "$R/$(basename "$f" .tar.xz)/metrics.jsonl" | cut -c1-14)"
+done
 log "training ${#ROWS[@]} rows for ${TRAIN_S} s each"
 for row in "${ROWS[@]}"; do
   name=${row%%|*}; flags=${row#*|}
+  # a resumed run keeps the settings it was started with
+  if [ -f "$R/$name/checkpoint.pt" ]; then flags="--resume"; else flags="$flags --seed 0"; fi
   # shellcheck disable=SC2086
-  timeout -s INT -k 60 "$TRAIN_S" $PY -m pyro_vae.cli train --out "$R/$name" $flags --seed 0 --device "$DEV" \
+  timeout -s INT -k 60 "$TRAIN_S" $PY -m pyro_vae.cli train --out "$R/$name" $flags --device "$DEV" \
     --checkpoint-every 2000 --no-progress > "$R/$name.train.log" 2>&1 &
 done
 wait
