@@ -13,11 +13,13 @@
 #
 # ONLY="convhvae-standard convhvae-vamp" trains only the rows named; SEED=DIR holding NAME.tar.xz (a run folder:
 # config.json, metrics.jsonl, checkpoint.pt) goes on with that row (--resume) instead of starting it afresh.
+# RUNS=DIR trains in DIR (default a new temporary folder): an earlier call's folder, on a machine still warm.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; TRAIN_S=${TRAIN_S:-360}; EVAL_S=${EVAL_S:-150}; K=${K:-5000}; LIMIT=${LIMIT:-}
 mkdir -p "$OUT"
 R=${RUNS:-$(mktemp -d)}
+[ -d "$R" ] || { echo "RUNS=$R: no such folder (a machine given back keeps nothing from an earlier call)"; exit 2; }
 . benchmarks/device_env.sh  # wheels, data, PY
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
@@ -38,6 +40,7 @@ if [ -n "${ONLY:-}" ]; then
   keep=(); for row in "${ROWS[@]}"; do [[ " $ONLY " == *" ${row%%|*} "* ]] && keep+=("$row"); done; ROWS=("${keep[@]}")
 fi
 for f in ${SEED:+"$SEED"/*.tar.xz}; do  # python's tarfile: the image may lack xz
+  [ -f "$f" ] || { echo "SEED=$SEED holds no NAME.tar.xz"; exit 2; }
   $PY -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2], filter='data')" "$f" "$R"
   log "seeded $(basename "$f" .tar.xz) at epoch $(tail -n 1 "$R/$(basename "$f" .tar.xz)/metrics.jsonl" | cut -c1-14)"
 done
