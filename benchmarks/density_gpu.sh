@@ -37,7 +37,9 @@ ROWS=(
   "hvae3-standard|--preset vampprior-hvae --latent-dims 40,40,40"
 )
 if [ -n "${ONLY:-}" ]; then
-  keep=(); for row in "${ROWS[@]}"; do [[ " $ONLY " == *" ${row%%|*} "* ]] && keep+=("$row"); done; ROWS=("${keep[@]}")
+  keep=(); for row in "${ROWS[@]}"; do [[ " $ONLY " == *" ${row%%|*} "* ]] && keep+=("$row"); done
+  [ ${#keep[@]} -gt 0 ] || { echo "ONLY=$ONLY names none of the rows: ${ROWS[*]%%|*}"; exit 2; }
+  ROWS=("${keep[@]}")
 fi
 for f in ${SEED:+"$SEED"/*.tar.xz}; do  # python's tarfile: the image may lack xz
   [ -f "$f" ] || { echo "SEED=$SEED holds no NAME.tar.xz"; exit 2; }
