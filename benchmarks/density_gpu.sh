@@ -44,7 +44,7 @@ fi
 for f in ${SEED:+"$SEED"/*.tar.xz}; do  # python's tarfile: the image may lack xz
   [ -f "$f" ] || { echo "SEED=$SEED holds no NAME.tar.xz"; exit 2; }
   $PY -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2], filter='data')" "$f" "$R"
-  log "seeded $(basename "$f" .tar.xz) at epoch $(tail -n 1 "$R/$(basename "$f" .tar.xz)/metrics.jsonl" | cut -c1-14)"
+  name=$(basename "$f" .tar.xz); log "seeded $name at epoch $(tail -n 1 "$R/$name/metrics.jsonl" | cut -c1-14)"
 done
 log "training ${#ROWS[@]} rows for ${TRAIN_S} s each"
 for row in "${ROWS[@]}"; do
