@@ -353,7 +353,7 @@ def _train(args):
 def _evaluate(args):
     from .evaluate import evaluate
     from .rundir import RunLock
-    from .train import CLASS_NAMES, checkpoint_name, load_labelled_splits, load_run, load_run_checkpoint
+    from .train import CLASS_NAMES, checkpoint_name, load_labelled_splits, load_run_checkpoint, run_from_checkpoint
 
     if args.checkpoint not in (None, "best", "last"):
         raise InputError(f"--checkpoint must be best or last, got {args.checkpoint!r}")
@@ -374,10 +374,11 @@ def _evaluate(args):
         def load():
             if main:  # refused inside main_first, so every rank hears of it
                 lock.enter_context(RunLock(run_dir))
-            vae, run_config = load_run(run_dir, device=args.device, checkpoint=name)
-            return vae, run_config, load_labelled_splits(run_config, vae.device)[2]
+            payload = load_run_checkpoint(run_dir / name)
+            vae, run_config = run_from_checkpoint(payload, run_dir / name, device=args.device)
+            return vae, run_config, int(payload["epoch"]), load_labelled_splits(run_config, vae.device)[2]
 
-        vae, config, (x_test, y_test) = distributed.main_first(load)
+        vae, config, epoch, (x_test, y_test) = distributed.main_first(load)
         classes = y_test if vae.label_site and not config.labels else None  # a discrete level learnt unsupervised
         y_test = y_test if config.labels or config.cell_covariates else None  # M2's accuracy; the cells' covariates
         _NEWS.clear()  # stdout is the JSON alone: the device is in it
@@ -409,7 +410,7 @@ def _evaluate(args):
                            names=CLASS_NAMES.get(config.dataset))
             print(f"wrote {run_dir / 'confusion.png'}", file=sys.stderr)
         summary.update(dataset=config.dataset, binarize=config.binarize, checkpoint=name,
-                       epoch=int(load_run_checkpoint(run_dir / name)["epoch"]), device=str(vae.device))
+                       epoch=epoch, device=str(vae.device))
         if distributed.current() is not None:
             summary["processes"] = distributed.current().size
         if config.squeeze:

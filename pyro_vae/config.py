@@ -53,7 +53,8 @@ class RunConfig:
 
     ``grad_clip`` 0 means no clipping; ``checkpoint_every`` 0 means a checkpoint
     at the end of every epoch only; ``keep_best`` also keeps ``best.pt``, the
-    checkpoint of the epoch with the best test ELBO.
+    checkpoint of the epoch with the best validation ELBO (with ``val_size``;
+    without a validation split, the best test ELBO).
 
     ``prior`` is a :func:`pyro_vae.priors.from_name` name (``standard``,
     ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``); ``posterior`` a

@@ -18,7 +18,8 @@ Two levels of convenience, both on top of ``vae.model`` and ``vae.guide``:
       DIR/checkpoint.pt    module and optimizer state, epoch, step (which is
                            also the KL warm-up's position), RNG states,
                            config and history (written atomically)
-      DIR/best.pt          with keep_best: the checkpoint of the best test ELBO
+      DIR/best.pt          with keep_best: the checkpoint of the best validation
+                           ELBO (with val_size; else of the best test ELBO)
                            (with ema, both files also hold the weight average,
                            under callbacks/WeightAverage; "model" stays the
                            trained weights, which a resume continues)
@@ -493,7 +494,12 @@ def load_run(out_dir, device=None, checkpoint="checkpoint.pt", averaged=True):
     For a run trained with ``ema`` the VAE holds the weight average (the weights its held-out ELBO
     was measured with), unless ``averaged=False`` asks for the trained weights."""
     path = Path(out_dir) / checkpoint
-    payload = load_run_checkpoint(path)
+    return run_from_checkpoint(load_run_checkpoint(path), path, device, averaged)
+
+
+def run_from_checkpoint(payload, path, device=None, averaged=True):
+    """:func:`load_run` for a checkpoint already loaded by :func:`load_run_checkpoint` from ``path``:
+    the :class:`VAE` (on ``device``, else the run's) and its :class:`RunConfig`."""
     config = RunConfig.from_checkpoint(payload, path)
     if device is not None:
         config.device = device
