@@ -258,27 +258,39 @@ def write_readme_table(readme, rows):
     write_text_atomic(readme, text[:start] + table(rows) + text[end:])
 
 
-def _plot(records_files):
+def _plot(records_files, warmup=100, early=150, path=None):
+    """docs/img/density_val.png: each row's validation -ELBO per epoch, all epochs (left; a dot at the best
+    epoch) and the first ``early`` epochs (right), where the short GPU rows' curves are; the dashed line is
+    the end of the KL warm-up (``warmup`` epochs). Written to ``path`` where given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    lowest = float("inf")
-    for path in records_files:
-        records = read_records(path)
-        points = [(r["epoch"], -r["val_elbo"]) for r in records if "val_elbo" in r]
-        if points:
-            ax.plot(*zip(*points), label=path.name.removesuffix(".metrics.jsonl"))
-            lowest = min(lowest, min(y for _, y in points))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation -ELBO (nats per image)")
-    ax.set_ylim(top=250, **({"bottom": lowest - 1.0} if lowest < 249 else {}))  # the last nats, where rows differ
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, (whole, first) = plt.subplots(1, 2, figsize=(10, 4), dpi=120, sharey=True,
+                                       gridspec_kw={"width_ratios": [3, 2]})
+    lowest, styles = float("inf"), ["-", "--", ":"]
+    for i, records in enumerate(records_files):
+        points = [(r["epoch"], -r["val_elbo"]) for r in read_records(records) if "val_elbo" in r]
+        if not points:
+            continue
+        style = {"color": f"C{i % 10}", "linestyle": styles[i // 10 % 3], "linewidth": 1}
+        best = min(points, key=lambda p: p[1])
+        whole.plot(*zip(*points), label=records.name.removesuffix(".metrics.jsonl"), **style)
+        whole.plot(*best, "o", color=style["color"], markersize=3)
+        first.plot(*zip(*[p for p in points if p[0] <= early]), **style)
+        lowest = min(lowest, best[1])
+    for ax, title in ((whole, "all epochs (dot: best epoch)"), (first, f"first {early} epochs")):
+        ax.axvline(warmup, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    first.set_xlim(0, early)
+    whole.set_ylabel("validation -ELBO (nats per image)")
+    whole.set_ylim(top=250, **({"bottom": lowest - 1.0} if lowest < 249 else {}))  # the last nats, where rows differ
+    whole.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(Path(__file__).resolve().parents[1] / "docs" / "img" / "density_val.png")
+    fig.savefig(path or Path(__file__).resolve().parents[1] / "docs" / "img" / "density_val.png")
     plt.close(fig)
 
 

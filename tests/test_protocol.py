@@ -320,3 +320,22 @@ def test_the_readmes_density_table_is_the_collected_rows(tmp_path):
     copy.write_text("no table here\n")
     with pytest.raises(InputError, match="has no density table between the lines"):
         density.write_readme_table(copy, rows)
+
+
+def test_the_density_picture_draws_every_row_whole_and_its_first_epochs(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import matplotlib.image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import density
+
+    long, short = tmp_path / "long.metrics.jsonl", tmp_path / "short.metrics.jsonl"
+    long.write_text("".join(json.dumps({"epoch": e, "val_elbo": -300 + 60 * (1 - 0.99 ** e)}) + "\n"
+                            for e in range(1, 401)))
+    short.write_text("".join(json.dumps({"epoch": e, "val_elbo": -290 + e / 2}) + "\n" for e in range(1, 41)))
+    out = tmp_path / "val.png"
+    density._plot([long, short], path=out)
+    height, width, _ = matplotlib.image.imread(out).shape
+    assert width > 1.5 * height  # two panels side by side: all epochs, and the first ones
