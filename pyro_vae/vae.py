@@ -103,6 +103,32 @@ def encoder_width(encoder, x_shape):
     return int(out.shape[1])
 
 
+def _checked_arguments(latent_dims, condition, label_site, enumerate, beta, guide, skip):
+    """:class:`VAE`'s arguments checked, each refused with a one-line fix; returns ``latent_dims`` as a
+    list of ints."""
+    latent_dims = [int(d) for d in latent_dims]
+    if not latent_dims or any(d <= 0 for d in latent_dims):
+        raise InputError(f"latent_dims must be a non-empty list of positive sizes, got {latent_dims}; "
+                         "pass e.g. latent_dims=[50]")
+    if isinstance(condition, bool) or not isinstance(condition, int) or condition < 0:
+        raise InputError(f"condition is the width K of the conditioning y (K classes, or K covariates), "
+                         f"got {condition!r}; pass e.g. condition=10 (0: none)")
+    if label_site and condition < 2:
+        raise InputError(f"label_site=True makes the label y a site over condition=K classes; pass condition=K "
+                         f"with K >= 2 (got {condition})")
+    if enumerate not in ("parallel", "sequential"):
+        raise InputError(f"enumerate must be 'parallel' or 'sequential', got {enumerate!r}")
+    if not (isinstance(beta, (int, float)) and beta > 0):
+        raise InputError(f"beta must be a number > 0 (poutine.scale needs a positive scale), got {beta!r}; "
+                         "pass e.g. beta=1.0")
+    if guide not in GUIDES:
+        raise InputError(f"unknown guide {guide!r}; choose one of: {', '.join(GUIDES)}")
+    if skip and len(latent_dims) > 1 and guide != "top-down":
+        raise InputError("skip connections draw z_l given x and every level above it, which is the top-down "
+                         "guide's order; use guide='top-down' with skip=True")
+    return latent_dims
+
+
 class VAE(nn.Module):
     """A VAE over a latent chain z0 -> z1 -> ... -> zL -> x whose ``model`` and
     ``guide`` are plain Pyro functions.
@@ -185,29 +211,10 @@ class VAE(nn.Module):
         super().__init__()
         index = next(_NAMES)
         self.name = str(name) if name is not None else ("vae" if index == 0 else f"vae_{index}")
-        latent_dims = [int(d) for d in latent_dims]
-        if not latent_dims or any(d <= 0 for d in latent_dims):
-            raise InputError(f"latent_dims must be a non-empty list of positive sizes, got {latent_dims}; "
-                             "pass e.g. latent_dims=[50]")
-        if isinstance(condition, bool) or not isinstance(condition, int) or condition < 0:
-            raise InputError(f"condition is the width K of the conditioning y (K classes, or K covariates), "
-                             f"got {condition!r}; pass e.g. condition=10 (0: none)")
+        latent_dims = _checked_arguments(latent_dims, condition, label_site, enumerate, beta, guide, skip)
         self.condition = condition
-        if label_site and condition < 2:
-            raise InputError(f"label_site=True makes the label y a site over condition=K classes; pass condition=K "
-                             f"with K >= 2 (got {condition})")
-        if enumerate not in ("parallel", "sequential"):
-            raise InputError(f"enumerate must be 'parallel' or 'sequential', got {enumerate!r}")
         self.label_site, self.enumerate = bool(label_site), enumerate
-        if not (isinstance(beta, (int, float)) and beta > 0):
-            raise InputError(f"beta must be a number > 0 (poutine.scale needs a positive scale), got {beta!r}; "
-                             "pass e.g. beta=1.0")
-        if guide not in GUIDES:
-            raise InputError(f"unknown guide {guide!r}; choose one of: {', '.join(GUIDES)}")
         self.skip = bool(skip) and len(latent_dims) > 1
-        if self.skip and guide != "top-down":
-            raise InputError("skip connections draw z_l given x and every level above it, which is the top-down "
-                             "guide's order; use guide='top-down' with skip=True")
         above = [sum(latent_dims[:i]) if self.skip else 0 for i in range(len(latent_dims))]  # extra inputs per level
         self.latent_dims = latent_dims
         self.guide_order = guide
@@ -239,7 +246,22 @@ class VAE(nn.Module):
         self._pieces_checked = set()  # "model", "guide": each piece's distribution checked at its first call
         self._given = None  # the y that model and guide read when called without one (see given)
 
-        levels = len(latent_dims) - 1  # L; empty module lists for one level keep the foundation's parameters
+        self._build_chain(transitions, family, features, above, hidden)
+        # M2's q(y | x): a classifier on the encoder's features (Kingma et al. 2014)
+        self.classifier = nn.Sequential(nn.Linear(features - condition, hidden), nn.Softplus(),
+                                        nn.Linear(hidden, condition)) if self.label_site else None
+        self.prior.setup(latent_dims[0], self)
+        # a prior that reads the label (priors.PerClassGaussian) makes y a discrete level above z0 (a GMVAE):
+        # the model draws z0 given y, and the decoder reads the levels alone
+        self.label_in_prior = self.label_site and bool(getattr(self.prior, "reads_label", False))
+
+    def _build_chain(self, transitions, family, features, above, hidden):
+        """The chain's networks below z0, built in this order (which fixes their initial weights for a seed):
+        the model's transitions p(z_l+1 | z_l) (``transitions``, else GaussianNets reading ``above[l+1]``
+        inputs with skip connections), then the bottom-up guide's q(z_l | z_l+1) or the top-down guide's
+        ladder d_l and its heads (``family`` of posterior, on ``hidden + above[l]`` inputs). A one-level VAE
+        gets empty module lists, which keep the foundation's parameter names."""
+        latent_dims, levels = self.latent_dims, len(self.latent_dims) - 1  # L
         if transitions is None:
             transitions = [GaussianNet(above[i + 1] or latent_dims[i], latent_dims[i + 1], hidden)
                            for i in range(levels)]
@@ -251,20 +273,13 @@ class VAE(nn.Module):
         self.guide_transitions = nn.ModuleList()  # bottom-up: q(z_l | z_l+1), index l
         self.ladder = nn.ModuleList()             # top-down: d_l = ladder[l](d_l+1), index l
         self.ladder_heads = nn.ModuleList()       # top-down: Gaussian from d_l, index l < L
-        if levels and guide == "bottom-up":
+        if levels and self.guide_order == "bottom-up":
             self.guide_transitions.extend(GaussianNet(latent_dims[i + 1], latent_dims[i], hidden, head=family)
                                           for i in range(levels))
         elif levels:
             self.ladder.extend(mlp_features(features if i == levels - 1 else hidden, hidden)
                                for i in range(levels))
             self.ladder_heads.extend(posteriors_.build(family, hidden + above[i], latent_dims[i]) for i in range(levels))
-        # M2's q(y | x): a classifier on the encoder's features (Kingma et al. 2014)
-        self.classifier = nn.Sequential(nn.Linear(features - condition, hidden), nn.Softplus(),
-                                        nn.Linear(hidden, condition)) if self.label_site else None
-        self.prior.setup(latent_dims[0], self)
-        # a prior that reads the label (priors.PerClassGaussian) makes y a discrete level above z0 (a GMVAE):
-        # the model draws z0 given y, and the decoder reads the levels alone
-        self.label_in_prior = self.label_site and bool(getattr(self.prior, "reads_label", False))
 
     def q_top(self, x):
         """q(z0 | x) as a distribution, batch ``x.shape[:-len(x_shape)]``, event ``(D0,)``: a one-level
