@@ -82,19 +82,20 @@ def _row(run, machine):
 
 def _model(config):
     levels = len(config["latent_dims"])
-    return ("conv" if config["arch"] == "conv" else "") + ("vae" if levels == 1 else "hvae")
+    return ("conv" if config["arch"] in ("conv", "gated-conv") else "") + ("vae" if levels == 1 else "hvae")
 
 
 def published(config):
     """``{"published_nll", "published_sd"}``: the published test NLL (mean and sd over runs) of the table's row that
     ``config`` (a run's settings, a dict) reproduces: the paper's depth (one level for the VAE, two for the HVAEs),
-    40-d Gaussian posteriors, the gated MLP of 300 units (or the conv networks), the skip connections of its HVAE,
+    40-d Gaussian posteriors, the gated MLP of 300 units (or conv networks: the paper's gated ones or this
+    library's plain ones, which the label tells apart), the skip connections of its HVAE,
     and N(0, I) or a VampPrior of 500 pseudo-inputs. Both None for a row beyond the table (another depth, latent
     size, posterior, prior or network)."""
     model, dims = _model(config), config["latent_dims"]
     prior = {"standard": "standard", "vamp:500": "vamp"}.get(config["prior"])
     paper = (dims == [40] * (1 if model == "vae" else 2) and config["posterior"] == "gaussian"
-             and (config["arch"] == "conv" or (config["arch"] == "gated" and config["hidden"] == 300))
+             and (config["arch"] == "conv" or (config["arch"] in ("gated", "gated-conv") and config["hidden"] == 300))
              and (model == "vae" or config.get("skip", False)))
     mean, sd = PUBLISHED.get((model, prior), (None, None)) if paper else (None, None)
     return {"published_nll": mean, "published_sd": sd}
@@ -202,6 +203,8 @@ def _label(row):
     """What a row is, in words: "VAE, gated MLP, N(0, I)", "beyond: HVAE, gated MLP, IAF posterior (2 steps), ..."."""
     networks = {"vae": "VAE, gated MLP", "hvae": "HVAE, gated MLP", "convhvae": "ConvHVAE"}
     network = networks.get(row["model"], row["model"])
+    if row["model"] == "convhvae":  # rows collected before the paper's gated convolutions existed have "conv"
+        network += ", gated conv" if row.get("arch") == "gated-conv" else ", this library's plain conv nets"
     prior = row["prior"]
     if prior == "standard":
         prior = "N(0, I)"

@@ -31,8 +31,8 @@ PRESETS = {
     "vampprior-hvae": dict(arch="gated", hidden=300, latent_dims=[40, 40], guide="top-down", skip=True, lr=5e-4,
                            batch_size=100, val_size=10000, patience=50, epochs=2000, kl_warmup_epochs=100,
                            keep_best=True, binarize="dynamic"),
-    # and with this library's conv networks (not the paper's gated convolutions; see the README)
-    "vampprior-convhvae": dict(arch="conv", latent_dims=[40, 40], guide="top-down", skip=True, hidden=300,
+    # and with the paper's ConvHVAE networks: gated convolutions (see the README for what differs)
+    "vampprior-convhvae": dict(arch="gated-conv", latent_dims=[40, 40], guide="top-down", skip=True, hidden=300,
                                lr=5e-4, batch_size=100, val_size=10000, patience=50, epochs=2000,
                                kl_warmup_epochs=100, keep_best=True, binarize="dynamic"),
 }
@@ -208,8 +208,9 @@ class RunConfig:
             if self.binarize != "none":
                 raise InputError(f"count data are not binarised, but binarize is {self.binarize!r}; "
                                  "pass --binarize none with --dataset counts")
-            if self.arch == "conv":
-                raise InputError("--dataset counts holds vectors, which the conv networks cannot read; use --arch mlp")
+            if self.arch in nets.IMAGE_ARCHS:
+                raise InputError(f"--dataset counts holds vectors, which the {self.arch} networks cannot read; "
+                                 "use --arch mlp")
             if self.image_size or self.channels:
                 raise InputError("--image-size and --channels are for images; a count matrix is read as it is, "
                                  "leave them out with --dataset counts")

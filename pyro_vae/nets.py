@@ -244,6 +244,87 @@ class ConvDecoder(nn.Module):
         return out.reshape(*batch, *out.shape[1:])
 
 
+class GatedConv2d(nn.Module):
+    """A gated convolution (Dauphin et al. 2017), as the VampPrior paper's conv networks use:
+    ``h(x) = conv_h(x) * sigmoid(conv_g(x))``, ``(N, in_channels, H, W) -> (N, out_channels, H', W')``, both
+    convolutions ``nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.h = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        self.g = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+
+    def forward(self, x):
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+class GatedConvEncoder(nn.Module):
+    """The VampPrior paper's conv encoder (its ConvHVAE's q(z2 | x)): five :class:`GatedConv2d` layers,
+    ``(*batch, C, H, W) -> (*batch, out_features)``. Kernels 7, 3, 5, 3, 3; the second and fourth have stride 2
+    (H -> ceil(H/2) -> ceil(H/4)); the last has 6 channels, flattened: ``out_features = 6 * ceil(H/4) *
+    ceil(W/4)`` (294 for 28 x 28). Any H and W of at least 1 work.
+
+    Args:
+        x_shape: ``(C, H, W)``.
+        channels: the first four layers' channels (the paper: ``(32, 32, 64, 64)``).
+    """
+
+    def __init__(self, x_shape, channels=(32, 32, 64, 64)):
+        super().__init__()
+        self.x_shape = _check_x_shape(x_shape)
+        if len(self.x_shape) != 3:
+            raise InputError(f"GatedConvEncoder needs images of shape (C, H, W), got {self.x_shape}; "
+                             "use GatedMLPEncoder for vectors (on the command line: --arch gated)")
+        if len(channels) != 4:
+            raise InputError(f"GatedConvEncoder needs 4 channel counts, got {tuple(channels)}; "
+                             "use e.g. (32, 32, 64, 64)")
+        c1, c2, c3, c4 = (_check_width("conv channels", ch) for ch in channels)
+        c, h, w = self.x_shape
+        self.net = nn.Sequential(GatedConv2d(c, c1, 7, 1, 3), GatedConv2d(c1, c2, 3, 2, 1),
+                                 GatedConv2d(c2, c3, 5, 1, 2), GatedConv2d(c3, c4, 3, 2, 1),
+                                 GatedConv2d(c4, 6, 3, 1, 1), nn.Flatten())
+        self.out_features = 6 * -(-h // 4) * -(-w // 4)
+
+    def forward(self, x):
+        _check_input(self, x, self.x_shape)
+        batch = x.shape[:-3]
+        return self.net(x.reshape(-1, *self.x_shape)).reshape(*batch, self.out_features)
+
+
+class GatedConvDecoder(nn.Module):
+    """The VampPrior paper's conv decoder (its ConvHVAE's p(x | z1, z2)): two :class:`GatedDense` layers
+    (``latent_dim -> hidden -> C*H*W``), the result read as a ``(C, H, W)`` image, ``layers`` :class:`GatedConv2d`
+    of ``channels`` channels (kernel 3, full resolution), then a 1x1 convolution to the likelihood's parameters:
+    ``(*batch, latent_dim) -> (*batch, k*C, H, W)``.
+
+    Args:
+        latent_dim: size of the latent vector it decodes (with skip connections, every level's, concatenated).
+        x_shape: ``(C, H, W)``.
+        hidden: width of the first gated layer (the paper: 300 per level, then one layer on their concatenation).
+        channels, layers: the gated convolutions (the paper: 64 channels, 4 layers).
+        out_channels: ``k = likelihood.channels``.
+    """
+
+    def __init__(self, latent_dim, x_shape, hidden=300, channels=64, layers=4, out_channels=1):
+        super().__init__()
+        self.latent_dim = _check_width("latent_dim", latent_dim)
+        self.x_shape = _check_x_shape(x_shape)
+        if len(self.x_shape) != 3:
+            raise InputError(f"GatedConvDecoder needs images of shape (C, H, W), got {self.x_shape}; "
+                             "use GatedMLPDecoder for vectors (on the command line: --arch gated)")
+        self.out_channels = _check_width("out_channels", out_channels)
+        c, width = self.x_shape[0], _check_width("conv channels", channels)
+        self.dense = _gated([self.latent_dim, _check_width("hidden width", hidden), math.prod(self.x_shape)])
+        convs = [GatedConv2d(c if i == 0 else width, width, 3, 1, 1) for i in range(_check_width("layers", layers))]
+        self.net = nn.Sequential(*convs, nn.Conv2d(width, self.out_channels * c, 1))
+
+    def forward(self, z):
+        _check_input(self, z, (self.latent_dim,))
+        batch = z.shape[:-1]
+        out = self.net(self.dense(z.reshape(-1, self.latent_dim)).reshape(-1, *self.x_shape))
+        return out.reshape(*batch, *out.shape[1:])
+
+
 class Log1p(nn.Module):
     """An encoder reading ``log(1 + x)``: ``(*batch, *x_shape) -> encoder's output``, the usual
     normalising input for count data (scVI's encoder reads it). ``x_shape`` and ``out_features`` are the
@@ -266,8 +347,10 @@ def build(arch, x_shape, latent_dim, out_channels=1, hidden=400):
     Args:
         arch: ``"mlp"`` (Pyro tutorial: one softplus hidden layer of width
             ``hidden``), ``"gated"`` (the VampPrior paper's: two
-            :class:`GatedDense` layers of width ``hidden`` each way) or
-            ``"conv"`` (:class:`ConvEncoder`/:class:`ConvDecoder`).
+            :class:`GatedDense` layers of width ``hidden`` each way),
+            ``"conv"`` (:class:`ConvEncoder`/:class:`ConvDecoder`) or
+            ``"gated-conv"`` (the VampPrior paper's ConvHVAE networks,
+            :class:`GatedConvEncoder`/:class:`GatedConvDecoder`).
         x_shape: shape of one data point.
         latent_dim: size of the latent the decoder reads.
         out_channels: parameters per data value the likelihood needs.
@@ -283,7 +366,11 @@ def build(arch, x_shape, latent_dim, out_channels=1, hidden=400):
                 GatedMLPDecoder(latent_dim, x_shape, hidden=(hidden, hidden), out_channels=out_channels))
     if arch == "conv":
         return ConvEncoder(x_shape), ConvDecoder(latent_dim, x_shape, out_channels=out_channels)
+    if arch == "gated-conv":
+        return (GatedConvEncoder(x_shape),
+                GatedConvDecoder(latent_dim, x_shape, hidden=hidden, out_channels=out_channels))
     raise InputError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
 
 
-ARCHS = ("mlp", "conv", "gated")
+ARCHS = ("mlp", "conv", "gated", "gated-conv")
+IMAGE_ARCHS = ("conv", "gated-conv")  # networks that read (C, H, W) images only

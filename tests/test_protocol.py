@@ -101,6 +101,38 @@ def test_the_gated_networks_have_the_papers_layers():
     assert torch.allclose(layer(x.reshape(5, -1)), expected)
 
 
+def test_the_gated_conv_networks_have_the_papers_layers():
+    """The ConvHVAE's networks, layer by layer as the VampPrior paper's code (``models/convHVAE_2level.py``)."""
+    enc, dec = nets.build("gated-conv", (1, 28, 28), 80, hidden=300)
+    convs = [m for m in enc.net if isinstance(m, nets.GatedConv2d)]
+    assert [(m.h.in_channels, m.h.out_channels, *m.h.kernel_size[:1], *m.h.stride[:1], *m.h.padding[:1])
+            for m in convs] == [(1, 32, 7, 1, 3), (32, 32, 3, 2, 1), (32, 64, 5, 1, 2), (64, 64, 3, 2, 1),
+                                (64, 6, 3, 1, 1)]
+    assert enc.out_features == 294  # 6 channels of 7 x 7, the paper's h_size
+    assert [(m.in_features, m.out_features) for m in dec.dense] == [(80, 300), (300, 784)]
+    assert [type(m).__name__ for m in dec.net] == ["GatedConv2d"] * 4 + ["Conv2d"]
+    assert all(m.h.out_channels == 64 and m.h.kernel_size == (3, 3) and m.h.padding == (1, 1) for m in dec.net[:4])
+    assert dec.net[-1].kernel_size == (1, 1) and dec.net[-1].out_channels == 1
+    x = torch.rand(2, 3, 1, 28, 28)  # (particles, batch, C, H, W)
+    assert enc(x).shape == (2, 3, 294) and dec(torch.zeros(2, 3, 80)).shape == (2, 3, 1, 28, 28)
+    layer = enc.net[0]
+    assert torch.allclose(layer(x[0]), layer.h(x[0]) * torch.sigmoid(layer.g(x[0])))
+    odd, _ = nets.build("gated-conv", (3, 30, 17), 5)  # any size: 30 -> 15 -> 8, 17 -> 9 -> 5
+    assert odd.out_features == 6 * 8 * 5 and odd(torch.rand(4, 3, 30, 17)).shape == (4, 240)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: nets.GatedConvEncoder((784,)), r"GatedConvEncoder needs images of shape \(C, H, W\), got \(784,\)"),
+    (lambda: nets.GatedConvEncoder((1, 28, 28), channels=(8, 8)), "needs 4 channel counts, got \\(8, 8\\)"),
+    (lambda: nets.GatedConvDecoder(5, (784,)), r"GatedConvDecoder needs images of shape \(C, H, W\)"),
+    (lambda: nets.GatedConvDecoder(5, (1, 28, 28), layers=0), "layers must be a positive integer, got 0"),
+    (lambda: nets.GatedConvEncoder((1, 28, 28))(torch.rand(2, 1, 27, 28)), r"expects inputs of shape \(batch, 1, 28"),
+])
+def test_the_gated_conv_networks_refuse_what_they_cannot_read(build, message):
+    with pytest.raises(InputError, match=message):
+        build()
+
+
 # ------------------------------------------------ the HVAE of the table: skip connections
 def _skip_chain(dims, arch="mlp", **kw):
     from pyro_vae import VAE
@@ -144,6 +176,17 @@ def test_skip_connections_with_the_vampprior_and_conv_networks(images):
     check_svi_lowers_the_loss(_skip_chain([3, 4], arch="conv", prior=priors.VampPrior(5)), "trace", images[:64])
 
 
+def test_skip_connections_with_the_vampprior_and_the_gated_conv_networks(images):
+    """The ConvHVAE preset's model at a small width: the paper's layers with fewer channels."""
+    from conftest import check_svi_lowers_the_loss
+    from pyro_vae import VAE, priors
+
+    enc = nets.GatedConvEncoder((1, 28, 28), channels=(4, 4, 8, 8))
+    dec = nets.GatedConvDecoder(7, (1, 28, 28), hidden=32, channels=8, layers=2)
+    vae = VAE(enc, dec, [3, 4], guide="top-down", hidden=32, skip=True, prior=priors.VampPrior(5))
+    check_svi_lowers_the_loss(vae, "trace", images[:64])
+
+
 def test_a_trained_skip_guide_approaches_the_exact_log_px():
     """The linear-Gaussian chain with skip connections (x and z1 read z0 too): its log p(x) is known in
     closed form, and the trained skip guide's IW estimate reaches it (it trains slower than the ladder's
@@ -160,15 +203,16 @@ def test_skip_needs_the_top_down_guide():
         RunConfig(latent_dims=[3, 4], skip=True).validate()
 
 
-def test_the_hvae_preset_resumes_bitwise(idx_dir, tmp_path):
+@pytest.mark.parametrize("preset, arch, size", [("vampprior-hvae", "gated", 0), ("vampprior-convhvae", "gated-conv", 8)])
+def test_the_hvae_presets_resume_bitwise(preset, arch, size, idx_dir, tmp_path):
     kw = dict(data_dir=str(idx_dir), val_size=64, hidden=16, latent_dims=[3, 4], batch_size=64,
-              kl_warmup_epochs=1, patience=3)
-    straight, _ = train(RunConfig.from_preset("vampprior-hvae", epochs=2, **kw), tmp_path / "a", progress=False,
-                        pictures=False)
-    train(RunConfig.from_preset("vampprior-hvae", epochs=1, **kw), tmp_path / "b", progress=False, pictures=False)
-    resumed, _ = train(RunConfig.from_preset("vampprior-hvae", epochs=2, **kw), tmp_path / "b", resume=True,
+              kl_warmup_epochs=1, patience=3, image_size=size, prior="vamp:5")  # 8 x 8 images: the conv nets are slow
+    straight, _ = train(RunConfig.from_preset(preset, epochs=2, **kw), tmp_path / "a", progress=False, pictures=False)
+    train(RunConfig.from_preset(preset, epochs=1, **kw), tmp_path / "b", progress=False, pictures=False)
+    resumed, _ = train(RunConfig.from_preset(preset, epochs=2, **kw), tmp_path / "b", resume=True,
                        progress=False, pictures=False)
     assert straight.skip and straight.guide_order == "top-down"
+    assert type(straight.encoder).__name__ == {"gated": "GatedMLPEncoder", "gated-conv": "GatedConvEncoder"}[arch]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -270,11 +314,16 @@ def test_a_row_gets_the_published_number_only_when_it_is_the_papers_architecture
     assert density.published({**vae, "prior": "vamp:500"}) == {"published_nll": 227.35, "published_sd": 0.05}
     assert density.published(hvae)["published_nll"] == 227.37
     assert density.published({**hvae, "prior": "vamp:500"})["published_nll"] == 226.72
-    assert density.published(conv)["published_nll"] == 225.38
+    assert density.published(conv)["published_nll"] == 225.38 and conv["arch"] == "gated-conv"
+    assert density.published({**conv, "arch": "conv"})["published_nll"] == 225.38  # the rows run before it
     beyond = [{**hvae, "latent_dims": [40, 40, 40]}, {**hvae, "posterior": "iaf:2"}, {**vae, "prior": "vamp:100"},
-              {**vae, "hidden": 200}, {**vae, "latent_dims": [32]}, {**hvae, "skip": False}, {**vae, "arch": "mlp"}]
+              {**vae, "hidden": 200}, {**vae, "latent_dims": [32]}, {**hvae, "skip": False}, {**vae, "arch": "mlp"},
+              {**conv, "hidden": 200}, {**conv, "latent_dims": [40, 40, 40]}]
     for config in beyond:
         assert density.published(config) == {"published_nll": None, "published_sd": None}, config
+    label = {**_row(model="convhvae"), "published_nll": 225.38}
+    assert density._label({**label, "arch": "gated-conv"}) == "ConvHVAE, gated conv, N(0, I)"
+    assert density._label({**label, "arch": "conv"}) == "ConvHVAE, this library's plain conv nets, N(0, I)"
 
 
 def _row(**changes):

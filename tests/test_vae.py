@@ -27,7 +27,7 @@ def sample_sites(trace):
             if site["type"] == "sample" and not site_is_subsample(site)}
 
 
-@pytest.mark.parametrize("arch", ["mlp", "conv", "gated"])
+@pytest.mark.parametrize("arch", ["mlp", "conv", "gated", "gated-conv"])
 def test_trace_has_exactly_the_documented_sites(arch, images):
     vae = make_vae(arch, latent=5)
     x = images[:7]
