@@ -1,16 +1,14 @@
 """The density-estimation table (issue 12): run the published protocol's rows and collect them.
 
-Each row is one ``pyro-vae train`` run with the ``vampprior-vae`` preset (gated MLP 300-300, 40-d latent,
-Adam 5e-4, batch 100, 100 epochs of KL warm-up, the last 10 000 training images for validation, early
-stopping with patience 50 on the validation ELBO, at most 2000 epochs), then ``pyro-vae evaluate`` of its
-best validation epoch at K=5000 on the 10 000 test images. Start a row (background, one thread, resumable)::
+Each row is one ``pyro-vae train`` run with a preset of the protocol (``vampprior-vae``: gated MLP 300-300,
+40-d latent, Adam 5e-4, batch 100, 100 epochs of KL warm-up, the last 10 000 training images for validation,
+early stopping with patience 50 on the validation ELBO, at most 2000 epochs; ``vampprior-hvae`` and
+``vampprior-convhvae`` the same for two levels), then ``pyro-vae evaluate`` of its
+best validation epoch at K=5000 on the 10 000 test images. ``ROWS`` names every row and its flags. Start rows
+in the background, niced, one thread each (``--threads 2`` gives one row both cores of a 2-core machine), each
+evaluated at K=5000 when early stopping ends it; the same command resumes them (bitwise) after a stop::
 
-    OMP_NUM_THREADS=1 nohup nice pyro-vae train --preset vampprior-vae --out ~/runs/density/vae-standard \\
-        --checkpoint-every 500 --no-progress >> ~/runs/density/vae-standard.log 2>&1 &
-    OMP_NUM_THREADS=1 nohup nice pyro-vae train --preset vampprior-vae --prior vamp:500 \\
-        --out ~/runs/density/vae-vamp --checkpoint-every 500 --no-progress >> ~/runs/density/vae-vamp.log 2>&1 &
-    # after a stop: the same command with --resume (bitwise exact); when a row has stopped early:
-    pyro-vae evaluate ~/runs/density/vae-standard --iw-samples 5000
+    python benchmarks/density.py start vae-standard vae-vamp        # runs in ~/runs/density/NAME, logs NAME.log
 
 Collect what the runs hold so far (finished or not) into ``benchmarks/results/density.json``, each row's
 per-epoch record beside it, and a picture of the validation ELBO per epoch::
@@ -38,6 +36,8 @@ grows over an epoch's steps)::
 import argparse
 import json
 import platform
+import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,6 +52,54 @@ PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MN
     ("hvae", "standard"): (227.37, 0.10), ("hvae", "vamp"): (226.72, 0.08),
     ("convhvae", "standard"): (225.38, 0.08), ("convhvae", "vamp"): (224.67, 0.03),
 }
+
+
+# every row's pyro-vae train flags (benchmarks/density_gpu.sh trains the same rows on a GPU; a test holds them equal)
+ROWS = {
+    "vae-standard": "--preset vampprior-vae",
+    "vae-vamp": "--preset vampprior-vae --prior vamp:500",
+    "hvae-standard": "--preset vampprior-hvae",
+    "hvae-vamp": "--preset vampprior-hvae --prior vamp:500",
+    "hvae3-vamp": "--preset vampprior-hvae --prior vamp:500 --latent-dims 40,40,40",
+    "hvae-iaf": "--preset vampprior-hvae --posterior iaf:2",
+    "hvae3-standard": "--preset vampprior-hvae --latent-dims 40,40,40",
+    "convhvae-standard": "--preset vampprior-convhvae",
+    "convhvae-vamp": "--preset vampprior-convhvae --prior vamp:500",
+}
+
+
+def start_command(name, runs, threads=1, iw_samples=5000, rows=None):
+    """The shell command (a string) that runs the row ``name`` in ``runs/NAME``, niced, with ``threads`` threads:
+    ``pyro-vae train`` with the row's flags (``rows``, default ``ROWS``) and seed 0, or ``--resume`` where
+    ``runs/NAME/checkpoint.pt`` exists (a resumed run keeps its own settings); then, once early stopping or the
+    epoch limit has ended the training, ``pyro-vae evaluate`` of its best epoch at K=``iw_samples``. A training
+    that fails or is stopped by a signal (status 128 + the signal, its checkpoint written) ends it there."""
+    rows = ROWS if rows is None else rows
+    if name not in rows:
+        raise InputError(f"no row {name!r}; rows: {', '.join(rows)}")
+    run = Path(runs).expanduser().resolve() / name
+    flags = "--resume" if (run / "checkpoint.pt").exists() else f"{rows[name]} --seed 0"
+    cli = f"OMP_NUM_THREADS={int(threads)} nice {shlex.quote(sys.executable)} -m pyro_vae.cli"
+    return (f"{cli} train --out {shlex.quote(str(run))} {flags} --checkpoint-every 500 --no-progress && "
+            f"{cli} evaluate {shlex.quote(str(run))} --iw-samples {int(iw_samples)} --no-progress")
+
+
+def start(names, runs, threads=1, iw_samples=5000):
+    """Start (or resume) the rows ``names`` in the background, each in ``runs/NAME`` with its output appended to
+    ``runs/NAME.log`` and its process group in ``runs/NAME.pid`` (``kill -- -PID`` stops the training, which writes
+    its checkpoint, and what would follow it): what a new session runs to go on with its rows, on the machine
+    that ran them or, from epoch 0, on another. Returns ``[(name, pid, resumed)]``."""
+    runs = Path(runs).expanduser()
+    runs.mkdir(parents=True, exist_ok=True)
+    commands = [(name, start_command(name, runs, threads, iw_samples)) for name in names]  # all checked first
+    started = []
+    for name, command in commands:
+        with open(runs / f"{name}.log", "a") as log:
+            process = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        write_text_atomic(runs / f"{name}.pid", f"{process.pid}\n")
+        started.append((name, process.pid, "--resume" in command))
+    return started
 
 
 def _row(run, machine):
@@ -310,12 +358,22 @@ def main(argv=None):
     k.add_argument("--device", default="cpu", help="where to rerun it (default cpu)")
     k.add_argument("--tolerance", type=float, default=0.05,
                    help="largest difference in nats per image taken as agreement (default 0.05)")
+    s = sub.add_parser("start", help="start or resume rows in the background, each evaluated at K=5000 when it stops")
+    s.add_argument("names", nargs="+", metavar="NAME", help=f"rows: {', '.join(ROWS)}")
+    s.add_argument("--runs", default="~/runs/density", help="the folder of the runs (default ~/runs/density)")
+    s.add_argument("--threads", type=int, default=1, help="threads per row (default 1: one row per core)")
+    s.add_argument("--iw-samples", type=int, default=5000, help="K of the evaluation at the end (default 5000)")
     t = sub.add_parser("table", help="print the README's table of the collected rows (markdown)")
     t.add_argument("--readme", action="store_true", help="write it into README.md, between its density-table marks")
     args = p.parse_args(argv)
     if args.command == "collect":
         for row in collect(args.runs, args.machine, args.note):
             print(json.dumps(row))
+        return 0
+    if args.command == "start":
+        for name, pid, resumed in start(args.names, args.runs, args.threads, args.iw_samples):
+            print(f"{name}: {'resumed' if resumed else 'started from epoch 0'}, log "
+                  f"{Path(args.runs).expanduser() / name}.log; stop it with kill -- -{pid}")
         return 0
     if args.command == "table":
         rows = json.loads((RESULTS / "density.json").read_text())

@@ -1,6 +1,8 @@
 """The density-estimation protocol: validation split, early stopping, best epoch, warm-up in epochs, presets."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,6 +305,42 @@ def _density_benchmark():
     import density
 
     return density
+
+
+def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resumes_it(idx_dir, tmp_path,
+                                                                                       monkeypatch):
+    import subprocess
+    import time
+
+    density = _density_benchmark()
+    tiny = f"--data-dir {idx_dir} --epochs 2 --hidden 8 --latent-dims 2 --val-size 64 --batch-size 64"
+    monkeypatch.setattr(density, "ROWS", {"tiny": tiny, "broken": tiny + " --lr -1"})
+    runs = tmp_path / "runs"
+    with pytest.raises(InputError, match="no row 'vae'; rows: tiny, broken"):
+        density.start_command("vae", runs)
+    fresh = density.start_command("tiny", runs, threads=2, iw_samples=3)
+    assert "OMP_NUM_THREADS=2 nice" in fresh and "--seed 0" in fresh and "--resume" not in fresh
+    [(name, pid, resumed)] = density.start(["tiny"], runs, iw_samples=3)  # in the background
+    assert (name, resumed) == ("tiny", False) and (runs / "tiny.pid").read_text() == f"{pid}\n"
+    for _ in range(600):
+        if (runs / "tiny" / "eval.json").exists():
+            break
+        time.sleep(0.1)
+    assert (runs / "tiny" / "eval.json").exists(), (runs / "tiny.log").read_text()
+    evaluation = json.loads((runs / "tiny" / "eval.json").read_text())
+    assert evaluation["iw_samples"] == 3 and evaluation["epoch"] in (1, 2)  # the best validation epoch
+    again = density.start_command("tiny", runs)
+    assert "--resume" in again and "--data-dir" not in again  # a resumed run keeps its own settings
+    # a training that fails is not evaluated
+    assert subprocess.run(["bash", "-c", density.start_command("broken", runs, iw_samples=3)]).returncode != 0
+    assert not (runs / "broken" / "eval.json").exists()
+
+
+def test_the_gpu_script_trains_the_rows_the_density_benchmark_names():
+    density = _density_benchmark()
+    script = (Path(density.__file__).parent / "density_gpu.sh").read_text()
+    rows = dict(line.strip().strip('"').split("|") for line in script.splitlines() if re.match(r'\s+"[a-z0-9-]+\|', line))
+    assert rows and all(density.ROWS[name] == flags for name, flags in rows.items()), rows
 
 
 def test_a_row_gets_the_published_number_only_when_it_is_the_papers_architecture():
