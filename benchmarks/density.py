@@ -73,15 +73,22 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None):
     ``pyro-vae train`` with the row's flags (``rows``, default ``ROWS``) and seed 0, or ``--resume`` where
     ``runs/NAME/checkpoint.pt`` exists (a resumed run keeps its own settings); then, once early stopping or the
     epoch limit has ended the training, ``pyro-vae evaluate`` of its best epoch at K=``iw_samples``. A training
-    that fails or is stopped by a signal (status 128 + the signal, its checkpoint written) ends it there."""
+    that fails or is stopped by a signal (status 128 + the signal, its checkpoint written) ends it there. A row
+    that has finished its training is only evaluated, and one evaluated at that K already is refused."""
     rows = ROWS if rows is None else rows
     if name not in rows:
         raise InputError(f"no row {name!r}; rows: {', '.join(rows)}")
     run = Path(runs).expanduser().resolve() / name
-    flags = "--resume" if (run / "checkpoint.pt").exists() else f"{rows[name]} --seed 0"
     cli = f"OMP_NUM_THREADS={int(threads)} nice {shlex.quote(sys.executable)} -m pyro_vae.cli"
-    return (f"{cli} train --out {shlex.quote(str(run))} {flags} --checkpoint-every 500 --no-progress && "
-            f"{cli} evaluate {shlex.quote(str(run))} --iw-samples {int(iw_samples)} --no-progress")
+    evaluate = f"{cli} evaluate {shlex.quote(str(run))} --iw-samples {int(iw_samples)} --no-progress"
+    row = _row(run, None) if (run / "metrics.jsonl").exists() else None
+    if row and row["finished"]:
+        if row["iw_samples"] == int(iw_samples) and row["evaluated_epoch"] == row["best_epoch"]:
+            raise InputError(f"{name} has finished ({row['epochs']} epochs) and its best epoch is evaluated at "
+                             f"K={iw_samples}; collect it with: python benchmarks/density.py collect {run}")
+        return evaluate
+    flags = "--resume" if (run / "checkpoint.pt").exists() else f"{rows[name]} --seed 0"
+    return f"{cli} train --out {shlex.quote(str(run))} {flags} --checkpoint-every 500 --no-progress && {evaluate}"
 
 
 def start(names, runs, threads=1, iw_samples=5000):

@@ -329,7 +329,11 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     assert (runs / "tiny" / "eval.json").exists(), (runs / "tiny.log").read_text()
     evaluation = json.loads((runs / "tiny" / "eval.json").read_text())
     assert evaluation["iw_samples"] == 3 and evaluation["epoch"] in (1, 2)  # the best validation epoch
-    again = density.start_command("tiny", runs)
+    with pytest.raises(InputError, match="tiny has finished \\(2 epochs\\) and its best epoch is evaluated at K=3"):
+        density.start_command("tiny", runs, iw_samples=3)
+    assert " train " not in density.start_command("tiny", runs, iw_samples=5)  # finished: evaluated only
+    (runs / "tiny" / "metrics.jsonl").write_text((runs / "tiny" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    again = density.start_command("tiny", runs)  # (as if stopped after its first epoch)
     assert "--resume" in again and "--data-dir" not in again  # a resumed run keeps its own settings
     # a training that fails is not evaluated
     assert subprocess.run(["bash", "-c", density.start_command("broken", runs, iw_samples=3)]).returncode != 0
