@@ -35,6 +35,7 @@ grows over an epoch's steps)::
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -98,6 +99,11 @@ def start(names, runs, threads=1, iw_samples=5000):
     that ran them or, from epoch 0, on another. Returns ``[(name, pid, resumed)]``."""
     runs = Path(runs).expanduser()
     runs.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        group = _running(runs / f"{name}.pid")
+        if group:
+            raise InputError(f"{name} is still running (process group {group}); stop it first with kill -- -{group}, "
+                             "or let it be")
     commands = [(name, start_command(name, runs, threads, iw_samples)) for name in names]  # all checked first
     started = []
     for name, command in commands:
@@ -107,6 +113,16 @@ def start(names, runs, threads=1, iw_samples=5000):
         write_text_atomic(runs / f"{name}.pid", f"{process.pid}\n")
         started.append((name, process.pid, "--resume" in command))
     return started
+
+
+def _running(pid_file):
+    """The process group in ``pid_file`` (written by :func:`start`) while any of its processes lives, else None."""
+    try:
+        group = int(pid_file.read_text())
+        os.killpg(group, 0)
+    except (OSError, ValueError):  # no file, no such group, or not a number
+        return None
+    return group
 
 
 def _row(run, machine):

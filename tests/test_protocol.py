@@ -322,6 +322,8 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     assert "OMP_NUM_THREADS=2 nice" in fresh and "--seed 0" in fresh and "--resume" not in fresh
     [(name, pid, resumed)] = density.start(["tiny"], runs, iw_samples=3)  # in the background
     assert (name, resumed) == ("tiny", False) and (runs / "tiny.pid").read_text() == f"{pid}\n"
+    with pytest.raises(InputError, match=f"tiny is still running \\(process group {pid}\\); stop it first"):
+        density.start(["tiny"], runs)
     for _ in range(600):
         if (runs / "tiny" / "eval.json").exists():
             break
