@@ -55,7 +55,8 @@ PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MN
 }
 
 
-# every row's pyro-vae train flags (benchmarks/density_gpu.sh trains the same rows on a GPU; a test holds them equal)
+# every row's pyro-vae train flags (benchmarks/density_gpu.sh trains some of them on a GPU, with these flags:
+# a test holds its list to this one)
 ROWS = {
     "vae-standard": "--preset vampprior-vae",
     "vae-vamp": "--preset vampprior-vae --prior vamp:500",
@@ -67,38 +68,67 @@ ROWS = {
     "convhvae-standard": "--preset vampprior-convhvae",
     "convhvae-vamp": "--preset vampprior-convhvae --prior vamp:500",
 }
+MODEL_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "posterior")
 
 
 def start_command(name, runs, threads=1, iw_samples=5000, rows=None):
     """The shell command (a string) that runs the row ``name`` in ``runs/NAME``, niced, with ``threads`` threads:
     ``pyro-vae train`` with the row's flags (``rows``, default ``ROWS``) and seed 0, or ``--resume`` where
-    ``runs/NAME/checkpoint.pt`` exists (a resumed run keeps its own settings); then, once early stopping or the
-    epoch limit has ended the training, ``pyro-vae evaluate`` of its best epoch at K=``iw_samples``. A training
-    that fails or is stopped by a signal (status 128 + the signal, its checkpoint written) ends it there. A row
-    that has finished its training is only evaluated, and one evaluated at that K already is refused."""
+    ``runs/NAME/checkpoint.pt`` exists (refused if that run's model is not the row's: a run left from before a
+    preset changed); then, once early stopping or the epoch limit has ended the training, ``pyro-vae evaluate``
+    of its best epoch at K=``iw_samples``. A training that fails or is stopped by a signal (status 128 + the
+    signal, its checkpoint written) ends it there. A row that has finished its training is only evaluated, and
+    one evaluated at that K already is refused."""
     rows = ROWS if rows is None else rows
     if name not in rows:
         raise InputError(f"no row {name!r}; rows: {', '.join(rows)}")
     run = Path(runs).expanduser().resolve() / name
     cli = f"OMP_NUM_THREADS={int(threads)} nice {shlex.quote(sys.executable)} -m pyro_vae.cli"
     evaluate = f"{cli} evaluate {shlex.quote(str(run))} --iw-samples {int(iw_samples)} --no-progress"
-    row = _row(run, None) if (run / "metrics.jsonl").exists() else None
-    if row and row["finished"]:
-        if row["iw_samples"] == int(iw_samples) and row["evaluated_epoch"] == row["best_epoch"]:
-            raise InputError(f"{name} has finished ({row['epochs']} epochs) and its best epoch is evaluated at "
-                             f"K={iw_samples}; collect it with: python benchmarks/density.py collect {run}")
-        return evaluate
-    flags = "--resume" if (run / "checkpoint.pt").exists() else f"{rows[name]} --seed 0"
-    return f"{cli} train --out {shlex.quote(str(run))} {flags} --checkpoint-every 500 --no-progress && {evaluate}"
+    if not (run / "checkpoint.pt").exists():
+        return f"{cli} train --out {shlex.quote(str(run))} {rows[name]} --seed 0 --checkpoint-every 500 " \
+               f"--no-progress && {evaluate}"
+    if not (run / "config.json").exists():
+        raise InputError(f"{run} holds a checkpoint.pt but no config.json, so it is no run of pyro-vae train; "
+                         "move it away to start the row afresh")
+    _check_same_model(name, run, rows[name])
+    row = _row(run, None) if (run / "metrics.jsonl").exists() else {"finished": False}  # stopped in epoch 1
+    if not row["finished"]:
+        return f"{cli} train --out {shlex.quote(str(run))} --resume --checkpoint-every 500 --no-progress && {evaluate}"
+    if row["iw_samples"] == int(iw_samples) and row["evaluated_epoch"] == row["best_epoch"]:
+        raise InputError(f"{name} has finished ({row['epochs']} epochs) and its best epoch is evaluated at "
+                         f"K={iw_samples}; collect it with: python benchmarks/density.py collect {run}")
+    return evaluate
+
+
+def _check_same_model(name, run, flags):
+    """Refuse the run in ``run`` where its model (``MODEL_SETTINGS``) is not the one the row's ``flags`` give."""
+    from pyro_vae import RunConfig
+
+    tokens = shlex.split(flags)
+    given = {flag.removeprefix("--").replace("-", "_"): value for flag, value in zip(tokens[::2], tokens[1::2])}
+    if "latent_dims" in given:
+        given["latent_dims"] = [int(d) for d in given["latent_dims"].split(",")]
+    if "hidden" in given:
+        given["hidden"] = int(given["hidden"])
+    preset = given.pop("preset", None)
+    wanted = {**(RunConfig.from_preset(preset) if preset else RunConfig()).to_dict(), **given}
+    kept = json.loads((run / "config.json").read_text())
+    for key in MODEL_SETTINGS:
+        if kept.get(key) != wanted[key]:
+            raise InputError(f"the run in {run} has {key}={kept.get(key)!r}, but the row {name} now has "
+                             f"{wanted[key]!r}; move that run away to start the row afresh")
 
 
 def start(names, runs, threads=1, iw_samples=5000):
     """Start (or resume) the rows ``names`` in the background, each in ``runs/NAME`` with its output appended to
     ``runs/NAME.log`` and its process group in ``runs/NAME.pid`` (``kill -- -PID`` stops the training, which writes
     its checkpoint, and what would follow it): what a new session runs to go on with its rows, on the machine
-    that ran them or, from epoch 0, on another. Returns ``[(name, pid, resumed)]``."""
+    that ran them or, from epoch 0, on another. Returns ``[(name, pid, what)]``, ``what`` one of "started from
+    epoch 0", "resumed" and "evaluated only"."""
     runs = Path(runs).expanduser()
     runs.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(names))  # a row named twice is started once
     for name in names:
         group = _running(runs / f"{name}.pid")
         if group:
@@ -111,7 +141,9 @@ def start(names, runs, threads=1, iw_samples=5000):
             process = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         write_text_atomic(runs / f"{name}.pid", f"{process.pid}\n")
-        started.append((name, process.pid, "--resume" in command))
+        what = "resumed" if "--resume" in command else "started from epoch 0" if " train " in command else \
+            "evaluated only"
+        started.append((name, process.pid, what))
     return started
 
 
@@ -120,6 +152,8 @@ def _running(pid_file):
     try:
         group = int(pid_file.read_text())
         os.killpg(group, 0)
+    except PermissionError:  # alive, but another user's
+        return group
     except (OSError, ValueError):  # no file, no such group, or not a number
         return None
     return group
@@ -394,8 +428,8 @@ def main(argv=None):
             print(json.dumps(row))
         return 0
     if args.command == "start":
-        for name, pid, resumed in start(args.names, args.runs, args.threads, args.iw_samples):
-            print(f"{name}: {'resumed' if resumed else 'started from epoch 0'}, log "
+        for name, pid, what in start(args.names, args.runs, args.threads, args.iw_samples):
+            print(f"{name}: {what}, log "
                   f"{Path(args.runs).expanduser() / name}.log; stop it with kill -- -{pid}")
         return 0
     if args.command == "table":

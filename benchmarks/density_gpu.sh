@@ -26,7 +26,7 @@ DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu'
 log() { echo "== $(date -u +%T) $*" | tee -a "$R/density_gpu.log"; }
 log "device $DEV: $($PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')")"
 
-# name | flags, as in benchmarks/density.py's ROWS (a test holds them equal); conv rows first: a CPU cannot train them
+# name | flags, each as in benchmarks/density.py's ROWS (a test holds them to it); conv rows first: a CPU cannot train them
 ROWS=(
   "convhvae-standard|--preset vampprior-convhvae"
   "convhvae-vamp|--preset vampprior-convhvae --prior vamp:500"

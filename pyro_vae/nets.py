@@ -275,9 +275,8 @@ class GatedConvEncoder(nn.Module):
         if len(self.x_shape) != 3:
             raise InputError(f"GatedConvEncoder needs images of shape (C, H, W), got {self.x_shape}; "
                              "use GatedMLPEncoder for vectors (on the command line: --arch gated)")
-        if len(channels) != 4:
-            raise InputError(f"GatedConvEncoder needs 4 channel counts, got {tuple(channels)}; "
-                             "use e.g. (32, 32, 64, 64)")
+        if not isinstance(channels, (tuple, list)) or len(channels) != 4:
+            raise InputError(f"GatedConvEncoder needs 4 channel counts, got {channels!r}; use e.g. (32, 32, 64, 64)")
         c1, c2, c3, c4 = (_check_width("conv channels", ch) for ch in channels)
         c, h, w = self.x_shape
         self.net = nn.Sequential(GatedConv2d(c, c1, 7, 1, 3), GatedConv2d(c1, c2, 3, 2, 1),
@@ -295,12 +294,14 @@ class GatedConvDecoder(nn.Module):
     """The VampPrior paper's conv decoder (its ConvHVAE's p(x | z1, z2)): two :class:`GatedDense` layers
     (``latent_dim -> hidden -> C*H*W``), the result read as a ``(C, H, W)`` image, ``layers`` :class:`GatedConv2d`
     of ``channels`` channels (kernel 3, full resolution), then a 1x1 convolution to the likelihood's parameters:
-    ``(*batch, latent_dim) -> (*batch, k*C, H, W)``.
+    ``(*batch, latent_dim) -> (*batch, k*C, H, W)``. One difference: the first gated layer reads every level at
+    once, ``hidden`` wide, where the paper's code gives each level one of 300 and joins them (600 wide), as this
+    library's gated MLP decoder does too.
 
     Args:
         latent_dim: size of the latent vector it decodes (with skip connections, every level's, concatenated).
         x_shape: ``(C, H, W)``.
-        hidden: width of the first gated layer (the paper: 300 per level, then one layer on their concatenation).
+        hidden: width of the first gated layer.
         channels, layers: the gated convolutions (the paper: 64 channels, 4 layers).
         out_channels: ``k = likelihood.channels``.
     """
@@ -315,7 +316,8 @@ class GatedConvDecoder(nn.Module):
         self.out_channels = _check_width("out_channels", out_channels)
         c, width = self.x_shape[0], _check_width("conv channels", channels)
         self.dense = _gated([self.latent_dim, _check_width("hidden width", hidden), math.prod(self.x_shape)])
-        convs = [GatedConv2d(c if i == 0 else width, width, 3, 1, 1) for i in range(_check_width("layers", layers))]
+        layers = _check_width("number of layers", layers)
+        convs = [GatedConv2d(c if i == 0 else width, width, 3, 1, 1) for i in range(layers)]
         self.net = nn.Sequential(*convs, nn.Conv2d(width, self.out_channels * c, 1))
 
     def forward(self, z):

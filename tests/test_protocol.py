@@ -104,7 +104,8 @@ def test_the_gated_networks_have_the_papers_layers():
 
 
 def test_the_gated_conv_networks_have_the_papers_layers():
-    """The ConvHVAE's networks, layer by layer as the VampPrior paper's code (``models/convHVAE_2level.py``)."""
+    """The ConvHVAE's networks, layer by layer as the VampPrior paper's code (``models/convHVAE_2level.py``), but
+    for the decoder's first gated layer, which reads both levels at once (300 wide; the paper: 300 per level)."""
     enc, dec = nets.build("gated-conv", (1, 28, 28), 80, hidden=300)
     convs = [m for m in enc.net if isinstance(m, nets.GatedConv2d)]
     assert [(m.h.in_channels, m.h.out_channels, *m.h.kernel_size[:1], *m.h.stride[:1], *m.h.padding[:1])
@@ -126,8 +127,9 @@ def test_the_gated_conv_networks_have_the_papers_layers():
 @pytest.mark.parametrize("build, message", [
     (lambda: nets.GatedConvEncoder((784,)), r"GatedConvEncoder needs images of shape \(C, H, W\), got \(784,\)"),
     (lambda: nets.GatedConvEncoder((1, 28, 28), channels=(8, 8)), "needs 4 channel counts, got \\(8, 8\\)"),
+    (lambda: nets.GatedConvEncoder((1, 28, 28), channels=32), "needs 4 channel counts, got 32"),
     (lambda: nets.GatedConvDecoder(5, (784,)), r"GatedConvDecoder needs images of shape \(C, H, W\)"),
-    (lambda: nets.GatedConvDecoder(5, (1, 28, 28), layers=0), "layers must be a positive integer, got 0"),
+    (lambda: nets.GatedConvDecoder(5, (1, 28, 28), layers=0), "number of layers must be a positive integer, got 0"),
     (lambda: nets.GatedConvEncoder((1, 28, 28))(torch.rand(2, 1, 27, 28)), r"expects inputs of shape \(batch, 1, 28"),
 ])
 def test_the_gated_conv_networks_refuse_what_they_cannot_read(build, message):
@@ -205,7 +207,8 @@ def test_skip_needs_the_top_down_guide():
         RunConfig(latent_dims=[3, 4], skip=True).validate()
 
 
-@pytest.mark.parametrize("preset, arch, size", [("vampprior-hvae", "gated", 0), ("vampprior-convhvae", "gated-conv", 8)])
+@pytest.mark.parametrize("preset, arch, size", [("vampprior-hvae", "gated", 0),
+                                                ("vampprior-convhvae", "gated-conv", 8)])
 def test_the_hvae_presets_resume_bitwise(preset, arch, size, idx_dir, tmp_path):
     kw = dict(data_dir=str(idx_dir), val_size=64, hidden=16, latent_dims=[3, 4], batch_size=64,
               kl_warmup_epochs=1, patience=3, image_size=size, prior="vamp:5")  # 8 x 8 images: the conv nets are slow
@@ -307,28 +310,45 @@ def _density_benchmark():
     return density
 
 
-def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resumes_it(idx_dir, tmp_path,
-                                                                                       monkeypatch):
-    import subprocess
+def _wait_for(path, what, seconds=180):
     import time
 
+    for _ in range(seconds * 10):
+        if path.exists() and path.stat().st_size:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {path.name} after {seconds} s: {what}")
+
+
+def _stop_group(pid):
+    import os
+    import signal
+
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resumes_it(idx_dir, tmp_path,
+                                                                                       monkeypatch):
     density = _density_benchmark()
-    tiny = f"--data-dir {idx_dir} --epochs 2 --hidden 8 --latent-dims 2 --val-size 64 --batch-size 64"
-    monkeypatch.setattr(density, "ROWS", {"tiny": tiny, "broken": tiny + " --lr -1"})
+    tiny = f"--preset vampprior-vae --data-dir {idx_dir} --epochs 2 --hidden 8 --latent-dims 2 --val-size 64 " \
+           "--batch-size 64"
+    monkeypatch.setattr(density, "ROWS", {"tiny": tiny, "slow": tiny.replace("--epochs 2", "--epochs 2000")})
     runs = tmp_path / "runs"
-    with pytest.raises(InputError, match="no row 'vae'; rows: tiny, broken"):
+    with pytest.raises(InputError, match="no row 'vae'; rows: tiny, slow"):
         density.start_command("vae", runs)
     fresh = density.start_command("tiny", runs, threads=2, iw_samples=3)
     assert "OMP_NUM_THREADS=2 nice" in fresh and "--seed 0" in fresh and "--resume" not in fresh
-    [(name, pid, resumed)] = density.start(["tiny"], runs, iw_samples=3)  # in the background
-    assert (name, resumed) == ("tiny", False) and (runs / "tiny.pid").read_text() == f"{pid}\n"
-    with pytest.raises(InputError, match=f"tiny is still running \\(process group {pid}\\); stop it first"):
-        density.start(["tiny"], runs)
-    for _ in range(600):
-        if (runs / "tiny" / "eval.json").exists():
-            break
-        time.sleep(0.1)
-    assert (runs / "tiny" / "eval.json").exists(), (runs / "tiny.log").read_text()
+    [(name, pid, what)] = density.start(["tiny", "tiny"], runs, iw_samples=3)  # in the background, once
+    try:
+        assert (name, what) == ("tiny", "started from epoch 0") and (runs / "tiny.pid").read_text() == f"{pid}\n"
+        with pytest.raises(InputError, match=f"tiny is still running \\(process group {pid}\\); stop it first"):
+            density.start(["tiny"], runs)
+        _wait_for(runs / "tiny" / "eval.json", (runs / "tiny.log").read_text())
+    finally:
+        _stop_group(pid)
     evaluation = json.loads((runs / "tiny" / "eval.json").read_text())
     assert evaluation["iw_samples"] == 3 and evaluation["epoch"] in (1, 2)  # the best validation epoch
     with pytest.raises(InputError, match="tiny has finished \\(2 epochs\\) and its best epoch is evaluated at K=3"):
@@ -337,16 +357,40 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     (runs / "tiny" / "metrics.jsonl").write_text((runs / "tiny" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
     again = density.start_command("tiny", runs)  # (as if stopped after its first epoch)
     assert "--resume" in again and "--data-dir" not in again  # a resumed run keeps its own settings
-    # a training that fails is not evaluated
-    assert subprocess.run(["bash", "-c", density.start_command("broken", runs, iw_samples=3)]).returncode != 0
-    assert not (runs / "broken" / "eval.json").exists()
+    monkeypatch.setitem(density.ROWS, "tiny", tiny + " --prior vamp:3")  # the row changed since its run started
+    with pytest.raises(InputError, match="has prior='standard', but the row tiny now has 'vamp:3'; move that run"):
+        density.start_command("tiny", runs)
+
+
+def test_the_density_benchmark_does_not_evaluate_a_training_stopped_by_a_signal(idx_dir, tmp_path, monkeypatch):
+    """Only the training is stopped (SIGTERM to it, not to the shell): the shell goes on to the evaluation
+    unless the command chains them with ``&&``."""
+    import os
+    import signal
+    import subprocess
+
+    density = _density_benchmark()
+    monkeypatch.setattr(density, "ROWS", {"slow": f"--preset vampprior-vae --data-dir {idx_dir} --hidden 8 "
+                                                  "--latent-dims 2 --val-size 64 --batch-size 64"})
+    runs = tmp_path / "runs"
+    shell = subprocess.Popen(["bash", "-c", density.start_command("slow", runs, iw_samples=3)],
+                             start_new_session=True)
+    try:
+        _wait_for(runs / "slow" / "metrics.jsonl", "the training wrote no epoch")  # best.pt is there too
+        [training] = Path(f"/proc/{shell.pid}/task/{shell.pid}/children").read_text().split()
+        os.kill(int(training), signal.SIGTERM)
+        assert shell.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        _stop_group(shell.pid)
+    assert (runs / "slow" / "best.pt").exists() and not (runs / "slow" / "eval.json").exists()
 
 
 def test_the_gpu_script_trains_the_rows_the_density_benchmark_names():
     density = _density_benchmark()
     script = (Path(density.__file__).parent / "density_gpu.sh").read_text()
-    rows = dict(line.strip().strip('"').split("|") for line in script.splitlines() if re.match(r'\s+"[a-z0-9-]+\|', line))
-    assert rows and all(density.ROWS[name] == flags for name, flags in rows.items()), rows
+    rows = dict(line.strip().strip('"').split("|") for line in script.splitlines()
+                if re.match(r'\s+"[a-z0-9-]+\|', line))
+    assert len(rows) >= 2 and all(density.ROWS[name] == flags for name, flags in rows.items()), rows
 
 
 def test_a_row_gets_the_published_number_only_when_it_is_the_papers_architecture():
