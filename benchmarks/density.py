@@ -103,16 +103,9 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None):
 
 def _check_same_model(name, run, flags):
     """Refuse the run in ``run`` where its model (``MODEL_SETTINGS``) is not the one the row's ``flags`` give."""
-    from pyro_vae import RunConfig
+    from pyro_vae.cli import train_config
 
-    tokens = shlex.split(flags)
-    given = {flag.removeprefix("--").replace("-", "_"): value for flag, value in zip(tokens[::2], tokens[1::2])}
-    if "latent_dims" in given:
-        given["latent_dims"] = [int(d) for d in given["latent_dims"].split(",")]
-    if "hidden" in given:
-        given["hidden"] = int(given["hidden"])
-    preset = given.pop("preset", None)
-    wanted = {**(RunConfig.from_preset(preset) if preset else RunConfig()).to_dict(), **given}
+    wanted = train_config(["--out", str(run), *shlex.split(flags)]).to_dict()
     kept = json.loads((run / "config.json").read_text())
     for key in MODEL_SETTINGS:
         if kept.get(key) != wanted[key]:

@@ -311,16 +311,28 @@ def _add_training_flags(t):
                         "'pyro-vae[tensorboard]')")
 
 
+def _given(args):
+    """The settings that parsed ``train`` flags give (a dict), a ``--preset``'s under the flags given."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+             if getattr(args, f.name, None) is not None}
+    if args.preset and not args.resume:  # a resumed run keeps the settings it was started with
+        given = {**RunConfig.from_preset(args.preset).to_dict(), **given}
+    return given
+
+
+def train_config(flags):
+    """The :class:`~pyro_vae.RunConfig` that ``pyro-vae train FLAGS`` would start a new run with (``flags``: a
+    list of its arguments, as on the command line); nothing is read or written."""
+    return RunConfig.with_defaults(_given(_parser().parse_args(["train", *flags])))
+
+
 def _train(args):
     from .train import is_image, load_checkpoint, train, unit_of
 
     if args.resume and args.overwrite:
         raise InputError("--resume and --overwrite exclude each other; pass --resume to continue the run in "
                          "--out, or --overwrite to replace it")
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-             if getattr(args, f.name, None) is not None}
-    if args.preset and not args.resume:  # a resumed run keeps the settings it was started with
-        given = {**RunConfig.from_preset(args.preset).to_dict(), **given}
+    given = _given(args)
     if args.resume:
         path = Path(args.out) / "checkpoint.pt"
         base = RunConfig.from_checkpoint(load_checkpoint(path), path).to_dict()
