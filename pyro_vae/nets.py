@@ -40,6 +40,14 @@ def _check_image_shape(x_shape, who, alternative):
     return x_shape
 
 
+def _check_gated_image_shape(x_shape, who, alternative):
+    x_shape = _check_x_shape(x_shape)
+    if len(x_shape) != 3:
+        raise InputError(f"{who} needs images of shape (C, H, W), got {x_shape}; use {alternative} for vectors "
+                         "(on the command line: --arch gated)")
+    return x_shape
+
+
 def _check_width(name, value):
     if int(value) <= 0:
         raise InputError(f"{name} must be a positive integer, got {value}; use a {name} of 1 or more")
@@ -186,7 +194,17 @@ class MLPDecoder(_FlatDecoder):
         )
 
 
-class ConvEncoder(nn.Module):
+class _ImageEncoder(nn.Module):
+    """An encoder of ``(*batch, *x_shape)`` images through ``self.net`` (which ends flattened) to
+    ``(*batch, out_features)``."""
+
+    def forward(self, x):
+        _check_input(self, x, self.x_shape)
+        batch = x.shape[:-3]
+        return self.net(x.reshape(-1, *self.x_shape)).reshape(*batch, self.out_features)
+
+
+class ConvEncoder(_ImageEncoder):
     """Fully convolutional encoder for images: ``(*batch, C, H, W) -> (*batch, features)``.
 
     Two stride-2 convolutions (H -> H/2 -> H/4) and one convolution whose
@@ -208,11 +226,6 @@ class ConvEncoder(nn.Module):
             nn.Conv2d(c2, self.out_features, (h // 4, w // 4)), activation(),
             nn.Flatten(),
         )
-
-    def forward(self, x):
-        _check_input(self, x, self.x_shape)
-        batch = x.shape[:-3]
-        return self.net(x.reshape(-1, *self.x_shape)).reshape(*batch, self.out_features)
 
 
 class ConvDecoder(nn.Module):
@@ -258,7 +271,7 @@ class GatedConv2d(nn.Module):
         return self.h(x) * torch.sigmoid(self.g(x))
 
 
-class GatedConvEncoder(nn.Module):
+class GatedConvEncoder(_ImageEncoder):
     """The VampPrior paper's conv encoder (its ConvHVAE's q(z2 | x)): five :class:`GatedConv2d` layers,
     ``(*batch, C, H, W) -> (*batch, out_features)``. Kernels 7, 3, 5, 3, 3; the second and fourth have stride 2
     (H -> ceil(H/2) -> ceil(H/4)); the last has 6 channels, flattened: ``out_features = 6 * ceil(H/4) *
@@ -271,10 +284,7 @@ class GatedConvEncoder(nn.Module):
 
     def __init__(self, x_shape, channels=(32, 32, 64, 64)):
         super().__init__()
-        self.x_shape = _check_x_shape(x_shape)
-        if len(self.x_shape) != 3:
-            raise InputError(f"GatedConvEncoder needs images of shape (C, H, W), got {self.x_shape}; "
-                             "use GatedMLPEncoder for vectors (on the command line: --arch gated)")
+        self.x_shape = _check_gated_image_shape(x_shape, "GatedConvEncoder", "GatedMLPEncoder")
         if not isinstance(channels, (tuple, list)) or len(channels) != 4:
             raise InputError(f"GatedConvEncoder needs 4 channel counts, got {channels!r}; use e.g. (32, 32, 64, 64)")
         c1, c2, c3, c4 = (_check_width("conv channels", ch) for ch in channels)
@@ -283,11 +293,6 @@ class GatedConvEncoder(nn.Module):
                                  GatedConv2d(c2, c3, 5, 1, 2), GatedConv2d(c3, c4, 3, 2, 1),
                                  GatedConv2d(c4, 6, 3, 1, 1), nn.Flatten())
         self.out_features = 6 * -(-h // 4) * -(-w // 4)
-
-    def forward(self, x):
-        _check_input(self, x, self.x_shape)
-        batch = x.shape[:-3]
-        return self.net(x.reshape(-1, *self.x_shape)).reshape(*batch, self.out_features)
 
 
 class GatedConvDecoder(nn.Module):
@@ -309,10 +314,7 @@ class GatedConvDecoder(nn.Module):
     def __init__(self, latent_dim, x_shape, hidden=300, channels=64, layers=4, out_channels=1):
         super().__init__()
         self.latent_dim = _check_width("latent_dim", latent_dim)
-        self.x_shape = _check_x_shape(x_shape)
-        if len(self.x_shape) != 3:
-            raise InputError(f"GatedConvDecoder needs images of shape (C, H, W), got {self.x_shape}; "
-                             "use GatedMLPDecoder for vectors (on the command line: --arch gated)")
+        self.x_shape = _check_gated_image_shape(x_shape, "GatedConvDecoder", "GatedMLPDecoder")
         self.out_channels = _check_width("out_channels", out_channels)
         c, width = self.x_shape[0], _check_width("conv channels", channels)
         self.dense = _gated([self.latent_dim, _check_width("hidden width", hidden), math.prod(self.x_shape)])
