@@ -6,7 +6,8 @@ early stopping with patience 50 on the validation ELBO, at most 2000 epochs; ``v
 ``vampprior-convhvae`` the same for two levels), then ``pyro-vae evaluate`` of its
 best validation epoch at K=5000 on the 10 000 test images. ``ROWS`` names every row and its flags. Start rows
 in the background, niced, one thread each (``--threads 2`` gives one row both cores of a 2-core machine), each
-evaluated at K=5000 when early stopping ends it; the same command resumes them (bitwise) after a stop::
+evaluated at K=5000 when early stopping ends it; the same command resumes them (bitwise) after a stop, with the
+code each row started with (kept in ``NAME.code``, whatever the repository has become since)::
 
     python benchmarks/density.py start vae-standard vae-vamp        # runs in ~/runs/density/NAME, logs NAME.log
 
@@ -72,33 +73,64 @@ MODEL_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "po
 
 
 def start_command(name, runs, threads=1, iw_samples=5000, rows=None):
-    """The shell command (a string) that runs the row ``name`` in ``runs/NAME``, niced, with ``threads`` threads:
+    """How the row ``name`` goes on in ``runs/NAME``: ``(command, what)``, a shell command (a string) and one of
+    "started from epoch 0", "resumed" and "evaluated only". The command runs, niced, with ``threads`` threads,
     ``pyro-vae train`` with the row's flags (``rows``, default ``ROWS``) and seed 0, or ``--resume`` where
     ``runs/NAME/checkpoint.pt`` exists (refused if that run's model is not the row's: a run left from before a
     preset changed); then, once early stopping or the epoch limit has ended the training, ``pyro-vae evaluate``
     of its best epoch at K=``iw_samples``. A training that fails or is stopped by a signal (status 128 + the
     signal, its checkpoint written) ends it there. A row that has finished its training is only evaluated, and
-    one evaluated at that K already is refused."""
+    one evaluated at that K already is refused. Every step runs the code in ``runs/NAME.code`` where
+    :func:`keep_code` left one (the library as it was when the row started; the command runs in that folder, which
+    ``python -m`` puts first on ``sys.path``), so that a resume is bitwise and
+    the evaluation reads the model that trained, whatever the library has become since."""
     rows = ROWS if rows is None else rows
     if name not in rows:
         raise InputError(f"no row {name!r}; rows: {', '.join(rows)}")
     run = Path(runs).expanduser().resolve() / name
+    code = run.with_name(f"{name}.code")
+    # python -m puts the working directory first on sys.path, before PYTHONPATH and an editable install
+    within = f"cd {shlex.quote(str(code))} && " if (code / "pyro_vae").is_dir() else ""
     cli = f"OMP_NUM_THREADS={int(threads)} nice {shlex.quote(sys.executable)} -m pyro_vae.cli"
     evaluate = f"{cli} evaluate {shlex.quote(str(run))} --iw-samples {int(iw_samples)} --no-progress"
     if not (run / "checkpoint.pt").exists():
-        return f"{cli} train --out {shlex.quote(str(run))} {rows[name]} --seed 0 --checkpoint-every 500 " \
-               f"--no-progress && {evaluate}"
+        return (f"{within}{cli} train --out {shlex.quote(str(run))} {rows[name]} --seed 0 --checkpoint-every 500 "
+                f"--no-progress && {evaluate}", "started from epoch 0")
     if not (run / "config.json").exists():
         raise InputError(f"{run} holds a checkpoint.pt but no config.json, so it is no run of pyro-vae train; "
                          "move it away to start the row afresh")
     _check_same_model(name, run, rows[name])
-    row = _row(run, None) if (run / "metrics.jsonl").exists() else {"finished": False}  # stopped in epoch 1
-    if not row["finished"]:
-        return f"{cli} train --out {shlex.quote(str(run))} --resume --checkpoint-every 500 --no-progress && {evaluate}"
-    if row["iw_samples"] == int(iw_samples) and row["evaluated_epoch"] == row["best_epoch"]:
-        raise InputError(f"{name} has finished ({row['epochs']} epochs) and its best epoch is evaluated at "
+    state = _progress(run) if (run / "metrics.jsonl").exists() else {"finished": False}  # stopped in epoch 1
+    if not state["finished"]:
+        return (f"{within}{cli} train --out {shlex.quote(str(run))} --resume --checkpoint-every 500 --no-progress "
+                f"&& {evaluate}", "resumed")
+    evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+    if evaluation.get("iw_samples") == int(iw_samples) and evaluation.get("epoch") == state["best_epoch"]:
+        raise InputError(f"{name} has finished ({state['epochs']} epochs) and its best epoch is evaluated at "
                          f"K={iw_samples}; collect it with: python benchmarks/density.py collect {run}")
-    return evaluate
+    return f"{within}{evaluate}", "evaluated only"
+
+
+def keep_code(code):
+    """Copy the ``pyro_vae`` package this script imports to ``code/pyro_vae`` (``code`` is ``runs/NAME.code``), with
+    ``code/SOURCE`` naming its git commit (and whether it had uncommitted changes): the code a row started with,
+    which :func:`start_command` runs its resumes and its evaluation with."""
+    import shutil
+
+    import pyro_vae
+
+    package = Path(pyro_vae.__file__).resolve().parent
+    shutil.rmtree(code, ignore_errors=True)  # a copy left by a start that failed before its first checkpoint
+    shutil.copytree(package, code / "pyro_vae", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    git = ["git", "-C", str(package.parent)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", str(package)], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        source = f"{commit}{' with uncommitted changes' if dirty else ''}"
+    except (OSError, subprocess.CalledProcessError):
+        source = "not a git checkout"
+    write_text_atomic(code / "SOURCE", f"pyro_vae from {package}, {source}\n")
 
 
 def _check_same_model(name, run, flags):
@@ -117,8 +149,9 @@ def start(names, runs, threads=1, iw_samples=5000):
     """Start (or resume) the rows ``names`` in the background, each in ``runs/NAME`` with its output appended to
     ``runs/NAME.log`` and its process group in ``runs/NAME.pid`` (``kill -- -PID`` stops the training, which writes
     its checkpoint, and what would follow it): what a new session runs to go on with its rows, on the machine
-    that ran them or, from epoch 0, on another. Returns ``[(name, pid, what)]``, ``what`` one of "started from
-    epoch 0", "resumed" and "evaluated only"."""
+    that ran them or, from epoch 0, on another. A row started from epoch 0 keeps a copy of today's code in
+    ``runs/NAME.code`` (:func:`keep_code`), which its resumes and its evaluation run. Returns
+    ``[(name, pid, what)]``, ``what`` as :func:`start_command` says."""
     runs = Path(runs).expanduser()
     runs.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys(names))  # a row named twice is started once
@@ -127,15 +160,16 @@ def start(names, runs, threads=1, iw_samples=5000):
         if group:
             raise InputError(f"{name} is still running (process group {group}); stop it first with kill -- -{group}, "
                              "or let it be")
-    commands = [(name, start_command(name, runs, threads, iw_samples)) for name in names]  # all checked first
+    planned = [(name, *start_command(name, runs, threads, iw_samples)) for name in names]  # all checked first
     started = []
-    for name, command in commands:
+    for name, command, what in planned:
+        if what == "started from epoch 0":
+            keep_code(runs / f"{name}.code")
+            command, _ = start_command(name, runs, threads, iw_samples)  # now run with that copy
         with open(runs / f"{name}.log", "a") as log:
             process = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         write_text_atomic(runs / f"{name}.pid", f"{process.pid}\n")
-        what = "resumed" if "--resume" in command else "started from epoch 0" if " train " in command else \
-            "evaluated only"
         started.append((name, process.pid, what))
     return started
 
@@ -152,16 +186,26 @@ def _running(pid_file):
     return group
 
 
+def _progress(run):
+    """How far the run in ``run`` has come, from its config and record: ``{"epochs", "finished", "best_epoch",
+    "vals"}`` (``finished``: early stopping or the epoch limit has ended it)."""
+    config = json.loads((run / "config.json").read_text())
+    records = read_records(run / "metrics.jsonl")
+    vals = [r.get("val_elbo") for r in records if r.get("val_elbo") is not None]
+    best = max(range(len(vals)), key=vals.__getitem__) + 1 if vals else None
+    finished = bool(records) and (len(records) >= config["epochs"] or
+                                  (best is not None and len(records) - best >= config["patience"] > 0))
+    return {"epochs": len(records), "finished": finished, "best_epoch": best, "vals": vals}
+
+
 def _row(run, machine):
     config = json.loads((run / "config.json").read_text())
     records = read_records(run / "metrics.jsonl")
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     levels = len(config["latent_dims"])
     model = _model(config)
-    vals = [r.get("val_elbo") for r in records if r.get("val_elbo") is not None]
-    best = max(range(len(vals)), key=vals.__getitem__) + 1 if vals else None
-    stopped = bool(records) and (len(records) >= config["epochs"] or
-                                 (best is not None and len(records) - best >= config["patience"] > 0))
+    state = _progress(run)
+    vals, best, stopped = state["vals"], state["best_epoch"], state["finished"]
     iw = evaluation.get("iw_log_likelihood")
     return {
         "name": run.name, "model": model, "prior": config["prior"], "levels": levels, "guide": config["guide"],
@@ -175,6 +219,8 @@ def _row(run, machine):
         "seconds": round(sum(r.get("seconds", 0.0) for r in records), 1), "machine": machine,
         **({} if stopped else extrapolate(vals, config["patience"] or 50, config["epochs"],
                                           config.get("kl_warmup_epochs", 0))),
+        **({"code": source.read_text().strip()} if (source := run.with_name(f"{run.name}.code") / "SOURCE").exists()
+           else {}),
     }
 
 

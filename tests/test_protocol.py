@@ -320,6 +320,21 @@ def _wait_for(path, what, seconds=180):
     raise AssertionError(f"no {path.name} after {seconds} s: {what}")
 
 
+def _wait_for_exit(pid, seconds=180):
+    """Wait for this process's child ``pid`` (a shell that :func:`density.start` began) to end, and reap it."""
+    import os
+    import time
+
+    for _ in range(seconds * 10):
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:  # reaped already
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} still runs after {seconds} s")
+
+
 def _stop_group(pid):
     import os
     import signal
@@ -339,8 +354,9 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     runs = tmp_path / "runs"
     with pytest.raises(InputError, match="no row 'vae'; rows: tiny, slow"):
         density.start_command("vae", runs)
-    fresh = density.start_command("tiny", runs, threads=2, iw_samples=3)
+    fresh, what = density.start_command("tiny", runs, threads=2, iw_samples=3)
     assert "OMP_NUM_THREADS=2 nice" in fresh and "--seed 0" in fresh and "--resume" not in fresh
+    assert what == "started from epoch 0" and not fresh.startswith("cd ")  # no copy of the code yet
     [(name, pid, what)] = density.start(["tiny", "tiny"], runs, iw_samples=3)  # in the background, once
     try:
         assert (name, what) == ("tiny", "started from epoch 0") and (runs / "tiny.pid").read_text() == f"{pid}\n"
@@ -353,10 +369,22 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     assert evaluation["iw_samples"] == 3 and evaluation["epoch"] in (1, 2)  # the best validation epoch
     with pytest.raises(InputError, match="tiny has finished \\(2 epochs\\) and its best epoch is evaluated at K=3"):
         density.start_command("tiny", runs, iw_samples=3)
-    assert " train " not in density.start_command("tiny", runs, iw_samples=5)  # finished: evaluated only
+    command, what = density.start_command("tiny", runs, iw_samples=5)
+    assert what == "evaluated only" and " train " not in command and " evaluate " in command
+    code = runs / "tiny.code"  # the code the row started with, which its evaluation and resumes run
+    assert (code / "pyro_vae" / "cli.py").exists() and (code / "SOURCE").read_text().startswith("pyro_vae from ")
+    assert command.startswith(f"cd {code.resolve()} && ")
+    with open(code / "pyro_vae" / "__init__.py", "a") as init:
+        init.write('\nprint("pyro_vae from the row\'s own copy")\n')
+    _wait_for_exit(pid)  # the first start's shell, stopped above
+    [(_, pid, what)] = density.start(["tiny"], runs, iw_samples=5)
+    _wait_for_exit(pid)
+    assert what == "evaluated only" and json.loads((runs / "tiny" / "eval.json").read_text())["iw_samples"] == 5
+    assert "pyro_vae from the row's own copy" in (runs / "tiny.log").read_text()
     (runs / "tiny" / "metrics.jsonl").write_text((runs / "tiny" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
-    again = density.start_command("tiny", runs)  # (as if stopped after its first epoch)
-    assert "--resume" in again and "--data-dir" not in again  # a resumed run keeps its own settings
+    again, what = density.start_command("tiny", runs)  # (as if stopped after its first epoch)
+    assert what == "resumed" and "--resume" in again and "--data-dir" not in again  # it keeps its own settings
+    assert again.startswith(f"cd {code.resolve()} && ")
     monkeypatch.setitem(density.ROWS, "tiny", tiny + " --prior vamp:3")  # the row changed since its run started
     with pytest.raises(InputError, match="has prior='standard', but the row tiny now has 'vamp:3'; move that run"):
         density.start_command("tiny", runs)
@@ -373,7 +401,7 @@ def test_the_density_benchmark_does_not_evaluate_a_training_stopped_by_a_signal(
     monkeypatch.setattr(density, "ROWS", {"slow": f"--preset vampprior-vae --data-dir {idx_dir} --hidden 8 "
                                                   "--latent-dims 2 --val-size 64 --batch-size 64"})
     runs = tmp_path / "runs"
-    shell = subprocess.Popen(["bash", "-c", density.start_command("slow", runs, iw_samples=3)],
+    shell = subprocess.Popen(["bash", "-c", density.start_command("slow", runs, iw_samples=3)[0]],
                              start_new_session=True)
     try:
         _wait_for(runs / "slow" / "metrics.jsonl", "the training wrote no epoch")  # best.pt is there too
