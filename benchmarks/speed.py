@@ -1,8 +1,8 @@
 """Seconds per epoch: ``pyro_vae.fit`` (SVI + Trace_ELBO) vs a hand-written PyTorch loop of the same math.
 
-Both train the same network (784-400-50 MLP with softplus, or the conv
-architecture) with the same loss (single-sample negative ELBO summed over the
-batch: Bernoulli log-likelihood, log q(z|x) - log p(z) at the sampled z), the
+Both train the same network (784-400-50 MLP with softplus, or another of
+``nets.build``'s architectures) with the same loss (single-sample negative
+ELBO summed over the batch: Bernoulli log-likelihood, log q(z|x) - log p(z) at the sampled z), the
 same Adam settings, batch size and dynamic binarisation, on the same
 on-device tensor. They run interleaved in one process, and the ratio of the
 medians is reported with the machine it ran on.
@@ -50,7 +50,8 @@ def sync(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
+    p.add_argument("--arch", default="mlp", choices=nets.ARCHS,
+                   help="the networks (nets.build), the paper's gated ones too (default mlp)")
     p.add_argument("--elbo", default="trace", choices=["trace", "jit"])
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per method (median reported)")
     p.add_argument("--batch-size", type=int, default=256)
