@@ -74,7 +74,8 @@ MODEL_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "po
 
 def start_command(name, runs, threads=1, iw_samples=5000, rows=None):
     """How the row ``name`` goes on in ``runs/NAME``: ``(command, what)``, a shell command (a string) and one of
-    "started from epoch 0", "resumed" and "evaluated only". The command runs, niced, with ``threads`` threads,
+    "started from epoch 0", "resumed" (or, for a run from before copies were kept, "resumed with today's code")
+    and "evaluated only". The command runs, niced, with ``threads`` threads,
     ``pyro-vae train`` with the row's flags (``rows``, default ``ROWS``) and seed 0, or ``--resume`` where
     ``runs/NAME/checkpoint.pt`` exists (refused if that run's model is not the row's: a run left from before a
     preset changed); then, once early stopping or the epoch limit has ended the training, ``pyro-vae evaluate``
@@ -103,7 +104,7 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None):
     state = _progress(run) if (run / "metrics.jsonl").exists() else {"finished": False}  # stopped in epoch 1
     if not state["finished"]:
         return (f"{within}{cli} train --out {shlex.quote(str(run))} --resume --checkpoint-every 500 --no-progress "
-                f"&& {evaluate}", "resumed")
+                f"&& {evaluate}", "resumed" if within else f"resumed with today's code (it has no {code.name})")
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     if evaluation.get("iw_samples") == int(iw_samples) and evaluation.get("epoch") == state["best_epoch"]:
         raise InputError(f"{name} has finished ({state['epochs']} epochs) and its best epoch is evaluated at "

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -385,6 +386,9 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     again, what = density.start_command("tiny", runs)  # (as if stopped after its first epoch)
     assert what == "resumed" and "--resume" in again and "--data-dir" not in again  # it keeps its own settings
     assert again.startswith(f"cd {code.resolve()} && ")
+    shutil.rmtree(code)  # a run started before rows kept their code
+    again, what = density.start_command("tiny", runs)
+    assert what == "resumed with today's code (it has no tiny.code)" and again.startswith("OMP_NUM_THREADS=")
     monkeypatch.setitem(density.ROWS, "tiny", tiny + " --prior vamp:3")  # the row changed since its run started
     with pytest.raises(InputError, match="has prior='standard', but the row tiny now has 'vamp:3'; move that run"):
         density.start_command("tiny", runs)
