@@ -49,6 +49,7 @@ from pyro_vae.checkpoints import read_records, write_bytes_atomic, write_text_at
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
+TEST_IMAGES = 10_000  # Fashion-MNIST's test set, which the published numbers average over
 PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MNIST, test NLL at K=5000: mean, sd
     ("vae", "standard"): (228.70, 0.15), ("vae", "vamp"): (227.35, 0.05),
     ("hvae", "standard"): (227.37, 0.10), ("hvae", "vamp"): (226.72, 0.08),
@@ -72,10 +73,11 @@ ROWS = {
 MODEL_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "posterior")
 
 
-def start_command(name, runs, threads=1, iw_samples=5000, rows=None):
+def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device="auto"):
     """How the row ``name`` goes on in ``runs/NAME``: ``(command, what)``, a shell command (a string) and one of
     "started from epoch 0", "resumed" (or, for a run from before copies were kept, "resumed with today's code")
-    and "evaluated only". The command runs, niced, with ``threads`` threads,
+    and "evaluated only". The command runs, niced, with ``threads`` threads, on ``device`` (``auto``: a CUDA GPU
+    where PyTorch sees one, else the CPU; a run resumed on another device than it ran on goes on, not bitwise),
     ``pyro-vae train`` with the row's flags (``rows``, default ``ROWS``) and seed 0, or ``--resume`` where
     ``runs/NAME/checkpoint.pt`` exists (refused if that run's model is not the row's: a run left from before a
     preset changed); then, once early stopping or the epoch limit has ended the training, ``pyro-vae evaluate``
@@ -93,20 +95,22 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None):
     # python -m puts the working directory first on sys.path, before PYTHONPATH and an editable install
     within = f"cd {shlex.quote(str(code))} && " if (code / "pyro_vae").is_dir() else ""
     cli = f"OMP_NUM_THREADS={int(threads)} nice {shlex.quote(sys.executable)} -m pyro_vae.cli"
-    evaluate = f"{cli} evaluate {shlex.quote(str(run))} --iw-samples {int(iw_samples)} --no-progress"
+    on = f"--device {shlex.quote(device)}"
+    evaluate = f"{cli} evaluate {shlex.quote(str(run))} --iw-samples {int(iw_samples)} {on} --no-progress"
     if not (run / "checkpoint.pt").exists():
-        return (f"{within}{cli} train --out {shlex.quote(str(run))} {rows[name]} --seed 0 --checkpoint-every 500 "
-                f"--no-progress && {evaluate}", "started from epoch 0")
+        return (f"{within}{cli} train --out {shlex.quote(str(run))} {rows[name]} --seed 0 {on} "
+                f"--checkpoint-every 500 --no-progress && {evaluate}", "started from epoch 0")
     if not (run / "config.json").exists():
         raise InputError(f"{run} holds a checkpoint.pt but no config.json, so it is no run of pyro-vae train; "
                          "move it away to start the row afresh")
     _check_same_model(name, run, rows[name])
     state = _progress(run) if (run / "metrics.jsonl").exists() else {"finished": False}  # stopped in epoch 1
     if not state["finished"]:
-        return (f"{within}{cli} train --out {shlex.quote(str(run))} --resume --checkpoint-every 500 --no-progress "
-                f"&& {evaluate}", "resumed" if within else f"resumed with today's code (it has no {code.name})")
+        return (f"{within}{cli} train --out {shlex.quote(str(run))} --resume {on} --checkpoint-every 500 "
+                f"--no-progress && {evaluate}", "resumed" if within else f"resumed with today's code (it has no {code.name})")
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
-    if evaluation.get("iw_samples") == int(iw_samples) and evaluation.get("epoch") == state["best_epoch"]:
+    if (evaluation.get("iw_samples") == int(iw_samples) and evaluation.get("epoch") == state["best_epoch"]
+            and "limit" not in evaluation):  # (an evaluation of the first N test images only is done again)
         raise InputError(f"{name} has finished ({state['epochs']} epochs) and its best epoch is evaluated at "
                          f"K={iw_samples}; collect it with: python benchmarks/density.py collect {run}")
     return f"{within}{evaluate}", "evaluated only"
@@ -146,7 +150,7 @@ def _check_same_model(name, run, flags):
                              f"{wanted[key]!r}; move that run away to start the row afresh")
 
 
-def start(names, runs, threads=1, iw_samples=5000):
+def start(names, runs, threads=1, iw_samples=5000, device="auto"):
     """Start (or resume) the rows ``names`` in the background, each in ``runs/NAME`` with its output appended to
     ``runs/NAME.log`` and its process group in ``runs/NAME.pid`` (``kill -- -PID`` stops the training, which writes
     its checkpoint, and what would follow it): what a new session runs to go on with its rows, on the machine
@@ -161,12 +165,13 @@ def start(names, runs, threads=1, iw_samples=5000):
         if group:
             raise InputError(f"{name} is still running (process group {group}); stop it first with kill -- -{group}, "
                              "or let it be")
-    planned = [(name, *start_command(name, runs, threads, iw_samples)) for name in names]  # all checked first
+    planned = [(name, *start_command(name, runs, threads, iw_samples, device=device))
+               for name in names]  # all checked first
     started = []
     for name, command, what in planned:
         if what == "started from epoch 0":
             keep_code(runs / f"{name}.code")
-            command, _ = start_command(name, runs, threads, iw_samples)  # now run with that copy
+            command, _ = start_command(name, runs, threads, iw_samples, device=device)  # now with that copy
         with open(runs / f"{name}.log", "a") as log:
             process = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
@@ -215,14 +220,25 @@ def _row(run, machine):
         "best_epoch": best, "best_val_elbo": vals[best - 1] if best else None,
         "last_val_elbo": vals[-1] if vals else None,
         "iw_samples": evaluation.get("iw_samples"), "evaluated_epoch": evaluation.get("epoch"),
+        "test_images": evaluation.get("n"),
         "test_nll": -iw if iw is not None else None, "test_elbo": evaluation.get("elbo"),
         **published(config), "seed": config["seed"],
         "seconds": round(sum(r.get("seconds", 0.0) for r in records), 1), "machine": machine,
+        "median_epoch_seconds": median_epoch_seconds(records),
         **({} if stopped else extrapolate(vals, config["patience"] or 50, config["epochs"],
                                           config.get("kl_warmup_epochs", 0))),
         **({"code": source.read_text().strip()} if (source := run.with_name(f"{run.name}.code") / "SOURCE").exists()
            else {}),
     }
+
+
+def median_epoch_seconds(records):
+    """The median wall time of the epochs in ``records`` (a run's ``metrics.jsonl`` records), in seconds: what an
+    epoch costs, where the summed ``seconds`` also count the hours a run waited, paused or shared its core."""
+    import statistics
+
+    seconds = [r["seconds"] for r in records if "seconds" in r]
+    return round(statistics.median(seconds), 1) if seconds else None
 
 
 def _model(config):
@@ -250,7 +266,8 @@ def extrapolate(vals, patience=50, max_epochs=2000, warmup=0):
     """Where an unfinished row's validation curve is heading: a power law v(t) = a - b t^-c fitted (least
     squares, c on a grid) to the epochs after the warm-up's and the first half's end, then the first epoch
     at which the fitted gain over the next ``patience`` epochs falls below the curve's own noise (the sd of
-    the fit's residuals), which is about where early stopping ends the run: ``{"extrapolated_stop_epoch",
+    the fit's residuals), plus ``patience``, which is about where early stopping ends the run (``patience``
+    epochs after the best so far where the curve has levelled off already): ``{"extrapolated_stop_epoch",
     "extrapolated_val_elbo", "fit_noise"}`` (empty where the curve is too short to fit)."""
     import numpy as np
 
@@ -277,13 +294,18 @@ def extrapolate(vals, patience=50, max_epochs=2000, warmup=0):
 
     stop = next((x for x in range(len(vals), max_epochs + 1) if fitted(x + patience) - fitted(x) < noise),
                 max_epochs)
-    return {"extrapolated_stop_epoch": int(min(stop + patience, max_epochs)),
+    last_best = max(range(len(vals)), key=vals.__getitem__) + 1
+    # levelled off already: no better epoch is expected, so early stopping ends it patience epochs after its best
+    ends = (last_best if stop == len(vals) else stop) + patience
+    return {"extrapolated_stop_epoch": int(min(ends, max_epochs)),
             "extrapolated_val_elbo": round(float(fitted(stop)), 2), "fit_noise": round(float(noise), 3)}
 
 
-def collect(runs, machine, note=None):
+def collect(runs, machine=None, note=None):
     """Rows for ``runs`` (run directories), merged by name into ``density.json``: rows of other runs,
-    collected earlier (on another machine, say), are kept. Returns the new rows."""
+    collected earlier (on another machine, say), are kept. A row collected again keeps its earlier ``machine``
+    and ``note`` unless new ones are given (a new run's machine defaults to this machine's kind). Returns the
+    new rows."""
     path = RESULTS / "density.json"
     by_name = {row["name"]: row for row in (json.loads(path.read_text()) if path.exists() else [])}
     (RESULTS / "density").mkdir(parents=True, exist_ok=True)
@@ -292,9 +314,14 @@ def collect(runs, machine, note=None):
         missing = [name for name in ("config.json", "metrics.jsonl") if not (run / name).exists()]
         if missing:
             raise InputError(f"{run} is not a run directory of pyro-vae train: it has no {' and no '.join(missing)}")
-        rows.append({**_row(run, machine), **({"note": note} if note else {})})
+        earlier = by_name.get(run.name, {})
+        kept = {"note": note or earlier.get("note")}
+        rows.append({**_row(run, machine or earlier.get("machine") or f"{platform.machine()}, "
+                              f"{os.cpu_count()}-core CPU"), **({"note": kept["note"]} if kept["note"] else {})})
         by_name[run.name] = rows[-1]
         write_bytes_atomic(RESULTS / "density" / f"{run.name}.metrics.jsonl", (run / "metrics.jsonl").read_bytes())
+        if (run / "eval.json").exists():
+            write_bytes_atomic(RESULTS / "density" / f"{run.name}.eval.json", (run / "eval.json").read_bytes())
         _keep_config(run / "config.json", RESULTS / "density" / f"{run.name}.config.json")
     write_text_atomic(path, json.dumps(list(by_name.values()), indent=2) + "\n")
     _plot(sorted((RESULTS / "density").glob("*.metrics.jsonl")))
@@ -369,26 +396,35 @@ def _nats(value):
     return "—" if value is None else f"{value:.2f}".replace("-", "−")
 
 
+def is_final(row):
+    """Whether ``row``'s test NLL is its result: early stopping (or the epoch limit) has ended it, and its best
+    epoch is evaluated on the whole test set (``TEST_IMAGES``); anything else is an interim number."""
+    return bool(row["finished"] and row["test_nll"] is not None and row["evaluated_epoch"] == row["best_epoch"]
+                and row.get("test_images") == TEST_IMAGES)
+
+
 def table(rows):
     """The README's density table (a markdown string) for ``rows`` (``density.json``'s rows): per row the published
     test NLL, the epochs trained, the best validation ELBO and its epoch, the test NLL at K=5000 and test ELBO with
     the epoch evaluated (an unfinished row's evaluation is of an earlier epoch, or none), where an unfinished
-    row's early stopping is expected (``extrapolate``), the seed, the epochs' summed wall time and the machine."""
+    row's early stopping is expected (``extrapolate``), the seed, the epochs' summed wall time, the median
+    epoch's and the machine."""
     lines = ["| row | published test NLL | epochs | best validation ELBO (epoch) | test NLL, K=5000 (epoch) | "
-             "test ELBO | expected stop, epoch (validation ELBO) | seed | hours | machine |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "test ELBO | expected stop, epoch (validation ELBO) | seed | hours | s/epoch | machine |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         epochs = f"{row['epochs']}, stopped early" if row["finished"] and row["epochs"] < row["max_epochs"] else \
             f"{row['epochs']}" if row["finished"] else f"{row['epochs']} so far"
         nll = "not yet" if row["test_nll"] is None else f"{_nats(row['test_nll'])} ({row['evaluated_epoch']})"
-        if row["finished"] and row["test_nll"] is not None and row["evaluated_epoch"] == row["best_epoch"]:
+        if is_final(row):
             nll = f"**{_nats(row['test_nll'])}** ({row['evaluated_epoch']})"
         stop = "—" if "extrapolated_stop_epoch" not in row else \
             f"{row['extrapolated_stop_epoch']} ({_nats(row['extrapolated_val_elbo'])})"
         mean, sd = row["published_nll"], row.get("published_sd")
         lines.append(f"| {_label(row)} | {_nats(mean)}{f' ± {sd:.2f}' if mean and sd else ''} | {epochs} | "
                      f"{_nats(row['best_val_elbo'])} ({row['best_epoch']}) | {nll} | {_nats(row['test_elbo'])} | "
-                     f"{stop} | {row['seed']} | {row['seconds'] / 3600:.2f} | {row['machine']} |")
+                     f"{stop} | {row['seed']} | {row['seconds'] / 3600:.2f} | "
+                     f"{row.get('median_epoch_seconds') or '—'} | {row['machine']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -408,16 +444,16 @@ def write_readme_table(readme, rows):
 
 def _plot(records_files, warmup=100, early=150, path=None):
     """docs/img/density_val.png: each row's validation -ELBO per epoch, all epochs (left; a dot at the best
-    epoch) and the first ``early`` epochs (right), where the short GPU rows' curves are; the dashed line is
+    epoch; its y axis the last nats, below 250) and the first ``early`` epochs (right, from the 10th on, on its own
+    y axis), where the short GPU rows' curves are; the dashed line is
     the end of the KL warm-up (``warmup`` epochs). Written to ``path`` where given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (whole, first) = plt.subplots(1, 2, figsize=(10, 4), dpi=120, sharey=True,
-                                       gridspec_kw={"width_ratios": [3, 2]})
-    lowest, styles = float("inf"), ["-", "--", ":"]
+    fig, (whole, first) = plt.subplots(1, 2, figsize=(10, 4), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+    lowest, styles, early_values = float("inf"), ["-", "--", ":"], []
     for i, records in enumerate(records_files):
         points = [(r["epoch"], -r["val_elbo"]) for r in read_records(records) if "val_elbo" in r]
         if not points:
@@ -428,6 +464,7 @@ def _plot(records_files, warmup=100, early=150, path=None):
         whole.plot(*best, "o", color=style["color"], markersize=3)
         first.plot(*zip(*[p for p in points if p[0] <= early]), **style)
         lowest = min(lowest, best[1])
+        early_values += [v for e, v in points if 10 <= e <= early]
     for ax, title in ((whole, "all epochs (dot: best epoch)"), (first, f"first {early} epochs")):
         ax.axvline(warmup, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xlabel("epoch")
@@ -436,6 +473,8 @@ def _plot(records_files, warmup=100, early=150, path=None):
     first.set_xlim(0, early)
     whole.set_ylabel("validation -ELBO (nats per image)")
     whole.set_ylim(top=250, **({"bottom": lowest - 1.0} if lowest < 249 else {}))  # the last nats, where rows differ
+    if early_values:  # from the 10th epoch on: the short rows' whole curves
+        first.set_ylim(min(early_values) - 1.0, max(early_values) + 1.0)
     whole.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path or Path(__file__).resolve().parents[1] / "docs" / "img" / "density_val.png")
@@ -447,7 +486,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="collect run directories into benchmarks/results/density.json")
     c.add_argument("runs", nargs="+")
-    c.add_argument("--machine", default=f"{platform.machine()}, 1 thread of a 2-core CPU")
+    c.add_argument("--machine", help="where the runs trained, as the table should say (default: what the row said "
+                   "when last collected; for a new row, this machine's kind and cores)")
     c.add_argument("--note", help="a remark stored in each of these rows (how they were run, why they stopped)")
     k = sub.add_parser("check", help="rerun a collected row's first epochs and compare them with its record")
     k.add_argument("name", help="a row of density.json, e.g. vae-standard")
@@ -460,6 +500,8 @@ def main(argv=None):
     s.add_argument("--runs", default="~/runs/density", help="the folder of the runs (default ~/runs/density)")
     s.add_argument("--threads", type=int, default=1, help="threads per row (default 1: one row per core)")
     s.add_argument("--iw-samples", type=int, default=5000, help="K of the evaluation at the end (default 5000)")
+    s.add_argument("--device", default="auto", help="cpu, cuda or auto (a GPU where PyTorch sees one; the default): "
+                   "where the rows train and are evaluated, whatever device they ran on before")
     t = sub.add_parser("table", help="print the README's table of the collected rows (markdown)")
     t.add_argument("--readme", action="store_true", help="write it into README.md, between its density-table marks")
     args = p.parse_args(argv)
@@ -468,7 +510,7 @@ def main(argv=None):
             print(json.dumps(row))
         return 0
     if args.command == "start":
-        for name, pid, what in start(args.names, args.runs, args.threads, args.iw_samples):
+        for name, pid, what in start(args.names, args.runs, args.threads, args.iw_samples, args.device):
             print(f"{name}: {what}, log "
                   f"{Path(args.runs).expanduser() / name}.log; stop it with kill -- -{pid}")
         return 0

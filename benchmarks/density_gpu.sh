@@ -63,9 +63,11 @@ deadline=$(( $(date +%s) + EVAL_S ))
 for row in "${ROWS[@]:2}" "${ROWS[@]:0:2}"; do  # the quick MLP rows first
   name=${row%%|*}; left=$(( deadline - $(date +%s) ))
   [ "$left" -gt 5 ] || { log "$name: no time left to evaluate"; continue; }
+  rm -f "$R/$name/eval.json"  # (one unpacked from SEED is of an earlier epoch)
   timeout "$left" $PY -m pyro_vae.cli evaluate "$R/$name" --iw-samples "$K" ${LIMIT:+--limit $LIMIT} \
     --no-progress > "$R/$name.eval.log" 2>&1
-  log "$name: $(grep -o '"iw_log_likelihood": [-0-9.]*' "$R/$name/eval.json" 2>/dev/null || echo "not evaluated (status $?)")"
+  status=$?  # 124: out of time
+  log "$name: $(grep -o '"iw_log_likelihood": [-0-9.]*' "$R/$name/eval.json" 2>/dev/null || echo "not evaluated (status $status)")"
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$R/density_gpu.log" 2>&1
 

@@ -424,6 +424,8 @@ def _evaluate(args):
             print(f"wrote {run_dir / 'confusion.png'}", file=sys.stderr)
         summary.update(dataset=config.dataset, binarize=config.binarize, checkpoint=name,
                        epoch=epoch, device=str(vae.device))
+        if args.limit is not None:  # the first N test points only, not the whole test set
+            summary["limit"] = args.limit
         if distributed.current() is not None:
             summary["processes"] = distributed.current().size
         if config.squeeze:

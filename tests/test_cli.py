@@ -228,7 +228,7 @@ def test_chain_train_then_evaluate(idx_dir, tmp_path):
 
     assert cli.main(["evaluate", str(out), "--iw-samples", "5", "--limit", "50", "--no-progress"]) == 0
     summary = json.loads((out / "eval.json").read_text())
-    assert summary["n"] == 50 and summary["latent_dims"] == [4, 8]
+    assert summary["n"] == summary["limit"] == 50 and summary["latent_dims"] == [4, 8]
     assert 0 <= summary["active_units_z0"] <= 4 and 0 <= summary["active_units_z1"] <= 8
     assert isinstance(summary["active_units_z0"], int) and isinstance(summary["active_units_z1"], int)
     assert "kl_z2" not in summary and "active_units_z2" not in summary

@@ -242,6 +242,10 @@ def test_the_density_benchmark_extrapolates_an_unfinished_curve_to_where_early_s
     assert got["fit_noise"] == pytest.approx(0.05, abs=0.01)
     assert extrapolate(curve[:120].tolist(), warmup=100) == {}  # too short after the warm-up to fit
     assert extrapolate((-230.0 + 0.0 * t).tolist()) == {}  # a flat curve goes nowhere
+    t = np.arange(1, 1001)  # the fitted gain over 50 epochs is below the noise by epoch 1000 already:
+    levelled = (-230.0 - 60.0 * t ** -0.5 + np.random.default_rng(0).normal(0, 0.05, len(t))).tolist()
+    best = max(range(1000), key=levelled.__getitem__) + 1  # so the run stops 50 epochs after its best so far
+    assert best < 990 and extrapolate(levelled, patience=50, warmup=100)["extrapolated_stop_epoch"] == best + 50
 
 
 def test_the_density_benchmark_reruns_a_collected_rows_first_epochs_and_finds_a_changed_record(
@@ -256,9 +260,14 @@ def test_the_density_benchmark_reruns_a_collected_rows_first_epochs_and_finds_a_
     monkeypatch.setattr(density, "_plot", lambda files: None)  # leave the README's picture alone
     run = tmp_path / "tiny-row"
     train(small_config(idx_dir, val_size=100, epochs=3, kl_warmup_epochs=2), run, progress=False, pictures=False)
-    row, = density.collect([run], "test machine")
-    assert row["name"] == "tiny-row" and row["epochs"] == 3
+    row, = density.collect([run], "test machine", note="how it ran")
+    assert row["name"] == "tiny-row" and row["epochs"] == 3 and row["test_nll"] is None
     assert (tmp_path / "results" / "density" / "tiny-row.config.json").exists()
+    assert cli.main(["evaluate", str(run), "--iw-samples", "2", "--limit", "16", "--no-progress"]) == 0
+    row, = density.collect([run])  # collected again: its machine and note stay, its evaluation is kept beside it
+    assert (row["machine"], row["note"], row["test_images"]) == ("test machine", "how it ran", 16)
+    evaluation = json.loads((tmp_path / "results" / "density" / "tiny-row.eval.json").read_text())
+    assert row["test_nll"] == -evaluation["iw_log_likelihood"] and evaluation["limit"] == 16
 
     # a run resumed on another device keeps the stored configuration its record started with; another change replaces it
     kept = tmp_path / "results" / "density" / "tiny-row.config.json"
@@ -355,8 +364,8 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     runs = tmp_path / "runs"
     with pytest.raises(InputError, match="no row 'vae'; rows: tiny, slow"):
         density.start_command("vae", runs)
-    fresh, what = density.start_command("tiny", runs, threads=2, iw_samples=3)
-    assert "OMP_NUM_THREADS=2 nice" in fresh and "--seed 0" in fresh and "--resume" not in fresh
+    fresh, what = density.start_command("tiny", runs, threads=2, iw_samples=3, device="cpu")
+    assert fresh.count(" --device cpu ") == 2 and "OMP_NUM_THREADS=2 nice" in fresh and "--seed 0" in fresh and "--resume" not in fresh
     assert what == "started from epoch 0" and not fresh.startswith("cd ")  # no copy of the code yet
     [(name, pid, what)] = density.start(["tiny", "tiny"], runs, iw_samples=3)  # in the background, once
     try:
@@ -372,6 +381,10 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
         density.start_command("tiny", runs, iw_samples=3)
     command, what = density.start_command("tiny", runs, iw_samples=5)
     assert what == "evaluated only" and " train " not in command and " evaluate " in command
+    evaluated = json.loads((runs / "tiny" / "eval.json").read_text())
+    (runs / "tiny" / "eval.json").write_text(json.dumps({**evaluated, "limit": 10}))  # as evaluate --limit 10 writes
+    assert density.start_command("tiny", runs, iw_samples=3)[1] == "evaluated only"  # not the whole test set
+    (runs / "tiny" / "eval.json").write_text(json.dumps(evaluated))
     code = runs / "tiny.code"  # the code the row started with, which its evaluation and resumes run
     assert (code / "pyro_vae" / "cli.py").exists() and (code / "SOURCE").read_text().startswith("pyro_vae from ")
     assert command.startswith(f"cd {code.resolve()} && ")
@@ -383,8 +396,9 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     assert what == "evaluated only" and json.loads((runs / "tiny" / "eval.json").read_text())["iw_samples"] == 5
     assert "pyro_vae from the row's own copy" in (runs / "tiny.log").read_text()
     (runs / "tiny" / "metrics.jsonl").write_text((runs / "tiny" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
-    again, what = density.start_command("tiny", runs)  # (as if stopped after its first epoch)
-    assert what == "resumed" and "--resume" in again and "--data-dir" not in again  # it keeps its own settings
+    again, what = density.start_command("tiny", runs, device="cuda")  # (as if stopped after its first epoch)
+    assert what == "resumed" and "--resume --device cuda " in again and again.count("--device cuda") == 2
+    assert "--resume" in again and "--data-dir" not in again  # it keeps its own settings
     assert again.startswith(f"cd {code.resolve()} && ")
     shutil.rmtree(code)  # a run started before rows kept their code
     again, what = density.start_command("tiny", runs)
@@ -449,8 +463,10 @@ def test_a_row_gets_the_published_number_only_when_it_is_the_papers_architecture
 def _row(**changes):
     row = {"name": "r", "model": "hvae", "prior": "standard", "levels": 2, "latent_dims": [40, 40],
            "posterior": "gaussian", "epochs": 929, "max_epochs": 2000, "finished": True, "best_epoch": 879,
-           "best_val_elbo": -230.747, "evaluated_epoch": 879, "test_nll": 228.634, "test_elbo": -231.413,
-           "published_nll": 227.37, "published_sd": 0.1, "seed": 0, "seconds": 7200.0, "machine": "a CPU"}
+           "best_val_elbo": -230.747, "evaluated_epoch": 879, "test_images": 10000, "test_nll": 228.634,
+           "test_elbo": -231.413,
+           "published_nll": 227.37, "published_sd": 0.1, "seed": 0, "seconds": 7200.0, "machine": "a CPU",
+           "median_epoch_seconds": 16.5}
     return {**row, **changes}
 
 
@@ -462,12 +478,14 @@ def test_the_density_table_says_what_is_final_and_what_is_not():
         _row(levels=3, latent_dims=[40, 40, 40], posterior="iaf:2", prior="vamp:500", published_nll=None,
              published_sd=None, test_nll=None, test_elbo=None, evaluated_epoch=None, finished=False, epochs=21)]
     ).splitlines()
-    assert head.count("|") == rule.count("|") == final.count("|") == 11
+    assert head.count("|") == rule.count("|") == final.count("|") == 12
     assert final == ("| HVAE, gated MLP, N(0, I) | 227.37 ± 0.10 | 929, stopped early | −230.75 (879) "
-                     "| **228.63** (879) | −231.41 | — | 0 | 2.00 | a CPU |")
+                     "| **228.63** (879) | −231.41 | — | 0 | 2.00 | 16.5 | a CPU |")
     assert "| 343 so far | −230.75 (335) | 236.92 (33) |" in unfinished and "| 1040 (−229.08) |" in unfinished
     assert beyond.startswith("| beyond: HVAE, gated MLP, 3 levels 40-40-40, IAF posterior (2 steps), "
                              "VampPrior(500) | — | 21 so far |") and "| not yet | — |" in beyond
+    [part] = density.table([_row(test_images=100)]).splitlines()[2:]  # an evaluation of the first 100 images only
+    assert "| 228.63 (879) |" in part and not density.is_final(_row(test_images=100))
 
 
 def test_the_readmes_density_table_is_the_collected_rows(tmp_path):
@@ -491,11 +509,33 @@ def test_the_readmes_density_table_is_the_collected_rows(tmp_path):
         density.write_readme_table(copy, rows)
 
 
+def test_every_collected_row_has_the_issues_fields_and_its_whole_record():
+    density = _density_benchmark()
+    required = ("model", "prior", "levels", "guide", "epochs", "best_epoch", "iw_samples", "test_nll", "test_elbo",
+                "published_nll", "seed", "seconds", "machine")
+    for row in json.loads((density.RESULTS / "density.json").read_text()):
+        name, kept = row["name"], density.RESULTS / "density"
+        assert all(key in row for key in required), (name, [key for key in required if key not in row])
+        vals = [r["val_elbo"] for r in (json.loads(line) for line in (kept / f"{name}.metrics.jsonl").open())]
+        assert row["epochs"] == len(vals) and row["best_val_elbo"] == max(vals), name
+        assert vals[row["best_epoch"] - 1] == max(vals) and row["levels"] == len(row["latent_dims"]), name
+        records = [json.loads(line) for line in (kept / f"{name}.metrics.jsonl").open()]
+        assert row["median_epoch_seconds"] == density.median_epoch_seconds(records), name
+        assert row["test_nll"] is None or row["test_nll"] > 0, name
+        if (kept / f"{name}.eval.json").exists():  # kept since rows are collected with their evaluation
+            evaluation = json.loads((kept / f"{name}.eval.json").read_text())
+            assert (row["test_nll"], row["test_images"]) == (-evaluation["iw_log_likelihood"], evaluation["n"]), name
+        if density.is_final(row):
+            assert row["iw_samples"] == 5000 and row["epochs"] - row["best_epoch"] >= 50, name
+
+
 def test_the_density_picture_draws_every_row_whole_and_its_first_epochs(tmp_path):
     import sys
     from pathlib import Path
 
+    import matplotlib.colors
     import matplotlib.image
+    import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import density
@@ -506,5 +546,11 @@ def test_the_density_picture_draws_every_row_whole_and_its_first_epochs(tmp_path
     short.write_text("".join(json.dumps({"epoch": e, "val_elbo": -290 + e / 2}) + "\n" for e in range(1, 41)))
     out = tmp_path / "val.png"
     density._plot([long, short], path=out)
-    height, width, _ = matplotlib.image.imread(out).shape
+    image = matplotlib.image.imread(out)[..., :3]
+    height, width, _ = image.shape
     assert width > 1.5 * height  # two panels side by side: all epochs, and the first ones
+    split = int(width * 0.6)  # the left panel is 3/5 of the width
+    near = {colour: (np.abs(image - matplotlib.colors.to_rgb(colour)).sum(-1) < 0.15).nonzero()[1]
+            for colour in ("C0", "C1")}  # the columns of each row's curve (long: C0, short: C1)
+    assert (near["C0"] < split).sum() > 100 and (near["C0"] > split).sum() > 100  # long: in both panels
+    assert (near["C1"] > split).sum() > 100  # short (above 250 nats): in the first epochs' panel
