@@ -73,6 +73,10 @@ ROWS = {
 MODEL_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "posterior")
 
 
+class RowDone(InputError):
+    """A row that has nothing left to run: its training has finished and its best epoch is evaluated."""
+
+
 def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device="auto"):
     """How the row ``name`` goes on in ``runs/NAME``: ``(command, what)``, a shell command (a string) and one of
     "started from epoch 0", "resumed" (or, for a run from before copies were kept, "resumed with today's code")
@@ -83,7 +87,7 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device="aut
     preset changed); then, once early stopping or the epoch limit has ended the training, ``pyro-vae evaluate``
     of its best epoch at K=``iw_samples``. A training that fails or is stopped by a signal (status 128 + the
     signal, its checkpoint written) ends it there. A row that has finished its training is only evaluated, and
-    one evaluated at that K already is refused. Every step runs the code in ``runs/NAME.code`` where
+    one evaluated at that K already is refused (:class:`RowDone`). Every step runs the code in ``runs/NAME.code`` where
     :func:`keep_code` left one (the library as it was when the row started; the command runs in that folder, which
     ``python -m`` puts first on ``sys.path``), so that a resume is bitwise and
     the evaluation reads the model that trained, whatever the library has become since."""
@@ -111,7 +115,7 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device="aut
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     if (evaluation.get("iw_samples") == int(iw_samples) and evaluation.get("epoch") == state["best_epoch"]
             and "limit" not in evaluation):  # (an evaluation of the first N test images only is done again)
-        raise InputError(f"{name} has finished ({state['epochs']} epochs) and its best epoch is evaluated at "
+        raise RowDone(f"{name} has finished ({state['epochs']} epochs) and its best epoch is evaluated at "
                          f"K={iw_samples}; collect it with: python benchmarks/density.py collect {run}")
     return f"{within}{evaluate}", "evaluated only"
 
@@ -155,8 +159,9 @@ def start(names, runs, threads=1, iw_samples=5000, device="auto"):
     ``runs/NAME.log`` and its process group in ``runs/NAME.pid`` (``kill -- -PID`` stops the training, which writes
     its checkpoint, and what would follow it): what a new session runs to go on with its rows, on the machine
     that ran them or, from epoch 0, on another. A row started from epoch 0 keeps a copy of today's code in
-    ``runs/NAME.code`` (:func:`keep_code`), which its resumes and its evaluation run. Returns
-    ``[(name, pid, what)]``, ``what`` as :func:`start_command` says."""
+    ``runs/NAME.code`` (:func:`keep_code`), which its resumes and its evaluation run. A row with nothing left to
+    run is passed over; any other refusal stops them all, before any starts. Returns ``[(name, pid, what)]``,
+    ``what`` as :func:`start_command` says (``pid`` None and ``what`` the reason for a row passed over)."""
     runs = Path(runs).expanduser()
     runs.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys(names))  # a row named twice is started once
@@ -165,10 +170,17 @@ def start(names, runs, threads=1, iw_samples=5000, device="auto"):
         if group:
             raise InputError(f"{name} is still running (process group {group}); stop it first with kill -- -{group}, "
                              "or let it be")
-    planned = [(name, *start_command(name, runs, threads, iw_samples, device=device))
-               for name in names]  # all checked first
+    planned = []
+    for name in names:  # all checked first
+        try:
+            planned.append((name, *start_command(name, runs, threads, iw_samples, device=device)))
+        except RowDone as done:
+            planned.append((name, None, str(done)))
     started = []
     for name, command, what in planned:
+        if command is None:
+            started.append((name, None, what))
+            continue
         if what == "started from epoch 0":
             keep_code(runs / f"{name}.code")
             command, _ = start_command(name, runs, threads, iw_samples, device=device)  # now with that copy
@@ -511,7 +523,7 @@ def main(argv=None):
         return 0
     if args.command == "start":
         for name, pid, what in start(args.names, args.runs, args.threads, args.iw_samples, args.device):
-            print(f"{name}: {what}, log "
+            print(what if pid is None else f"{name}: {what}, log "
                   f"{Path(args.runs).expanduser() / name}.log; stop it with kill -- -{pid}")
         return 0
     if args.command == "table":

@@ -379,6 +379,11 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     assert evaluation["iw_samples"] == 3 and evaluation["epoch"] in (1, 2)  # the best validation epoch
     with pytest.raises(InputError, match="tiny has finished \\(2 epochs\\) and its best epoch is evaluated at K=3"):
         density.start_command("tiny", runs, iw_samples=3)
+    _wait_for_exit(pid)  # the first start's shell, stopped above
+    with pytest.raises(InputError, match="no row 'nope'"):  # a mistake among the names starts nothing
+        density.start(["tiny", "nope"], runs, iw_samples=3)
+    [(name, pid, what)] = density.start(["tiny"], runs, iw_samples=3)  # nothing left to run: passed over
+    assert pid is None and what.startswith("tiny has finished (2 epochs)") and "density.py collect" in what
     command, what = density.start_command("tiny", runs, iw_samples=5)
     assert what == "evaluated only" and " train " not in command and " evaluate " in command
     evaluated = json.loads((runs / "tiny" / "eval.json").read_text())
@@ -390,7 +395,6 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     assert command.startswith(f"cd {code.resolve()} && ")
     with open(code / "pyro_vae" / "__init__.py", "a") as init:
         init.write('\nprint("pyro_vae from the row\'s own copy")\n')
-    _wait_for_exit(pid)  # the first start's shell, stopped above
     [(_, pid, what)] = density.start(["tiny"], runs, iw_samples=5)
     _wait_for_exit(pid)
     assert what == "evaluated only" and json.loads((runs / "tiny" / "eval.json").read_text())["iw_samples"] == 5
