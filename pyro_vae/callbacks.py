@@ -391,8 +391,8 @@ class Checkpoint(Callback):
 
 
 class KeepBest(Callback):
-    """Hands ``loop.state_dict()`` to ``save`` at the end of each epoch whose ``monitor`` is the best of
-    the run's history so far (ties count: the later epoch is kept)."""
+    """Hands ``loop.state_dict()`` to ``save`` at the end of each epoch whose ``monitor`` is better than every
+    earlier epoch's (on a tie the earlier epoch is kept, the one :class:`EarlyStopping` counts from)."""
 
     def __init__(self, save, monitor="test_elbo", mode="max"):
         self.save = save
@@ -400,8 +400,8 @@ class KeepBest(Callback):
 
     def on_epoch_end(self, loop):
         value = self._monitor.value(loop)
-        values = [r[self._monitor.monitor] for r in loop.history if self._monitor.monitor in r]
-        if value == (max(values) if self._monitor.mode == "max" else min(values)):
+        earlier = [r[self._monitor.monitor] for r in loop.history[:-1] if self._monitor.monitor in r]  # [-1]: this one
+        if not earlier or (value > max(earlier) if self._monitor.mode == "max" else value < min(earlier)):
             self.save(loop.state_dict())
 
 

@@ -208,6 +208,20 @@ def test_early_stopping_waits_patience_epochs_and_stays_stopped_on_resume(images
     assert [r["epoch"] for r in again] == [1, 2, 3, 4, 5]
 
 
+def test_keep_best_keeps_the_epoch_early_stopping_counts_from(images):
+    scores = [1.0, 3.0, 2.0, 3.0, 2.5]  # a tie at epoch 4: early stopping counts from epoch 2
+    saved = []
+    stopper = EarlyStopping("score", patience=3)
+    _fit(images[:64], epochs=5, callbacks=[Metric(scores), stopper,
+                                           callbacks.KeepBest(lambda state: saved.append(state["epoch"]), "score")])
+    assert saved == [1, 2] and stopper.best_epoch == 2  # best.pt holds the epoch the record calls best
+    saved.clear()
+    _fit(images[:64], epochs=3, callbacks=[Metric([5.0, 4.0, 4.0]),
+                                           callbacks.KeepBest(lambda state: saved.append(state["epoch"]), "score",
+                                                              mode="min")])
+    assert saved == [1, 2]
+
+
 def test_early_stopping_min_mode_and_min_delta(images):
     stopper = EarlyStopping("score", patience=2, mode="min", min_delta=0.5)
     history = _fit(images[:64], epochs=6, callbacks=[Metric([5.0, 4.0, 3.8, 3.7, 1.0, 1.0]), stopper])
