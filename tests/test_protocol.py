@@ -150,6 +150,8 @@ def _skip_chain(dims, arch="mlp", **kw):
 def test_skip_connections_read_every_level_above(dims, images):
     import pyro.poutine as poutine
 
+    from pyro_vae import VAE
+
     vae = _skip_chain(dims)
     assert [t.in_features for t in vae.transitions] == [sum(dims[:i + 1]) for i in range(len(dims) - 1)]
     x = images[:7]
@@ -159,10 +161,19 @@ def test_skip_connections_read_every_level_above(dims, images):
         assert guide_tr.nodes[f"z{level}"]["value"].shape == (7, d)
         assert model_tr.nodes[f"z{level}"]["fn"].event_shape == (d,)
     assert model_tr.nodes["x"]["fn"].event_shape == (1, 28, 28)
-    # the decoder reads every level: changing the top level moves x's parameters given the rest
-    zs = [guide_tr.nodes[f"z{level}"]["value"] for level in range(len(dims))]
-    shifted = [zs[0] + 1.0, *zs[1:]]
-    assert not torch.allclose(vae.decoder(torch.cat(zs, -1)), vae.decoder(torch.cat(shifted, -1)))
+    # the model's p(x | ...) reads every level: moving the top level, the levels below held, moves it (and without
+    # skip connections it reads the bottom level only)
+    zs = {f"z{level}": guide_tr.nodes[f"z{level}"]["value"] for level in range(len(dims))}
+
+    def x_mean(model, **changed):
+        trace = poutine.trace(poutine.condition(model, data={**zs, **changed})).get_trace(x)
+        return trace.nodes["x"]["fn"].mean
+
+    assert not torch.allclose(x_mean(vae.model), x_mean(vae.model, z0=zs["z0"] + 1.0))
+    plain = VAE(*nets.build("mlp", (1, 28, 28), dims[-1], hidden=32), dims, guide="top-down", hidden=32)
+    assert torch.equal(x_mean(plain.model), x_mean(plain.model, z0=zs["z0"] + 1.0))
+    bottom = f"z{len(dims) - 1}"
+    assert not torch.equal(x_mean(plain.model), x_mean(plain.model, **{bottom: zs[bottom] + 1.0}))
     assert vae.sample(3).shape == (3, 1, 28, 28) and vae.reconstruct(x).shape == x.shape
     assert vae.resample_below(x[:2], 1, 3).shape == (2, 3, 1, 28, 28)
 
