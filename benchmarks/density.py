@@ -237,7 +237,7 @@ def _row(run, machine):
         **published(config), "seed": config["seed"],
         "seconds": round(sum(r.get("seconds", 0.0) for r in records), 1), "machine": machine,
         "median_epoch_seconds": median_epoch_seconds(records),
-        **({} if stopped else extrapolate(vals, config["patience"] or 50, config["epochs"],
+        **({} if stopped else extrapolate(vals, config["patience"], config["epochs"],
                                           config.get("kl_warmup_epochs", 0))),
         **({"code": source.read_text().strip()} if (source := run.with_name(f"{run.name}.code") / "SOURCE").exists()
            else {}),
@@ -279,7 +279,8 @@ def extrapolate(vals, patience=50, max_epochs=2000, warmup=0):
     squares, c on a grid) to the epochs after the warm-up's and the first half's end, then the first epoch
     at which the fitted gain over the next ``patience`` epochs falls below the curve's own noise (the sd of
     the fit's residuals), plus ``patience``, which is about where early stopping ends the run (``patience``
-    epochs after the best so far where the curve has levelled off already): ``{"extrapolated_stop_epoch",
+    epochs after the best so far where the curve has levelled off already; at ``max_epochs`` where ``patience``
+    is 0, no early stopping): ``{"extrapolated_stop_epoch",
     "extrapolated_val_elbo", "fit_noise"}`` (empty where the curve is too short to fit)."""
     import numpy as np
 
@@ -304,6 +305,9 @@ def extrapolate(vals, patience=50, max_epochs=2000, warmup=0):
     def fitted(x):
         return a - b * x ** -c
 
+    if not patience:  # no early stopping: the run goes on to its epoch limit
+        return {"extrapolated_stop_epoch": int(max_epochs),
+                "extrapolated_val_elbo": round(float(fitted(max_epochs)), 2), "fit_noise": round(float(noise), 3)}
     stop = next((x for x in range(len(vals), max_epochs + 1) if fitted(x + patience) - fitted(x) < noise),
                 max_epochs)
     last_best = max(range(len(vals)), key=vals.__getitem__) + 1

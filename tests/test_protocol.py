@@ -252,6 +252,9 @@ def test_the_density_benchmark_extrapolates_an_unfinished_curve_to_where_early_s
                                                          abs=0.1)
     assert got["fit_noise"] == pytest.approx(0.05, abs=0.01)
     assert extrapolate(curve[:120].tolist(), warmup=100) == {}  # too short after the warm-up to fit
+    endless = extrapolate(curve.tolist(), patience=0, max_epochs=2000, warmup=100)  # no early stopping
+    assert endless["extrapolated_stop_epoch"] == 2000
+    assert endless["extrapolated_val_elbo"] == pytest.approx(-230.0 - 60.0 * 2000 ** -0.5, abs=0.3)  # 5x the data
     assert extrapolate((-230.0 + 0.0 * t).tolist()) == {}  # a flat curve goes nowhere
     t = np.arange(1, 1001)  # the fitted gain over 50 epochs is below the noise by epoch 1000 already:
     levelled = (-230.0 - 60.0 * t ** -0.5 + np.random.default_rng(0).normal(0, 0.05, len(t))).tolist()
