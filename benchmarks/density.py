@@ -77,47 +77,71 @@ class RowDone(InputError):
     """A row that has nothing left to run: its training has finished and its best epoch is evaluated."""
 
 
-def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device="auto"):
+def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device=None):
     """How the row ``name`` goes on in ``runs/NAME``: ``(command, what)``, a shell command (a string) and one of
     "started from epoch 0", "resumed" (or, for a run from before copies were kept, "resumed with today's code")
-    and "evaluated only". The command runs, niced, with ``threads`` threads, on ``device`` (``auto``: a CUDA GPU
-    where PyTorch sees one, else the CPU; a run resumed on another device than it ran on goes on, not bitwise),
-    ``pyro-vae train`` with the row's flags (``rows``, default ``ROWS``) and seed 0, or ``--resume`` where
-    ``runs/NAME/checkpoint.pt`` exists (refused if that run's model is not the row's: a run left from before a
-    preset changed); then, once early stopping or the epoch limit has ended the training, ``pyro-vae evaluate``
-    of its best epoch at K=``iw_samples``. A training that fails or is stopped by a signal (status 128 + the
-    signal, its checkpoint written) ends it there. A row that has finished its training is only evaluated, and
-    one evaluated at that K already is refused (:class:`RowDone`). Every step runs the code in ``runs/NAME.code`` where
-    :func:`keep_code` left one (the library as it was when the row started; the command runs in that folder, which
-    ``python -m`` puts first on ``sys.path``), so that a resume is bitwise and
-    the evaluation reads the model that trained, whatever the library has become since."""
+    and "evaluated only". The command runs, niced, with ``threads`` threads, ``pyro-vae train`` with the row's
+    flags (``rows``, default ``ROWS``) and seed 0, or ``--resume`` where ``runs/NAME/checkpoint.pt`` exists
+    (refused if that run's model is not the row's: a run left from before a preset changed); then, once early
+    stopping or the epoch limit has ended the training, ``pyro-vae evaluate`` of its best epoch at
+    K=``iw_samples``. A training that fails or is stopped by a signal (status 128 + the signal, its checkpoint
+    written) ends it there. A row that has finished its training is only evaluated, and one evaluated at that K
+    already is refused (:class:`RowDone`).
+
+    ``device``: where a new row trains (default ``auto``: a CUDA GPU where PyTorch sees one, else the CPU); a
+    run that exists goes on where it ran, so that its resume is bitwise, unless ``device`` names another (refused
+    when it ran on a GPU this machine lacks). Every step runs the code in ``runs/NAME.code`` where
+    :func:`keep_code` left one (the library as it was when the row started: the command runs in that folder and
+    puts it on ``PYTHONPATH``, ahead of the installed one), so that a resume is bitwise and the evaluation reads
+    the model that trained, whatever the library has become since."""
     rows = ROWS if rows is None else rows
     if name not in rows:
         raise InputError(f"no row {name!r}; rows: {', '.join(rows)}")
     run = Path(runs).expanduser().resolve() / name
     code = run.with_name(f"{name}.code")
-    # python -m puts the working directory first on sys.path, before PYTHONPATH and an editable install
-    within = f"cd {shlex.quote(str(code))} && " if (code / "pyro_vae").is_dir() else ""
-    cli = f"OMP_NUM_THREADS={int(threads)} nice {shlex.quote(sys.executable)} -m pyro_vae.cli"
-    on = f"--device {shlex.quote(device)}"
-    evaluate = f"{cli} evaluate {shlex.quote(str(run))} --iw-samples {int(iw_samples)} {on} --no-progress"
+    # python -m puts the working directory first on sys.path (but under PYTHONSAFEPATH), then PYTHONPATH
+    within = f"cd {shlex.quote(str(code))} && PYTHONPATH={shlex.quote(str(code))} " \
+        if (code / "pyro_vae").is_dir() else ""
+    cli = f"{within}OMP_NUM_THREADS={int(threads)} nice {shlex.quote(sys.executable)} -m pyro_vae.cli"
     if not (run / "checkpoint.pt").exists():
-        return (f"{within}{cli} train --out {shlex.quote(str(run))} {rows[name]} --seed 0 {on} "
-                f"--checkpoint-every 500 --no-progress && {evaluate}", "started from epoch 0")
+        on = f"--device {shlex.quote(device or 'auto')} "
+        return (f"{cli} train --out {shlex.quote(str(run))} {rows[name]} --seed 0 {on}--checkpoint-every 500 "
+                f"--no-progress && {_evaluate(cli, run, iw_samples, on)}", "started from epoch 0")
     if not (run / "config.json").exists():
         raise InputError(f"{run} holds a checkpoint.pt but no config.json, so it is no run of pyro-vae train; "
                          "move it away to start the row afresh")
     _check_same_model(name, run, rows[name])
+    on = _device_flag(name, run, device)
     state = _progress(run) if (run / "metrics.jsonl").exists() else {"finished": False}  # stopped in epoch 1
     if not state["finished"]:
-        return (f"{within}{cli} train --out {shlex.quote(str(run))} --resume {on} --checkpoint-every 500 "
-                f"--no-progress && {evaluate}", "resumed" if within else f"resumed with today's code (it has no {code.name})")
+        return (f"{cli} train --out {shlex.quote(str(run))} --resume {on}--checkpoint-every 500 --no-progress && "
+                f"{_evaluate(cli, run, iw_samples, on)}",
+                "resumed" if within else f"resumed with today's code (it has no {code.name})")
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     if (evaluation.get("iw_samples") == int(iw_samples) and evaluation.get("epoch") == state["best_epoch"]
             and "limit" not in evaluation):  # (an evaluation of the first N test images only is done again)
         raise RowDone(f"{name} has finished ({state['epochs']} epochs) and its best epoch is evaluated at "
-                         f"K={iw_samples}; collect it with: python benchmarks/density.py collect {run}")
-    return f"{within}{evaluate}", "evaluated only"
+                      f"K={iw_samples}; collect it with: python benchmarks/density.py collect {run}")
+    return _evaluate(cli, run, iw_samples, on), "evaluated only"
+
+
+def _evaluate(cli, run, iw_samples, on):
+    return f"{cli} evaluate {shlex.quote(str(run))} --iw-samples {int(iw_samples)} {on}--no-progress"
+
+
+def _device_flag(name, run, device):
+    """``--device DEVICE `` where ``device`` names one, else "" (the run goes on where it ran), refused where it
+    ran on a GPU and PyTorch sees none here."""
+    if device:
+        return f"--device {shlex.quote(device)} "
+    ran_on = json.loads((run / "config.json").read_text()).get("device", "auto")
+    if ran_on.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"{name} ran on {ran_on}, and PyTorch sees no GPU here; pass --device cpu to go on "
+                             "on the CPU (not bitwise: other kernels and random numbers)")
+    return ""
 
 
 def keep_code(code):
@@ -154,7 +178,7 @@ def _check_same_model(name, run, flags):
                              f"{wanted[key]!r}; move that run away to start the row afresh")
 
 
-def start(names, runs, threads=1, iw_samples=5000, device="auto"):
+def start(names, runs, threads=1, iw_samples=5000, device=None):
     """Start (or resume) the rows ``names`` in the background, each in ``runs/NAME`` with its output appended to
     ``runs/NAME.log`` and its process group in ``runs/NAME.pid`` (``kill -- -PID`` stops the training, which writes
     its checkpoint, and what would follow it): what a new session runs to go on with its rows, on the machine
@@ -310,18 +334,20 @@ def extrapolate(vals, patience=50, max_epochs=2000, warmup=0):
                 "extrapolated_val_elbo": round(float(fitted(max_epochs)), 2), "fit_noise": round(float(noise), 3)}
     stop = next((x for x in range(len(vals), max_epochs + 1) if fitted(x + patience) - fitted(x) < noise),
                 max_epochs)
-    last_best = max(range(len(vals)), key=vals.__getitem__) + 1
-    # levelled off already: no better epoch is expected, so early stopping ends it patience epochs after its best
-    ends = (last_best if stop == len(vals) else stop) + patience
-    return {"extrapolated_stop_epoch": int(min(ends, max_epochs)),
-            "extrapolated_val_elbo": round(float(fitted(stop)), 2), "fit_noise": round(float(noise), 3)}
+    if stop == len(vals):  # levelled off already: early stopping ends it patience epochs after its best, kept
+        best = max(range(len(vals)), key=vals.__getitem__)
+        ends, value = best + 1 + patience, vals[best]
+    else:
+        ends, value = stop + patience, fitted(stop)
+    return {"extrapolated_stop_epoch": int(min(ends, max_epochs)), "extrapolated_val_elbo": round(float(value), 2),
+            "fit_noise": round(float(noise), 3)}
 
 
 def collect(runs, machine=None, note=None):
     """Rows for ``runs`` (run directories), merged by name into ``density.json``: rows of other runs,
     collected earlier (on another machine, say), are kept. A row collected again keeps its earlier ``machine``
-    and ``note`` unless new ones are given (a new run's machine defaults to this machine's kind). Returns the
-    new rows."""
+    and ``note`` unless new ones are given (``note=""`` drops it; a new run's machine defaults to this machine's
+    kind), and its evaluation (``eval.json``) beside its record, or none. Returns the new rows."""
     path = RESULTS / "density.json"
     by_name = {row["name"]: row for row in (json.loads(path.read_text()) if path.exists() else [])}
     (RESULTS / "density").mkdir(parents=True, exist_ok=True)
@@ -331,13 +357,16 @@ def collect(runs, machine=None, note=None):
         if missing:
             raise InputError(f"{run} is not a run directory of pyro-vae train: it has no {' and no '.join(missing)}")
         earlier = by_name.get(run.name, {})
-        kept = {"note": note or earlier.get("note")}
+        remark = earlier.get("note") if note is None else note
         rows.append({**_row(run, machine or earlier.get("machine") or f"{platform.machine()}, "
-                              f"{os.cpu_count()}-core CPU"), **({"note": kept["note"]} if kept["note"] else {})})
+                              f"{os.cpu_count()}-core CPU"), **({"note": remark} if remark else {})})
         by_name[run.name] = rows[-1]
         write_bytes_atomic(RESULTS / "density" / f"{run.name}.metrics.jsonl", (run / "metrics.jsonl").read_bytes())
+        kept = RESULTS / "density" / f"{run.name}.eval.json"
         if (run / "eval.json").exists():
-            write_bytes_atomic(RESULTS / "density" / f"{run.name}.eval.json", (run / "eval.json").read_bytes())
+            write_bytes_atomic(kept, (run / "eval.json").read_bytes())
+        else:  # (one kept from before is no longer the row's)
+            kept.unlink(missing_ok=True)
         _keep_config(run / "config.json", RESULTS / "density" / f"{run.name}.config.json")
     write_text_atomic(path, json.dumps(list(by_name.values()), indent=2) + "\n")
     _plot(sorted((RESULTS / "density").glob("*.metrics.jsonl")))
@@ -504,7 +533,8 @@ def main(argv=None):
     c.add_argument("runs", nargs="+")
     c.add_argument("--machine", help="where the runs trained, as the table should say (default: what the row said "
                    "when last collected; for a new row, this machine's kind and cores)")
-    c.add_argument("--note", help="a remark stored in each of these rows (how they were run, why they stopped)")
+    c.add_argument("--note", help="a remark stored in each of these rows (how they were run, why they stopped; "
+                   "default: a row's earlier note; \"\" drops it)")
     k = sub.add_parser("check", help="rerun a collected row's first epochs and compare them with its record")
     k.add_argument("name", help="a row of density.json, e.g. vae-standard")
     k.add_argument("--epochs", type=int, default=2, help="how many of its first epochs to rerun (default 2)")
@@ -516,8 +546,8 @@ def main(argv=None):
     s.add_argument("--runs", default="~/runs/density", help="the folder of the runs (default ~/runs/density)")
     s.add_argument("--threads", type=int, default=1, help="threads per row (default 1: one row per core)")
     s.add_argument("--iw-samples", type=int, default=5000, help="K of the evaluation at the end (default 5000)")
-    s.add_argument("--device", default="auto", help="cpu, cuda or auto (a GPU where PyTorch sees one; the default): "
-                   "where the rows train and are evaluated, whatever device they ran on before")
+    s.add_argument("--device", help="cpu, cuda or auto (a GPU where PyTorch sees one): where the rows train and are "
+                   "evaluated (default: a new row auto, a row that ran where it ran, so that it resumes bitwise)")
     t = sub.add_parser("table", help="print the README's table of the collected rows (markdown)")
     t.add_argument("--readme", action="store_true", help="write it into README.md, between its density-table marks")
     args = p.parse_args(argv)

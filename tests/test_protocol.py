@@ -259,7 +259,9 @@ def test_the_density_benchmark_extrapolates_an_unfinished_curve_to_where_early_s
     t = np.arange(1, 1001)  # the fitted gain over 50 epochs is below the noise by epoch 1000 already:
     levelled = (-230.0 - 60.0 * t ** -0.5 + np.random.default_rng(0).normal(0, 0.05, len(t))).tolist()
     best = max(range(1000), key=levelled.__getitem__) + 1  # so the run stops 50 epochs after its best so far
-    assert best < 990 and extrapolate(levelled, patience=50, warmup=100)["extrapolated_stop_epoch"] == best + 50
+    got = extrapolate(levelled, patience=50, warmup=100)
+    assert best < 990 and got["extrapolated_stop_epoch"] == best + 50
+    assert got["extrapolated_val_elbo"] == round(levelled[best - 1], 2)  # the best epoch's, which early stopping keeps
 
 
 def test_the_density_benchmark_reruns_a_collected_rows_first_epochs_and_finds_a_changed_record(
@@ -282,6 +284,10 @@ def test_the_density_benchmark_reruns_a_collected_rows_first_epochs_and_finds_a_
     assert (row["machine"], row["note"], row["test_images"]) == ("test machine", "how it ran", 16)
     evaluation = json.loads((tmp_path / "results" / "density" / "tiny-row.eval.json").read_text())
     assert row["test_nll"] == -evaluation["iw_log_likelihood"] and evaluation["limit"] == 16
+    (run / "eval.json").unlink()
+    row, = density.collect([run], note="")  # no evaluation now, and no note
+    assert row["test_nll"] is None and "note" not in row
+    assert not (tmp_path / "results" / "density" / "tiny-row.eval.json").exists()
 
     # a run resumed on another device keeps the stored configuration its record started with; another change replaces it
     kept = tmp_path / "results" / "density" / "tiny-row.config.json"
@@ -345,18 +351,27 @@ def _wait_for(path, what, seconds=180):
 
 
 def _wait_for_exit(pid, seconds=180):
-    """Wait for this process's child ``pid`` (a shell that :func:`density.start` began) to end, and reap it."""
+    """Wait for this process's child ``pid`` (a shell that :func:`density.start` began) to end, reap it, and wait
+    for the rest of its process group (a bash that did not exec its last command leaves it running on)."""
     import os
     import time
 
     for _ in range(seconds * 10):
         try:
             if os.waitpid(pid, os.WNOHANG)[0]:
-                return
+                break
         except ChildProcessError:  # reaped already
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {pid} still runs after {seconds} s")
+    for _ in range(seconds * 10):
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
             return
         time.sleep(0.1)
-    raise AssertionError(f"process {pid} still runs after {seconds} s")
+    raise AssertionError(f"process group {pid} still runs after {seconds} s")
 
 
 def _stop_group(pid):
@@ -409,13 +424,23 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     assert command.startswith(f"cd {code.resolve()} && ")
     with open(code / "pyro_vae" / "__init__.py", "a") as init:
         init.write('\nprint("pyro_vae from the row\'s own copy")\n')
+    monkeypatch.setenv("PYTHONSAFEPATH", "1")  # python -m then leaves the working directory off sys.path
     [(_, pid, what)] = density.start(["tiny"], runs, iw_samples=5)
     _wait_for_exit(pid)
+    monkeypatch.delenv("PYTHONSAFEPATH")
     assert what == "evaluated only" and json.loads((runs / "tiny" / "eval.json").read_text())["iw_samples"] == 5
     assert "pyro_vae from the row's own copy" in (runs / "tiny.log").read_text()
     (runs / "tiny" / "metrics.jsonl").write_text((runs / "tiny" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
     again, what = density.start_command("tiny", runs, device="cuda")  # (as if stopped after its first epoch)
     assert what == "resumed" and "--resume --device cuda " in again and again.count("--device cuda") == 2
+    assert "--device" not in density.start_command("tiny", runs)[0]  # by default it goes on where it ran
+    config = json.loads((runs / "tiny" / "config.json").read_text())
+    (runs / "tiny" / "config.json").write_text(json.dumps({**config, "device": "cuda"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="tiny ran on cuda, and PyTorch sees no GPU here; pass --device cpu"):
+        density.start_command("tiny", runs)
+    assert "--resume --device cpu " in density.start_command("tiny", runs, device="cpu")[0]
+    (runs / "tiny" / "config.json").write_text(json.dumps(config))
     assert "--resume" in again and "--data-dir" not in again  # it keeps its own settings
     assert again.startswith(f"cd {code.resolve()} && ")
     shutil.rmtree(code)  # a run started before rows kept their code
