@@ -66,7 +66,6 @@ ROWS = {
     "hvae-vamp": "--preset vampprior-hvae --prior vamp:500",
     "hvae3-vamp": "--preset vampprior-hvae --prior vamp:500 --latent-dims 40,40,40",
     "hvae-iaf": "--preset vampprior-hvae --posterior iaf:2",
-    "vae-vamp-iaf": "--preset vampprior-vae --prior vamp:500 --posterior iaf:2",
     "hvae3-standard": "--preset vampprior-hvae --latent-dims 40,40,40",
     "convhvae-standard": "--preset vampprior-convhvae",
     "convhvae-vamp": "--preset vampprior-convhvae --prior vamp:500",
