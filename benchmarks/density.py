@@ -66,6 +66,7 @@ ROWS = {
     "hvae-vamp": "--preset vampprior-hvae --prior vamp:500",
     "hvae3-vamp": "--preset vampprior-hvae --prior vamp:500 --latent-dims 40,40,40",
     "hvae-iaf": "--preset vampprior-hvae --posterior iaf:2",
+    "vae-flow-iaf": "--preset vampprior-vae --prior flow:2 --posterior iaf:2",  # (a VampPrior over IAF is refused)
     "hvae3-standard": "--preset vampprior-hvae --latent-dims 40,40,40",
     "convhvae-standard": "--preset vampprior-convhvae",
     "convhvae-vamp": "--preset vampprior-convhvae --prior vamp:500",
@@ -427,6 +428,8 @@ def _label(row):
         prior = "N(0, I)"
     elif prior.startswith("vamp:"):
         prior = f"VampPrior({prior.removeprefix('vamp:')})"
+    elif prior.startswith("flow:"):
+        prior = f"flow prior ({prior.removeprefix('flow:')} steps)"
     parts = [network]
     if row["levels"] > 2:
         parts.append(f"{row['levels']} levels {'-'.join(map(str, row['latent_dims']))}")

@@ -495,9 +495,12 @@ def test_a_row_gets_the_published_number_only_when_it_is_the_papers_architecture
     assert density.published({**conv, "arch": "conv"})["published_nll"] == 225.38  # the rows run before it
     beyond = [{**hvae, "latent_dims": [40, 40, 40]}, {**hvae, "posterior": "iaf:2"}, {**vae, "prior": "vamp:100"},
               {**vae, "hidden": 200}, {**vae, "latent_dims": [32]}, {**hvae, "skip": False}, {**vae, "arch": "mlp"},
-              {**conv, "hidden": 200}, {**conv, "latent_dims": [40, 40, 40]}]
+              {**conv, "hidden": 200}, {**conv, "latent_dims": [40, 40, 40]},
+              {**vae, "prior": "flow:2", "posterior": "iaf:2"}]
     for config in beyond:
         assert density.published(config) == {"published_nll": None, "published_sd": None}, config
+    flow = _row(model="vae", levels=1, latent_dims=[40], prior="flow:2", posterior="iaf:2", published_nll=None)
+    assert density._label(flow) == "beyond: VAE, gated MLP, IAF posterior (2 steps), flow prior (2 steps)"
     label = {**_row(model="convhvae"), "published_nll": 225.38}
     assert density._label({**label, "arch": "gated-conv"}) == "ConvHVAE, gated conv, N(0, I)"
     assert density._label({**label, "arch": "conv"}) == "ConvHVAE, this library's plain conv nets, N(0, I)"
