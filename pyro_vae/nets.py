@@ -31,20 +31,17 @@ def _check_x_shape(x_shape):
     return x_shape
 
 
-def _check_image_shape(x_shape, who, alternative):
-    x_shape = _check_x_shape(x_shape)
-    if len(x_shape) != 3 or x_shape[1] % 4 or x_shape[2] % 4:
-        raise InputError(f"{who} needs images of shape (C, H, W) with H and W multiples of 4, got {x_shape}; "
-                         f"use {alternative} for other shapes (on the command line: --arch mlp, or --image-size N "
-                         "with N a multiple of 4)")
-    return x_shape
+_CONV_FLAGS = "--arch mlp, or --image-size N with N a multiple of 4"  # other networks or sizes for the conv nets
 
 
-def _check_gated_image_shape(x_shape, who, alternative):
+def _check_image_shape(x_shape, who, alternative, command_line, multiple=4):
+    """``x_shape`` checked to be ``(C, H, W)`` with H and W multiples of ``multiple`` (1: any size); the error names
+    ``who`` and the ``alternative`` network for other shapes (``command_line``: the flags that choose it)."""
     x_shape = _check_x_shape(x_shape)
-    if len(x_shape) != 3:
-        raise InputError(f"{who} needs images of shape (C, H, W), got {x_shape}; use {alternative} for vectors "
-                         "(on the command line: --arch gated)")
+    if len(x_shape) != 3 or x_shape[1] % multiple or x_shape[2] % multiple:
+        sizes = f" with H and W multiples of {multiple}" if multiple > 1 else ""
+        raise InputError(f"{who} needs images of shape (C, H, W){sizes}, got {x_shape}; use {alternative} for other "
+                         f"shapes (on the command line: {command_line})")
     return x_shape
 
 
@@ -216,7 +213,7 @@ class ConvEncoder(_ImageEncoder):
 
     def __init__(self, x_shape, channels=(32, 64), features=256, activation=nn.ReLU):
         super().__init__()
-        self.x_shape = _check_image_shape(x_shape, "ConvEncoder", "MLPEncoder")
+        self.x_shape = _check_image_shape(x_shape, "ConvEncoder", "MLPEncoder", _CONV_FLAGS)
         c, h, w = self.x_shape
         c1, c2 = (_check_width("conv channels", ch) for ch in channels)
         self.out_features = _check_width("features", features)
@@ -240,7 +237,7 @@ class ConvDecoder(nn.Module):
     def __init__(self, latent_dim, x_shape, channels=(64, 32), out_channels=1, activation=nn.ReLU):
         super().__init__()
         self.latent_dim = _check_width("latent_dim", latent_dim)
-        self.x_shape = _check_image_shape(x_shape, "ConvDecoder", "MLPDecoder")
+        self.x_shape = _check_image_shape(x_shape, "ConvDecoder", "MLPDecoder", _CONV_FLAGS)
         c, h, w = self.x_shape
         c1, c2 = (_check_width("conv channels", ch) for ch in channels)
         self.out_channels = _check_width("out_channels", out_channels)
@@ -284,7 +281,8 @@ class GatedConvEncoder(_ImageEncoder):
 
     def __init__(self, x_shape, channels=(32, 32, 64, 64)):
         super().__init__()
-        self.x_shape = _check_gated_image_shape(x_shape, "GatedConvEncoder", "GatedMLPEncoder")
+        self.x_shape = _check_image_shape(x_shape, "GatedConvEncoder", "GatedMLPEncoder", "--arch gated",
+                                           multiple=1)
         if not isinstance(channels, (tuple, list)) or len(channels) != 4:
             raise InputError(f"GatedConvEncoder needs 4 channel counts, got {channels!r}; use e.g. (32, 32, 64, 64)")
         c1, c2, c3, c4 = (_check_width("conv channels", ch) for ch in channels)
@@ -314,7 +312,8 @@ class GatedConvDecoder(nn.Module):
     def __init__(self, latent_dim, x_shape, hidden=300, channels=64, layers=4, out_channels=1):
         super().__init__()
         self.latent_dim = _check_width("latent_dim", latent_dim)
-        self.x_shape = _check_gated_image_shape(x_shape, "GatedConvDecoder", "GatedMLPDecoder")
+        self.x_shape = _check_image_shape(x_shape, "GatedConvDecoder", "GatedMLPDecoder", "--arch gated",
+                                           multiple=1)
         self.out_channels = _check_width("out_channels", out_channels)
         c, width = self.x_shape[0], _check_width("conv channels", channels)
         self.dense = _gated([self.latent_dim, _check_width("hidden width", hidden), math.prod(self.x_shape)])
