@@ -111,9 +111,11 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device=None
     if not (run / "config.json").exists():
         raise InputError(f"{run} holds a checkpoint.pt but no config.json, so it is no run of pyro-vae train; "
                          "move it away to start the row afresh")
-    _check_same_model(name, run, rows[name])
-    on = _device_flag(name, run, device)
-    state = _progress(run) if (run / "metrics.jsonl").exists() else {"finished": False}  # stopped in epoch 1
+    kept = json.loads((run / "config.json").read_text())
+    _check_same_model(name, run, kept, rows[name])
+    on = _device_flag(name, kept, device)
+    state = _progress(kept, read_records(run / "metrics.jsonl")) \
+        if (run / "metrics.jsonl").exists() else {"finished": False}  # (stopped in its first epoch)
     if not state["finished"]:
         return (f"{cli} train --out {shlex.quote(str(run))} --resume {on}--checkpoint-every 500 --no-progress && "
                 f"{_evaluate(cli, run, iw_samples, on)}",
@@ -130,12 +132,12 @@ def _evaluate(cli, run, iw_samples, on):
     return f"{cli} evaluate {shlex.quote(str(run))} --iw-samples {int(iw_samples)} {on}--no-progress"
 
 
-def _device_flag(name, run, device):
-    """``--device DEVICE `` where ``device`` names one, else "" (the run goes on where it ran), refused where it
-    ran on a GPU and PyTorch sees none here."""
+def _device_flag(name, kept, device):
+    """``--device DEVICE `` where ``device`` names one, else "" (the run goes on where it ran, as its settings
+    ``kept`` say), refused where it ran on a GPU and PyTorch sees none here."""
     if device:
         return f"--device {shlex.quote(device)} "
-    ran_on = json.loads((run / "config.json").read_text()).get("device", "auto")
+    ran_on = kept.get("device", "auto")
     if ran_on.startswith("cuda"):
         import torch
 
@@ -167,12 +169,12 @@ def keep_code(code):
     write_text_atomic(code / "SOURCE", f"pyro_vae from {package}, {source}\n")
 
 
-def _check_same_model(name, run, flags):
-    """Refuse the run in ``run`` where its model (``MODEL_SETTINGS``) is not the one the row's ``flags`` give."""
+def _check_same_model(name, run, kept, flags):
+    """Refuse the run in ``run`` where its model (``MODEL_SETTINGS`` of its settings ``kept``) is not the one the
+    row's ``flags`` give."""
     from pyro_vae.cli import train_config
 
     wanted = train_config(["--out", str(run), *shlex.split(flags)]).to_dict()
-    kept = json.loads((run / "config.json").read_text())
     for key in MODEL_SETTINGS:
         if kept.get(key) != wanted[key]:
             raise InputError(f"the run in {run} has {key}={kept.get(key)!r}, but the row {name} now has "
@@ -229,11 +231,9 @@ def _running(pid_file):
     return group
 
 
-def _progress(run):
-    """How far the run in ``run`` has come, from its config and record: ``{"epochs", "finished", "best_epoch",
-    "vals"}`` (``finished``: early stopping or the epoch limit has ended it)."""
-    config = json.loads((run / "config.json").read_text())
-    records = read_records(run / "metrics.jsonl")
+def _progress(config, records):
+    """How far a run has come, from its settings (``config.json``, a dict) and its epochs' ``records``:
+    ``{"epochs", "finished", "best_epoch", "vals"}`` (``finished``: early stopping or the epoch limit has ended it)."""
     vals = [r.get("val_elbo") for r in records if r.get("val_elbo") is not None]
     best = max(range(len(vals)), key=vals.__getitem__) + 1 if vals else None
     finished = bool(records) and (len(records) >= config["epochs"] or
@@ -247,7 +247,7 @@ def _row(run, machine):
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     levels = len(config["latent_dims"])
     model = _model(config)
-    state = _progress(run)
+    state = _progress(config, records)
     vals, best, stopped = state["vals"], state["best_epoch"], state["finished"]
     iw = evaluation.get("iw_log_likelihood")
     return {
