@@ -68,6 +68,10 @@ ROWS = {
     "hvae-iaf": "--preset vampprior-hvae --posterior iaf:2",
     "vae-flow-iaf": "--preset vampprior-vae --prior flow:2 --posterior iaf:2",  # (a VampPrior over IAF is refused)
     "hvae3-standard": "--preset vampprior-hvae --latent-dims 40,40,40",
+    # the HVAE with every network as the paper's code builds it (its own encoder per posterior, gated transitions,
+    # a 600-wide joint decoder layer, He's initialisation, clamped log-variances): pyro_vae.paper_hvae
+    "hvae-paper-standard": "--preset vampprior-hvae --arch gated-hvae",
+    "hvae-paper-vamp": "--preset vampprior-hvae --prior vamp:500 --arch gated-hvae",
     "convhvae-standard": "--preset vampprior-convhvae",
     "convhvae-vamp": "--preset vampprior-convhvae --prior vamp:500",
 }
@@ -293,7 +297,8 @@ def published(config):
     model, dims = _model(config), config["latent_dims"]
     prior = {"standard": "standard", "vamp:500": "vamp"}.get(config["prior"])
     paper = (dims == [40] * (1 if model == "vae" else 2) and config["posterior"] == "gaussian"
-             and (config["arch"] == "conv" or (config["arch"] in ("gated", "gated-conv") and config["hidden"] == 300))
+             and (config["arch"] == "conv"
+                  or (config["arch"] in ("gated", "gated-conv", "gated-hvae") and config["hidden"] == 300))
              and (model == "vae" or config.get("skip", False)))
     mean, sd = PUBLISHED.get((model, prior), (None, None)) if paper else (None, None)
     return {"published_nll": mean, "published_sd": sd}
@@ -421,6 +426,8 @@ def _label(row):
     """What a row is, in words: "VAE, gated MLP, N(0, I)", "beyond: HVAE, gated MLP, IAF posterior (2 steps), ..."."""
     networks = {"vae": "VAE, gated MLP", "hvae": "HVAE, gated MLP", "convhvae": "ConvHVAE"}
     network = networks.get(row["model"], row["model"])
+    if row.get("arch") == "gated-hvae":
+        network += ", the paper's networks"
     if row["model"] == "convhvae":  # rows collected before the paper's gated convolutions existed have "conv"
         network += ", gated conv" if row.get("arch") == "gated-conv" else ", this library's plain conv nets"
     prior = row["prior"]

@@ -5,11 +5,11 @@
 is a convenience built on exactly those two functions.
 """
 
-from . import callbacks, chain, data, evaluate, likelihoods, nets, objectives, posteriors, priors
+from . import callbacks, chain, data, evaluate, likelihoods, nets, objectives, paper_hvae, posteriors, priors
 from .errors import InputError
 from .train import RunConfig, fit
 from .vae import VAE
 
 __all__ = ["VAE", "InputError", "RunConfig", "fit", "callbacks", "chain", "data", "evaluate", "likelihoods", "nets", "objectives",
-           "posteriors", "priors"]
+           "paper_hvae", "posteriors", "priors"]
 __version__ = "0.1.0"

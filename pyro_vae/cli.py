@@ -223,8 +223,9 @@ def _add_model_flags(t):
                         "4 for --arch conv; default: the images' own size)")
     t.add_argument("--channels", type=int, metavar="1|3",
                    help="1: grey, 3: colour (default: as the images are; a folder is grey if every image is)")
-    t.add_argument("--arch", help=f"mlp, conv, gated (the VampPrior paper's gated MLP) or gated-conv (its gated "
-                                  f"convolutions) (default {DEFAULTS.arch})")
+    t.add_argument("--arch", help=f"mlp, conv, gated (the VampPrior paper's gated MLP), gated-conv (its gated "
+                                  f"convolutions) or gated-hvae (its two-level HVAE, every network as its code "
+                                  f"has it) (default {DEFAULTS.arch})")
     t.add_argument("--latent-dims", "--latent-dim", type=_sizes, metavar="D0[,D1,...]",
                    help="sizes of the latent levels, top (z0) to bottom, e.g. 16,32,64; one number is "
                         f"the one-level VAE (default {','.join(map(str, DEFAULTS.latent_dims))})")

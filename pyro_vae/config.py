@@ -13,7 +13,7 @@ import torch
 
 from . import cells
 from . import data as data_
-from . import distributed, likelihoods, nets, posteriors, priors, settings
+from . import distributed, likelihoods, nets, paper_hvae, posteriors, priors, settings
 from .chain import MEANFIELD_BOTTOM_UP
 from .errors import InputError
 from .vae import GUIDES
@@ -43,6 +43,7 @@ TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_ste
 COUNT_INPUTS = ("log1p", "raw")
 # what --dataset counts means when a flag is not given (applied under the user's flags, see with_defaults)
 COUNT_DEFAULTS = dict(latent_dims=[10], hidden=128, binarize="none", likelihood="nb:library", epochs=300, batch_size=128)
+ARCHS = (*nets.ARCHS, *paper_hvae.ARCHS)  # nets.build's encoder-decoder pairs, and whole chains
 LABELLED_DATASETS = data_.DATASETS  # the data sets whose class labels pyro-vae reads (ten classes each)
 CLASSES = 10
 
@@ -229,8 +230,8 @@ class RunConfig:
 
     def _check_images(self):
         """The networks, the image size and channels, the likelihood and the binarisation."""
-        if self.arch not in nets.ARCHS:
-            raise InputError(f"unknown arch {self.arch!r}; choose one of: {', '.join(nets.ARCHS)}")
+        if self.arch not in ARCHS:
+            raise InputError(f"unknown arch {self.arch!r}; choose one of: {', '.join(ARCHS)}")
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size < 0:
             raise InputError(f"--image-size must be a whole number >= 1 (or 0: the images' own size), got "
                              f"{self.image_size!r}; use e.g. --image-size 32")
@@ -270,6 +271,25 @@ class RunConfig:
                              "order; add --guide top-down")
         if self.elbo == "meanfield" and self.guide == "bottom-up" and len(dims) > 1:
             raise InputError(MEANFIELD_BOTTOM_UP)
+        if self.arch in paper_hvae.ARCHS:
+            self._check_paper_hvae()
+
+    def _check_paper_hvae(self):
+        """``--arch gated-hvae`` is one model: two levels, the top-down guide with skip connections, its own
+        Gaussian heads, nothing read beside x and the levels."""
+        what = "--arch gated-hvae is the VampPrior paper's two-level HVAE"
+        if len(self.latent_dims) != 2:
+            raise InputError(f"{what}, got {len(self.latent_dims)} level(s) {self.latent_dims}; use --latent-dims "
+                             "D0,D1 (e.g. 40,40), or --arch gated for other chains")
+        if self.guide != "top-down" or not self.skip:
+            raise InputError(f"{what}: q(z0 | x) q(z1 | x, z0), the top-down guide with skip connections; add "
+                             "--guide top-down --skip (or use --preset vampprior-hvae)")
+        if self.posterior != "gaussian":
+            raise InputError(f"{what}, with the paper's Gaussian heads (log-variance in [-6, 2]); use --posterior "
+                             "gaussian, or --arch gated for another posterior")
+        if self.labels or self.cell_covariates or self.prior.startswith("gmvae"):
+            raise InputError(f"{what}, unconditioned: its networks read x and the levels only; use --arch gated "
+                             "with --labels, a gmvae prior or covariates")
 
     def _check_mixture(self):
         """The GMVAE prior's discrete level: the class when labels are given, summed out by TraceEnum_ELBO."""

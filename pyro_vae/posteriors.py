@@ -20,6 +20,7 @@ import functools
 
 import pyro.distributions as dist
 from pyro.distributions.transforms import conditional_affine_autoregressive
+import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -53,6 +54,36 @@ class DiagonalGaussian(nn.Module):
         loc = self.mean_head(h)
         scale = F.softplus(self.scale_head(h)) + self.min_scale
         return dist.Normal(loc, scale).to_event(1)
+
+
+class ClampedGaussian(nn.Module):
+    """q(z | h) = N(mu(h), diag(exp(lv(h)))) with the log-variance clamped: the VampPrior paper's Gaussian heads.
+
+    ``mu`` is a linear map of h; ``lv = hardtanh(linear(h), min_logvar, max_logvar)`` (the paper's code:
+    ``NonLinear(F, D, activation=nn.Hardtanh(-6, 2))``), so the standard deviation lies in
+    ``[exp(min_logvar / 2), exp(max_logvar / 2)]`` (0.05 to 2.7 by default).
+
+    Args:
+        in_features: width of the features h.
+        latent_dim: size of z.
+        min_logvar, max_logvar: the clamp on the log-variance.
+    """
+
+    def __init__(self, in_features, latent_dim, min_logvar=-6.0, max_logvar=2.0):
+        super().__init__()
+        self.in_features = _check_width("in_features", in_features)
+        self.latent_dim = _check_width("latent_dim", latent_dim)
+        if not float(min_logvar) < float(max_logvar):
+            raise InputError(f"min_logvar must be below max_logvar, got {min_logvar} and {max_logvar}; "
+                             "use e.g. -6 and 2")
+        self.min_logvar, self.max_logvar = float(min_logvar), float(max_logvar)
+        self.mean_head = nn.Linear(self.in_features, self.latent_dim)
+        self.logvar_head = nn.Linear(self.in_features, self.latent_dim)
+
+    def forward(self, h):
+        """``Normal(mu, exp(lv / 2)).to_event(1)`` with batch shape ``h.shape[:-1]``."""
+        logvar = F.hardtanh(self.logvar_head(h), self.min_logvar, self.max_logvar)
+        return dist.Normal(self.mean_head(h), torch.exp(0.5 * logvar)).to_event(1)
 
 
 class IAF(nn.Module):

@@ -45,7 +45,7 @@ from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from . import data as data_
 from . import cells as cells_
-from . import distributed, likelihoods, nets, plots, posteriors, priors, rundir, settings
+from . import distributed, likelihoods, nets, paper_hvae, plots, posteriors, priors, rundir, settings
 from .callbacks import (Checkpoint, DataParallel, DivergenceGuard, EarlyStopping, EpochLog, EpochStats, Evaluation,
                         GradientSkip, KeepBest, KLWeight, ProgressBar, WeightAverage)
 from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, write_text_atomic
@@ -74,13 +74,17 @@ def build_vae(config, x_shape):
     classes = prior.k if label_level else CLASSES if config.labels else 0
     covariates = cells_.width(config)  # count data's batch (one-hot) and continuous covariates
     reads += 0 if label_level else classes + covariates  # the decoder reads the label or batch beside the levels
-    encoder, decoder = nets.build(config.arch, x_shape, reads, out_channels=likelihood.channels, hidden=config.hidden)
+    if config.arch in paper_hvae.ARCHS:  # a whole chain's networks
+        networks = paper_hvae.networks(x_shape, config.latent_dims, config.hidden, likelihood.channels)
+    else:
+        networks = dict(zip(("encoder", "decoder"), nets.build(config.arch, x_shape, reads, hidden=config.hidden,
+                                                               out_channels=likelihood.channels)),
+                        posterior=posteriors.from_name(config.posterior))
     if config.dataset == "counts" and config.count_input == "log1p":
-        encoder = nets.Log1p(encoder)
-    return VAE(encoder, decoder, config.latent_dims, likelihood=likelihood, beta=config.beta, prior=prior,
-               posterior=posteriors.from_name(config.posterior), guide=config.guide, hidden=config.hidden,
-               skip=config.skip, condition=classes or covariates, label_site=bool(classes),
-               enumerate=config.enumerate)
+        networks["encoder"] = nets.Log1p(networks["encoder"])
+    return VAE(latent_dims=config.latent_dims, likelihood=likelihood, beta=config.beta, prior=prior,
+               guide=config.guide, hidden=config.hidden, skip=config.skip, condition=classes or covariates,
+               label_site=bool(classes), enumerate=config.enumerate, **networks)
 
 
 def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=None):

@@ -103,7 +103,7 @@ def encoder_width(encoder, x_shape):
     return int(out.shape[1])
 
 
-def _checked_arguments(latent_dims, condition, label_site, enumerate, beta, guide, skip):
+def _checked_arguments(latent_dims, condition, label_site, enumerate, beta, guide, skip, ladder):
     """:class:`VAE`'s arguments checked, each refused with a one-line fix; returns ``latent_dims`` as a
     list of ints."""
     latent_dims = [int(d) for d in latent_dims]
@@ -126,6 +126,8 @@ def _checked_arguments(latent_dims, condition, label_site, enumerate, beta, guid
     if skip and len(latent_dims) > 1 and guide != "top-down":
         raise InputError("skip connections draw z_l given x and every level above it, which is the top-down "
                          "guide's order; use guide='top-down' with skip=True")
+    if ladder and guide != "top-down":
+        raise InputError("ladder and ladder_heads are the top-down guide's networks; use guide='top-down' with them")
     return latent_dims
 
 
@@ -170,6 +172,17 @@ class VAE(nn.Module):
             z_{l-1} ``(*batch, D_{l-1})`` to a Pyro distribution over z_l with
             event shape ``(D_l,)`` (default :class:`~pyro_vae.chain.GaussianNet`;
             the top-down guide needs ``Normal(...).to_event(1)``).
+        ladder: optional list of L modules, the top-down guide's upward path:
+            ``ladder[l]`` maps d_{l+1} ``(*batch, F_{l+1})`` (d_L is the
+            encoder's features) to d_l ``(*batch, F_l)`` (default two softplus
+            layers of ``hidden``). Needs ``guide="top-down"``.
+        ladder_heads: optional list of L modules, ``ladder_heads[l]`` mapping d_l
+            (with ``skip``: ``cat(d_l, z_0, ..., z_l-1)``) to a Pyro distribution
+            over z_l with event shape ``(D_l,)`` (default: the ``posterior``
+            family on ``hidden`` (+ the levels above) inputs). The head of zL is
+            ``posterior``. Needs ``guide="top-down"``.
+            :func:`pyro_vae.paper_hvae.networks` builds the VampPrior paper's
+            HVAE from these pieces.
         hidden: width of the chain's own networks (transitions, bottom-up
             conditionals, ladder).
         skip: skip connections, as in the VampPrior paper's HVAE: every
@@ -207,11 +220,13 @@ class VAE(nn.Module):
 
     def __init__(self, encoder, decoder, latent_dims=(50,), prior=None, likelihood=None,
                  posterior=None, x_shape=None, beta=1.0, guide="bottom-up", transitions=None, hidden=256,
-                 name=None, skip=False, condition=0, label_site=False, enumerate="parallel"):
+                 name=None, skip=False, condition=0, label_site=False, enumerate="parallel", ladder=None,
+                 ladder_heads=None):
         super().__init__()
         index = next(_NAMES)
         self.name = str(name) if name is not None else ("vae" if index == 0 else f"vae_{index}")
-        latent_dims = _checked_arguments(latent_dims, condition, label_site, enumerate, beta, guide, skip)
+        latent_dims = _checked_arguments(latent_dims, condition, label_site, enumerate, beta, guide, skip,
+                                         ladder is not None or ladder_heads is not None)
         self.condition = condition
         self.label_site, self.enumerate = bool(label_site), enumerate
         self.skip = bool(skip) and len(latent_dims) > 1
@@ -246,7 +261,8 @@ class VAE(nn.Module):
         self._pieces_checked = set()  # "model", "guide": each piece's distribution checked at its first call
         self._given = None  # the y that model and guide read when called without one (see given)
 
-        self._build_chain(transitions, family, features, above, hidden)
+        self._build_chain(dict(transitions=transitions, ladder=ladder, ladder_heads=ladder_heads), family, features,
+                          above, hidden)
         # M2's q(y | x): a classifier on the encoder's features (Kingma et al. 2014)
         self.classifier = nn.Sequential(nn.Linear(features - condition, hidden), nn.Softplus(),
                                         nn.Linear(hidden, condition)) if self.label_site else None
@@ -255,31 +271,31 @@ class VAE(nn.Module):
         # the model draws z0 given y, and the decoder reads the levels alone
         self.label_in_prior = self.label_site and bool(getattr(self.prior, "reads_label", False))
 
-    def _build_chain(self, transitions, family, features, above, hidden):
+    def _build_chain(self, given, family, features, above, hidden):
         """The chain's networks below z0, built in this order (which fixes their initial weights for a seed):
-        the model's transitions p(z_l+1 | z_l) (``transitions``, else GaussianNets reading ``above[l+1]``
+        the model's transitions p(z_l+1 | z_l) (``given["transitions"]``, else GaussianNets reading ``above[l+1]``
         inputs with skip connections), then the bottom-up guide's q(z_l | z_l+1) or the top-down guide's
-        ladder d_l and its heads (``family`` of posterior, on ``hidden + above[l]`` inputs). A one-level VAE
-        gets empty module lists, which keep the foundation's parameter names."""
+        ladder d_l and its heads (``given["ladder"]``, ``given["ladder_heads"]``, else softplus layers and
+        heads of the ``family`` of posterior on ``hidden + above[l]`` inputs). A one-level VAE gets empty
+        module lists, which keep the foundation's parameter names."""
         latent_dims, levels = self.latent_dims, len(self.latent_dims) - 1  # L
-        if transitions is None:
-            transitions = [GaussianNet(above[i + 1] or latent_dims[i], latent_dims[i + 1], hidden)
-                           for i in range(levels)]
-        if len(transitions) != levels:
-            raise InputError(f"transitions must hold {levels} module{'s' if levels != 1 else ''} (one per level "
-                             f"below z0, len(latent_dims) - 1), got {len(transitions)}; pass one module per level "
-                             "below z0, or transitions=None for the default GaussianNet transitions")
-        self.transitions = nn.ModuleList(transitions)
+        defaults = {
+            "transitions": lambda: [GaussianNet(above[i + 1] or latent_dims[i], latent_dims[i + 1], hidden)
+                                    for i in range(levels)],
+            "ladder": lambda: [mlp_features(features if i == levels - 1 else hidden, hidden) for i in range(levels)],
+            "ladder_heads": lambda: [posteriors_.build(family, hidden + above[i], latent_dims[i])
+                                     for i in range(levels)]}
+        modules = {key: _level_modules(key, given[key], levels) if given[key] is not None else None for key in given}
+        self.transitions = nn.ModuleList(modules["transitions"] or defaults["transitions"]())
         self.guide_transitions = nn.ModuleList()  # bottom-up: q(z_l | z_l+1), index l
         self.ladder = nn.ModuleList()             # top-down: d_l = ladder[l](d_l+1), index l
-        self.ladder_heads = nn.ModuleList()       # top-down: Gaussian from d_l, index l < L
+        self.ladder_heads = nn.ModuleList()       # top-down: q(z_l | d_l (, z_0 .. z_l-1)), index l < L
         if levels and self.guide_order == "bottom-up":
             self.guide_transitions.extend(GaussianNet(latent_dims[i + 1], latent_dims[i], hidden, head=family)
                                           for i in range(levels))
         elif levels:
-            self.ladder.extend(mlp_features(features if i == levels - 1 else hidden, hidden)
-                               for i in range(levels))
-            self.ladder_heads.extend(posteriors_.build(family, hidden + above[i], latent_dims[i]) for i in range(levels))
+            self.ladder.extend(modules["ladder"] or defaults["ladder"]())
+            self.ladder_heads.extend(modules["ladder_heads"] or defaults["ladder_heads"]())
 
     def q_top(self, x):
         """q(z0 | x) as a distribution, batch ``x.shape[:-len(x_shape)]``, event ``(D0,)``: a one-level
@@ -904,6 +920,21 @@ class VAE(nn.Module):
     def _mean(self, out, event_dims):
         """E[x | decoder output] ``(*batch, *x_shape)`` (a user's likelihood may take ``mean(out)`` alone)."""
         return self.likelihood.mean(out, event_dims) if self._mean_takes_dims else self.likelihood.mean(out)
+
+
+def _level_modules(name, modules, levels):
+    """``modules`` (a user's ``transitions``, ``ladder`` or ``ladder_heads``) as a list of ``levels`` modules, or an
+    :class:`InputError` that says what it must hold."""
+    modules = list(modules) if isinstance(modules, (list, tuple, nn.ModuleList)) else [modules]
+    if len(modules) != levels:
+        raise InputError(f"{name} must hold {levels} module{'s' if levels != 1 else ''} (one per level below z0, "
+                         f"len(latent_dims) - 1), got {len(modules)}; pass one module per level below z0, or "
+                         f"{name}=None for the default networks")
+    for module in modules:
+        if not isinstance(module, nn.Module):
+            raise InputError(f"{name} must hold nn.Module instances, got {type(module).__name__}; wrap a function "
+                             "in an nn.Module")
+    return modules
 
 
 def _count(n):

@@ -220,16 +220,18 @@ def test_skip_needs_the_top_down_guide():
 
 
 @pytest.mark.parametrize("preset, arch, size", [("vampprior-hvae", "gated", 0),
+                                                ("vampprior-hvae", "gated-hvae", 0),
                                                 ("vampprior-convhvae", "gated-conv", 8)])
 def test_the_hvae_presets_resume_bitwise(preset, arch, size, idx_dir, tmp_path):
-    kw = dict(data_dir=str(idx_dir), val_size=64, hidden=16, latent_dims=[3, 4], batch_size=64,
+    kw = dict(data_dir=str(idx_dir), val_size=64, hidden=16, latent_dims=[3, 4], batch_size=64, arch=arch,
               kl_warmup_epochs=1, patience=3, image_size=size, prior="vamp:5")  # 8 x 8 images: the conv nets are slow
     straight, _ = train(RunConfig.from_preset(preset, epochs=2, **kw), tmp_path / "a", progress=False, pictures=False)
     train(RunConfig.from_preset(preset, epochs=1, **kw), tmp_path / "b", progress=False, pictures=False)
     resumed, _ = train(RunConfig.from_preset(preset, epochs=2, **kw), tmp_path / "b", resume=True,
                        progress=False, pictures=False)
     assert straight.skip and straight.guide_order == "top-down"
-    assert type(straight.encoder).__name__ == {"gated": "GatedMLPEncoder", "gated-conv": "GatedConvEncoder"}[arch]
+    assert type(straight.encoder).__name__ == {"gated": "GatedMLPEncoder", "gated-conv": "GatedConvEncoder",
+                                               "gated-hvae": "TwoEncoders"}[arch]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -491,16 +493,19 @@ def test_a_row_gets_the_published_number_only_when_it_is_the_papers_architecture
     assert density.published({**vae, "prior": "vamp:500"}) == {"published_nll": 227.35, "published_sd": 0.05}
     assert density.published(hvae)["published_nll"] == 227.37
     assert density.published({**hvae, "prior": "vamp:500"})["published_nll"] == 226.72
+    assert density.published({**hvae, "prior": "vamp:500", "arch": "gated-hvae"})["published_nll"] == 226.72
     assert density.published(conv)["published_nll"] == 225.38 and conv["arch"] == "gated-conv"
     assert density.published({**conv, "arch": "conv"})["published_nll"] == 225.38  # the rows run before it
     beyond = [{**hvae, "latent_dims": [40, 40, 40]}, {**hvae, "posterior": "iaf:2"}, {**vae, "prior": "vamp:100"},
               {**vae, "hidden": 200}, {**vae, "latent_dims": [32]}, {**hvae, "skip": False}, {**vae, "arch": "mlp"},
               {**conv, "hidden": 200}, {**conv, "latent_dims": [40, 40, 40]},
-              {**vae, "prior": "flow:2", "posterior": "iaf:2"}]
+              {**vae, "prior": "flow:2", "posterior": "iaf:2"}, {**hvae, "arch": "gated-hvae", "hidden": 200}]
     for config in beyond:
         assert density.published(config) == {"published_nll": None, "published_sd": None}, config
     flow = _row(model="vae", levels=1, latent_dims=[40], prior="flow:2", posterior="iaf:2", published_nll=None)
     assert density._label(flow) == "beyond: VAE, gated MLP, IAF posterior (2 steps), flow prior (2 steps)"
+    paper = {**_row(), "arch": "gated-hvae", "prior": "vamp:500", "published_nll": 226.72}
+    assert density._label(paper) == "HVAE, gated MLP, the paper's networks, VampPrior(500)"
     label = {**_row(model="convhvae"), "published_nll": 225.38}
     assert density._label({**label, "arch": "gated-conv"}) == "ConvHVAE, gated conv, N(0, I)"
     assert density._label({**label, "arch": "conv"}) == "ConvHVAE, this library's plain conv nets, N(0, I)"
