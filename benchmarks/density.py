@@ -44,7 +44,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pyro_vae import InputError
+from pyro_vae import InputError, RunConfig
 from pyro_vae.checkpoints import read_records, write_bytes_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,13 +69,14 @@ ROWS = {
     "vae-flow-iaf": "--preset vampprior-vae --prior flow:2 --posterior iaf:2",  # (a VampPrior over IAF is refused)
     "hvae3-standard": "--preset vampprior-hvae --latent-dims 40,40,40",
     # the HVAE with every network as the paper's code builds it (its own encoder per posterior, gated transitions,
-    # a 600-wide joint decoder layer, He's initialisation, clamped log-variances): pyro_vae.paper_hvae
-    "hvae-paper-standard": "--preset vampprior-hvae --arch gated-hvae",
-    "hvae-paper-vamp": "--preset vampprior-hvae --prior vamp:500 --arch gated-hvae",
+    # a 600-wide joint decoder layer, He's initialisation, clamped log-variances: pyro_vae.paper_hvae), trained with
+    # the paper's optimizer (AdamNormGrad: each gradient scaled to unit norm, then Adam)
+    "hvae-paper-standard": "--preset vampprior-hvae --arch gated-hvae --optimizer adam-normgrad",
+    "hvae-paper-vamp": "--preset vampprior-hvae --prior vamp:500 --arch gated-hvae --optimizer adam-normgrad",
     "convhvae-standard": "--preset vampprior-convhvae",
     "convhvae-vamp": "--preset vampprior-convhvae --prior vamp:500",
 }
-MODEL_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "posterior")
+MODEL_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "posterior", "optimizer")
 
 
 class RowDone(InputError):
@@ -179,10 +180,11 @@ def _check_same_model(name, run, kept, flags):
     from pyro_vae.cli import train_config
 
     wanted = train_config(["--out", str(run), *shlex.split(flags)]).to_dict()
+    defaults = RunConfig().to_dict()  # what a run from before a setting existed had
     for key in MODEL_SETTINGS:
-        if kept.get(key) != wanted[key]:
-            raise InputError(f"the run in {run} has {key}={kept.get(key)!r}, but the row {name} now has "
-                             f"{wanted[key]!r}; move that run away to start the row afresh")
+        if kept.get(key, defaults[key]) != wanted[key]:
+            raise InputError(f"the run in {run} has {key}={kept.get(key, defaults[key])!r}, but the row {name} now "
+                             f"has {wanted[key]!r}; move that run away to start the row afresh")
 
 
 def start(names, runs, threads=1, iw_samples=5000, device=None):
@@ -257,7 +259,7 @@ def _row(run, machine):
     return {
         "name": run.name, "model": model, "prior": config["prior"], "levels": levels, "guide": config["guide"],
         "arch": config["arch"], "latent_dims": config["latent_dims"], "posterior": config["posterior"],
-        "epochs": len(records), "max_epochs": config["epochs"], "finished": stopped,
+        "optimizer": config.get("optimizer", "adam"), "epochs": len(records), "max_epochs": config["epochs"], "finished": stopped,
         "best_epoch": best, "best_val_elbo": vals[best - 1] if best else None,
         "last_val_elbo": vals[-1] if vals else None,
         "iw_samples": evaluation.get("iw_samples"), "evaluated_epoch": evaluation.get("epoch"),
@@ -382,8 +384,6 @@ def collect(runs, machine=None, note=None):
 def _keep_config(config, kept):
     """Copy a run's ``config.json`` to ``kept``, unless ``kept`` differs from it only in the device: a run
     resumed on another device keeps the device its record's first epochs ran on (which ``check`` names)."""
-    from pyro_vae import RunConfig
-
     def settings(path):  # with the defaults of fields written by a later version filled in
         return {**RunConfig.from_dict(json.loads(path.read_text())).to_dict(), "device": None}
 
@@ -409,7 +409,6 @@ def check(name, epochs=2, results=None, device="cpu"):
     (``density/NAME.config.json``: same seed, data and settings), and set them beside its committed record
     (``density/NAME.metrics.jsonl``). Returns ``[(epoch, key, recorded, rerun)]`` for each epoch and each of
     ``train_loss``, ``val_elbo``, ``test_elbo`` the record holds."""
-    from pyro_vae import RunConfig
     from pyro_vae.train import train
 
     stored = stored_config(name, results)
@@ -428,6 +427,8 @@ def _label(row):
     network = networks.get(row["model"], row["model"])
     if row.get("arch") == "gated-hvae":
         network += ", the paper's networks"
+    if row.get("optimizer", "adam") != "adam":
+        network += ", AdamNormGrad" if row["optimizer"] == "adam-normgrad" else f", {row['optimizer']}"
     if row["model"] == "convhvae":  # rows collected before the paper's gated convolutions existed have "conv"
         network += ", gated conv" if row.get("arch") == "gated-conv" else ", this library's plain conv nets"
     prior = row["prior"]

@@ -35,8 +35,8 @@ ROWS=(
   "hvae3-vamp|--preset vampprior-hvae --prior vamp:500 --latent-dims 40,40,40"
   "hvae-iaf|--preset vampprior-hvae --posterior iaf:2"
   "hvae3-standard|--preset vampprior-hvae --latent-dims 40,40,40"
-  "hvae-paper-standard|--preset vampprior-hvae --arch gated-hvae"
-  "hvae-paper-vamp|--preset vampprior-hvae --prior vamp:500 --arch gated-hvae"
+  "hvae-paper-standard|--preset vampprior-hvae --arch gated-hvae --optimizer adam-normgrad"
+  "hvae-paper-vamp|--preset vampprior-hvae --prior vamp:500 --arch gated-hvae --optimizer adam-normgrad"
 )
 if [ -n "${ONLY:-}" ]; then
   keep=(); for row in "${ROWS[@]}"; do [[ " $ONLY " == *" ${row%%|*} "* ]] && keep+=("$row"); done

@@ -274,6 +274,8 @@ def _add_training_flags(t):
     t.add_argument("--seed", type=int, help=f"random seed (default {DEFAULTS.seed})")
     _add_device_flags(t)
     t.add_argument("--grad-clip", type=float, help="clip the total gradient norm to this (default 0: off)")
+    t.add_argument("--optimizer", help="adam, or adam-normgrad: Adam on each parameter's gradient scaled to unit "
+                                       "norm first, the VampPrior paper's AdamNormGrad (default adam)")
     t.add_argument("--skip-grad-norm", type=_number_like(40000), metavar="THRESHOLD",
                    help="skip (count, log, do not apply) every update whose total gradient norm exceeds this "
                         "(default 0: off)")

@@ -38,7 +38,7 @@ PRESETS = {
 }
 
 TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps", "lr", "beta", "grad_clip",
-                 "free_bits", "kl_warmup", "checkpoint_every", "elbo", "val_size", "patience", "kl_warmup_epochs",
+                 "optimizer", "free_bits", "kl_warmup", "checkpoint_every", "elbo", "val_size", "patience", "kl_warmup_epochs",
                  "seed", "squeeze", "ema", "skip_grad_norm", "kl_balance", "labels", "aux_loss", "enumerate")
 COUNT_INPUTS = ("log1p", "raw")
 # what --dataset counts means when a flag is not given (applied under the user's flags, see with_defaults)
@@ -136,6 +136,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     grad_clip: float = 0.0
+    optimizer: str = "adam"
     max_bad_steps: int = 10
     checkpoint_every: int = 0
     keep_best: bool = False

@@ -21,6 +21,9 @@ COUNTS = {"checkpoint_every": ("0: at epoch ends only", 500), "val_size": ("0: n
           "patience": ("0: no early stopping", 50), "kl_warmup_epochs": ("0: no warm-up", 100),
           "labels": ("0: no labels, an unsupervised VAE", 3000)}
 ENUMERATE = ("parallel", "sequential")
+# torch.optim.Adam, or Adam on each parameter tensor's gradient scaled to unit L2 norm first (the VampPrior
+# paper's AdamNormGrad; pyro_vae.svi.NormalizedGradAdam)
+OPTIMIZERS = ("adam", "adam-normgrad")
 
 
 # settings that a Python user gives as a part of the loop rather than a keyword of fit
@@ -82,6 +85,8 @@ def _check_one(name, value, cli):
                          f"(0: off), got {value!r}; use e.g. {spell('aux_loss', 46, cli)}")
     elif name == "enumerate" and value not in ENUMERATE:
         raise InputError(f"enumerate must be one of {', '.join(ENUMERATE)}, got {value!r}")
+    elif name == "optimizer" and value not in OPTIMIZERS:
+        raise InputError(f"unknown optimizer {value!r}; choose one of: {', '.join(OPTIMIZERS)}")
     elif name == "elbo" and value not in ELBO_NAMES:
         raise InputError(f"unknown elbo {value!r}; choose one of: {', '.join(ELBO_NAMES)}")
 
@@ -94,7 +99,8 @@ def check(settings, cli=False):
             ``max_bad_steps``, ``hidden``, ``lr``, ``beta``, ``grad_clip``,
             ``free_bits``, ``kl_warmup``, ``checkpoint_every``, ``elbo``,
             ``val_size``, ``patience``, ``kl_warmup_epochs``, ``seed``, ``squeeze``,
-            ``ema``, ``skip_grad_norm``, ``kl_balance``, ``labels``, ``aux_loss``, ``enumerate``;
+            ``ema``, ``skip_grad_norm``, ``kl_balance``, ``labels``, ``aux_loss``, ``enumerate``,
+            ``optimizer``;
             other keys are left to their owners.
         cli: spell the fix as a command-line flag rather than a keyword.
 

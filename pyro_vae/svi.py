@@ -10,6 +10,9 @@ differences that only change speed:
 * one ``torch.optim.Adam`` (fused on CUDA) updates them all, where
   ``pyro.optim.Adam`` keeps one optimizer per parameter.
 
+``optimizer="adam-normgrad"`` takes :class:`NormalizedGradAdam` instead (the
+VampPrior paper's optimizer).
+
 Same math: Adam is applied per element either way. Every step also checks
 that the loss and the total gradient norm are finite (and clips the norm if
 asked); a step that fails the check changes nothing. A predicate
@@ -24,14 +27,54 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from . import distributed, registration
+from . import distributed, registration, settings
 from .errors import InputError
 
 
-def make_optimizer(params, lr):
-    """``torch.optim.Adam(params, lr)``, fused when every parameter is on a CUDA device."""
+class NormalizedGradAdam(torch.optim.Optimizer):
+    """The VampPrior paper's ``AdamNormGrad`` (``utils/optimizer.py`` of ``jmtomczak/vae_vampprior``), which all
+    its models trained with: each parameter tensor's gradient ``g`` divided by ``||g||_2 + 1e-7``, then Adam as
+    PyTorch had it then (``eps`` added to ``sqrt(v)`` before the bias correction, which ``torch.optim.Adam`` now
+    applies first: it matters where a gradient's elements are tiny, as they are once scaled to unit norm).
+
+    Args:
+        params: the parameters (or groups).
+        lr, betas, eps: Adam's.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter with a gradient; returns ``closure()`` where one is given."""
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            (beta1, beta2), eps = group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad / (torch.linalg.vector_norm(p.grad) + 1e-7)
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+                p.addcdiv_(m, v.sqrt().add_(eps), value=-size)
+        return loss
+
+
+def make_optimizer(params, lr, kind="adam"):
+    """``torch.optim.Adam(params, lr)`` (``kind`` ``"adam"``) or :class:`NormalizedGradAdam` (``"adam-normgrad"``),
+    fused when every parameter is on a CUDA device."""
+    settings.check({"optimizer": kind})
     params = list(params)
     fused = bool(params) and all(p.is_cuda for p in params)
+    if kind == "adam-normgrad":
+        return NormalizedGradAdam(params, lr=lr)
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
@@ -50,6 +93,7 @@ class TorchOptimSVI:
         elbo: a Pyro ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``, ``JitTrace_ELBO``, ...).
         lr: Adam learning rate.
         grad_clip: clip the total gradient norm to this (``None``: no clipping).
+        optimizer: ``"adam"`` or ``"adam-normgrad"`` (:class:`NormalizedGradAdam`).
 
     Attributes:
         skip_if: ``None`` or a predicate ``grad_norm -> bool`` asked on every
@@ -63,8 +107,9 @@ class TorchOptimSVI:
             (:class:`~pyro_vae.tensorboard.TensorBoard`).
     """
 
-    def __init__(self, model, guide, elbo, lr, grad_clip=None):
+    def __init__(self, model, guide, elbo, lr, grad_clip=None, optimizer="adam"):
         self.model, self.guide, self.elbo, self.lr = model, guide, elbo, lr
+        self.kind = settings.check({"optimizer": optimizer})["optimizer"]
         self.max_norm = float(grad_clip) if grad_clip else math.inf
         self.optimizer = None
         self._pending_state = None
@@ -121,7 +166,7 @@ class TorchOptimSVI:
         if self.optimizer is None and not params:
             return
         if self.optimizer is None:
-            self.optimizer = make_optimizer(params, self.lr)
+            self.optimizer = make_optimizer(params, self.lr, self.kind)
             if self._pending_state is not None:
                 self.optimizer.load_state_dict(self._pending_state)
                 self._pending_state = None
@@ -179,8 +224,8 @@ class DataParallelSVI(TorchOptimSVI):
     Returns from ``step``: the whole batch's loss, the same float on every rank.
     """
 
-    def __init__(self, model, guide, elbo, lr, grad_clip=None, group=None):
-        super().__init__(model, guide, elbo, lr, grad_clip=grad_clip)
+    def __init__(self, model, guide, elbo, lr, grad_clip=None, group=None, optimizer="adam"):
+        super().__init__(model, guide, elbo, lr, grad_clip=grad_clip, optimizer=optimizer)
         self.group = group if group is not None else distributed.current()
         if self.group is None:
             raise InputError("DataParallelSVI needs a process group of two or more processes (run under "

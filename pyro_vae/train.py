@@ -112,7 +112,7 @@ def make_elbo(name, num_particles=1, free_bits=0.0, kl_balance=None):
 def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="trace", num_particles=1,
         seed=0, dynamic_binarize=False, grad_clip=None, max_bad_steps=10, checkpoint_every=0,
         kl_warmup=0, free_bits=0.0, progress=True, log=print, checkpoint=None, state=None, callbacks=(),
-        kl_balance=False, writer=None, y_train=None, y_test=None, aux_loss=0.0):
+        kl_balance=False, writer=None, y_train=None, y_test=None, aux_loss=0.0, optimizer="adam"):
     """Train ``vae`` by SVI on ``vae.model`` and ``vae.guide`` with Adam
     (:class:`~pyro_vae.svi.TorchOptimSVI`: ``pyro.infer.SVI``'s step with one
     torch optimizer), in a :class:`~pyro_vae.loop.Loop` with parts around it.
@@ -131,6 +131,8 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
         seed: seeds torch, Python, NumPy and the data generator.
         dynamic_binarize: redraw Bernoulli(x) for every batch.
         grad_clip: clip the total gradient norm to this (``None``: off).
+        optimizer: ``"adam"`` or ``"adam-normgrad"`` (Adam on each parameter's gradient scaled to unit norm, the
+            VampPrior paper's; :class:`~pyro_vae.svi.NormalizedGradAdam`).
         max_bad_steps: stop after this many consecutive steps whose loss or
             gradients were not finite (each such step is skipped: no update),
             or whose loss exploded (:class:`~pyro_vae.callbacks.DivergenceGuard`:
@@ -200,7 +202,7 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     """
     settings.check(dict(epochs=epochs, seed=seed, lr=lr, elbo=elbo, num_particles=num_particles, grad_clip=grad_clip,
                         max_bad_steps=max_bad_steps, kl_warmup=kl_warmup, free_bits=free_bits,
-                        checkpoint_every=checkpoint_every, kl_balance=kl_balance))
+                        checkpoint_every=checkpoint_every, kl_balance=kl_balance, optimizer=optimizer))
     vae.check_data(x_train)
     if x_test is not None:
         vae.check_data(x_test)
@@ -230,7 +232,8 @@ def fit(vae, x_train, x_test=None, epochs=10, batch_size=256, lr=1e-3, elbo="tra
     loss_fn = (SemiSupervisedELBO(vae, aux_loss, num_particles) if m2
                else make_elbo(elbo, num_particles, free_bits, vae if kl_balance else None))
     vae.check_elbo(loss_fn)
-    svi = (DataParallelSVI if group else TorchOptimSVI)(vae.model, vae.guide, loss_fn, lr, grad_clip=grad_clip)
+    svi = (DataParallelSVI if group else TorchOptimSVI)(vae.model, vae.guide, loss_fn, lr, grad_clip=grad_clip,
+                                                        optimizer=optimizer)
     parts = ([DataParallel(group)] if group else []) + [DivergenceGuard(patience=max_bad_steps)]
     parts += [KLWeight(KLWarmup(kl_warmup))] if kl_warmup else []
     parts += [EpochStats()] + ([Evaluation(x_test, "test", y=y_test)] if x_test is not None else []) + list(callbacks)
@@ -666,7 +669,7 @@ def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorb
                                                                               y_train if m2 else None)
     board = _tensorboard_part(out / "tensorboard", x_test if x_val is None else x_val) if tensorboard else None
     history = fit(vae, x_train, None if x_val is not None else x_test, epochs=config.epochs,
-                  batch_size=config.batch_size, lr=config.lr,
+                  batch_size=config.batch_size, lr=config.lr, optimizer=config.optimizer,
                   elbo=config.elbo, num_particles=config.num_particles, seed=config.seed,
                   dynamic_binarize=config.binarize == "dynamic", grad_clip=config.grad_clip or None,
                   max_bad_steps=config.max_bad_steps, checkpoint_every=config.checkpoint_every,
