@@ -15,11 +15,12 @@ concatenation (the joint layers read ``2 * hidden``), every head a
 :class:`~pyro_vae.posteriors.ClampedGaussian` (log-variance in [-6, 2]), and every linear map's weights
 drawn as the paper's ``he_init`` draws them, N(0, 2 / fan_in) (biases as PyTorch's default).
 
-How they sit in the chain: the "encoder" is both encoders of x side by side (``(*batch, 2 * hidden)``:
-q(z0 | x)'s two layers, then q(z1 | x, z0)'s one), the ladder's one step keeps q(z0 | x)'s half, its head is
-q(z0 | x), and the posterior of z1 reads the encoder's features beside z0 (the top-down guide with skip
-connections hands it ``cat(d_1, z0)``). The VampPrior's q(z0 | u_k) runs the pseudo-inputs through the same
-path (:meth:`pyro_vae.VAE.q_top`), as the paper's ``q_z2(means)``.
+How they sit in the chain: the "encoder" is q(z0 | x)'s two layers with x passed along beside them
+(``(*batch, hidden + pixels)``), the ladder's one step keeps the layers' half, its head is q(z0 | x), and the
+posterior of z1 reads the encoder's output beside z0 (the top-down guide with skip connections hands it
+``cat(d_1, z0)``) and runs its own gated layer on the x in it. The VampPrior's q(z0 | u_k) runs the
+pseudo-inputs through the same path (:meth:`pyro_vae.VAE.q_top`), as the paper's ``q_z2(means)``, and so
+through q(z0 | x)'s layers only.
 """
 
 import math
@@ -48,28 +49,27 @@ def _gated(*sizes):
     return nn.Sequential(*(GatedDense(a, b) for a, b in zip(sizes[:-1], sizes[1:])))
 
 
-class TwoEncoders(nn.Module):
-    """Both encoders of x, side by side: ``(*batch, *x_shape) -> (*batch, 2 * hidden)``, q(z0 | x)'s two gated
-    layers in the first half, q(z1 | x, z0)'s one gated layer in the second."""
+class TopEncoder(nn.Module):
+    """q(z0 | x)'s encoder, with x passed along for q(z1 | x, z0): ``(*batch, *x_shape) -> (*batch, hidden +
+    pixels)``, its two gated layers' features, then the flattened x."""
 
     def __init__(self, x_shape, hidden=300):
         super().__init__()
         self.x_shape = _check_x_shape(x_shape)
         self.hidden = _check_width("hidden", hidden)
-        self.out_features = 2 * self.hidden
-        pixels = math.prod(self.x_shape)
-        self.top = _gated(pixels, self.hidden, self.hidden)
-        self.lower = _gated(pixels, self.hidden)
+        self.pixels = math.prod(self.x_shape)
+        self.out_features = self.hidden + self.pixels
+        self.net = _gated(self.pixels, self.hidden, self.hidden)
 
     def forward(self, x):
         _check_input(self, x, self.x_shape)
         flat = x.reshape(*x.shape[: x.dim() - len(self.x_shape)], -1)
-        return torch.cat([self.top(flat), self.lower(flat)], dim=-1)
+        return torch.cat([self.net(flat), flat], dim=-1)
 
 
 class FirstHalf(nn.Module):
-    """The ladder's step from :class:`TwoEncoders`' features to q(z0 | x)'s: ``(*batch, 2 * hidden) ->
-    (*batch, hidden)``, the first half (no parameters)."""
+    """The ladder's step from :class:`TopEncoder`'s output to q(z0 | x)'s features: ``(*batch, hidden + pixels)
+    -> (*batch, hidden)``, the first ``hidden`` (no parameters)."""
 
     def __init__(self, hidden):
         super().__init__()
@@ -80,24 +80,27 @@ class FirstHalf(nn.Module):
 
 
 class LowerPosterior(nn.Module):
-    """q(z1 | x, z0): ``cat(d_1, z0)`` ``(*batch, 2 * hidden + D0)`` (the top-down guide with skip connections
-    hands the encoder's features and the level above) -> ``Normal(...).to_event(1)`` over ``(D1,)``. It reads
-    the second half of d_1 (its own gated layer of x), a gated layer of z0, and a joint gated layer of both."""
+    """q(z1 | x, z0): ``cat(d_1, z0)`` ``(*batch, hidden + pixels + D0)`` (the top-down guide with skip
+    connections hands :class:`TopEncoder`'s output and the level above) -> ``Normal(...).to_event(1)`` over
+    ``(D1,)``. Its own gated layer reads the x in d_1, another z0, and a joint gated layer both."""
 
-    def __init__(self, hidden, top_dim, latent_dim):
+    def __init__(self, hidden, pixels, top_dim, latent_dim):
         super().__init__()
         self.hidden = _check_width("hidden", hidden)
+        self.pixels = _check_width("pixels", pixels)
         self.top_dim = _check_width("top_dim", top_dim)
+        self.from_x = GatedDense(self.pixels, self.hidden)
         self.from_z = GatedDense(self.top_dim, self.hidden)
         self.joint = GatedDense(2 * self.hidden, self.hidden)
         self.head = ClampedGaussian(self.hidden, latent_dim)
 
     def forward(self, h):
-        x_part, z0 = h[..., self.hidden: 2 * self.hidden], h[..., 2 * self.hidden:]
-        if z0.shape[-1] != self.top_dim:
-            raise InputError(f"LowerPosterior reads cat(features ({2 * self.hidden}), z0 ({self.top_dim})), got "
-                             f"{h.shape[-1]} inputs; build the VAE with guide='top-down' and skip=True")
-        return self.head(self.joint(torch.cat([x_part, self.from_z(z0)], dim=-1)))
+        if h.shape[-1] != self.hidden + self.pixels + self.top_dim:
+            raise InputError(f"LowerPosterior reads cat(features ({self.hidden}), x ({self.pixels}), z0 "
+                             f"({self.top_dim})), got {h.shape[-1]} inputs; build the VAE with guide='top-down' and "
+                             "skip=True")
+        x, z0 = h[..., self.hidden: self.hidden + self.pixels], h[..., self.hidden + self.pixels:]
+        return self.head(self.joint(torch.cat([self.from_x(x), self.from_z(z0)], dim=-1)))
 
 
 class GatedTransition(nn.Module):
@@ -137,7 +140,7 @@ class JoinedDecoder(nn.Module):
 
 
 def networks(x_shape, latent_dims, hidden=300, out_channels=1):
-    """The paper's HVAE as :class:`pyro_vae.VAE` keyword arguments: ``encoder`` (:class:`TwoEncoders`),
+    """The paper's HVAE as :class:`pyro_vae.VAE` keyword arguments: ``encoder`` (:class:`TopEncoder`),
     ``decoder`` (:class:`JoinedDecoder`), ``transitions`` ([:class:`GatedTransition`]), ``ladder``
     ([:class:`FirstHalf`]), ``ladder_heads`` ([:class:`~pyro_vae.posteriors.ClampedGaussian`], q(z0 | x)) and
     ``posterior`` (:class:`LowerPosterior`, q(z1 | x, z0)), every linear weight He-initialised; to be used with
@@ -157,9 +160,10 @@ def networks(x_shape, latent_dims, hidden=300, out_channels=1):
         raise InputError(f"--arch gated-hvae is the VampPrior paper's two-level HVAE, got {len(dims)} level(s) "
                          f"{dims}; use --latent-dims D0,D1 (e.g. 40,40), or --arch gated for other chains")
     hidden = _check_width("hidden", hidden)
-    parts = dict(encoder=TwoEncoders(x_shape, hidden), transitions=[GatedTransition(dims[0], dims[1], hidden)],
+    encoder = TopEncoder(x_shape, hidden)
+    parts = dict(encoder=encoder, transitions=[GatedTransition(dims[0], dims[1], hidden)],
                  ladder=[FirstHalf(hidden)], ladder_heads=[ClampedGaussian(hidden, dims[0])],
-                 posterior=LowerPosterior(hidden, dims[0], dims[1]),
+                 posterior=LowerPosterior(hidden, encoder.pixels, dims[0], dims[1]),
                  decoder=JoinedDecoder(dims, x_shape, hidden, out_channels))
     for value in parts.values():
         for module in value if isinstance(value, list) else [value]:

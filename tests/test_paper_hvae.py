@@ -35,7 +35,7 @@ def test_it_has_the_papers_networks_and_their_parameter_count():
     assert sum(p.numel() for p in vae.parameters()) == paper == 2_431_024
     names = (type(vae.encoder), type(vae.decoder), type(vae.transitions[0]), type(vae.ladder[0]),
              type(vae.ladder_heads[0]), type(vae.posterior))
-    assert names == (paper_hvae.TwoEncoders, paper_hvae.JoinedDecoder, paper_hvae.GatedTransition,
+    assert names == (paper_hvae.TopEncoder, paper_hvae.JoinedDecoder, paper_hvae.GatedTransition,
                      paper_hvae.FirstHalf, ClampedGaussian, paper_hvae.LowerPosterior)
     trace = pyro.poutine.trace(vae.guide).get_trace(torch.rand(5, 1, 28, 28).round())
     model = pyro.poutine.trace(pyro.poutine.replay(vae.model, trace=trace)).get_trace(torch.rand(5, 1, 28, 28).round())
@@ -48,10 +48,11 @@ def test_each_posterior_reads_its_own_encoder_and_the_lower_one_reads_the_level_
     vae, x = _paper(hidden=32, dims=(3, 4)), torch.rand(6, 1, 28, 28).round()
     top = vae.q_top(x).base_dist.loc
     with torch.no_grad():
-        vae.encoder.lower[0].h.weight.add_(1.0)  # q(z1 | x, z0)'s encoder of x: q(z0 | x) does not read it
+        vae.posterior.from_x.h.weight.add_(1.0)  # q(z1 | x, z0)'s own layer of x: q(z0 | x) does not read it
     assert torch.equal(vae.q_top(x).base_dist.loc, top)
     d = vae.encoder(x)
     z0 = torch.randn(6, 3)
+    assert d.shape == (6, 32 + 784) and torch.equal(d[:, 32:], x.reshape(6, 784))  # x passed along
     q = vae.posterior(torch.cat([d, z0], -1)).base_dist.loc
     q2 = vae.posterior(torch.cat([d, 2 * z0], -1)).base_dist.loc
     q3 = vae.posterior(torch.cat([d, 3 * z0], -1)).base_dist.loc
@@ -79,7 +80,7 @@ def test_the_heads_clamp_the_log_variance_and_the_weights_are_he_initialised():
     with pytest.raises(InputError, match="min_logvar must be below max_logvar"):
         ClampedGaussian(5, 3, min_logvar=2, max_logvar=-6)
     vae = _paper()
-    for linear in (vae.encoder.top[0].h, vae.decoder.joint.g, vae.posterior.head.mean_head):
+    for linear in (vae.encoder.net[0].h, vae.posterior.from_x.g, vae.decoder.joint.g, vae.posterior.head.mean_head):
         assert linear.weight.std().item() == pytest.approx(math.sqrt(2 / linear.in_features), rel=0.03)
     # PyTorch's default would be uniform with sd 1 / sqrt(3 fan_in): far below
     assert nets.GatedDense(784, 300).h.weight.std().item() < 0.5 * math.sqrt(2 / 784)

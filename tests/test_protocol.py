@@ -232,7 +232,7 @@ def test_the_hvae_presets_resume_bitwise(preset, arch, size, idx_dir, tmp_path):
                        progress=False, pictures=False)
     assert straight.skip and straight.guide_order == "top-down"
     assert type(straight.encoder).__name__ == {"gated": "GatedMLPEncoder", "gated-conv": "GatedConvEncoder",
-                                               "gated-hvae": "TwoEncoders"}[arch]
+                                               "gated-hvae": "TopEncoder"}[arch]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
