@@ -70,9 +70,9 @@ ROWS = {
     "hvae3-standard": "--preset vampprior-hvae --latent-dims 40,40,40",
     # the HVAE with every network as the paper's code builds it (its own encoder per posterior, gated transitions,
     # a 600-wide joint decoder layer, He's initialisation, clamped log-variances: pyro_vae.paper_hvae), trained with
-    # the paper's optimizer (AdamNormGrad: each gradient scaled to unit norm, then Adam)
+    # the paper's optimizer (AdamNormGrad: each gradient scaled to unit norm, then Adam) and pseudo-inputs
     "hvae-paper-standard": "--preset vampprior-hvae --arch gated-hvae --optimizer adam-normgrad",
-    "hvae-paper-vamp": "--preset vampprior-hvae --prior vamp:500 --arch gated-hvae --optimizer adam-normgrad",
+    "hvae-paper-vamp": "--preset vampprior-hvae --prior vamp-hardtanh:500 --arch gated-hvae --optimizer adam-normgrad",
     "convhvae-standard": "--preset vampprior-convhvae",
     "convhvae-vamp": "--preset vampprior-convhvae --prior vamp:500",
 }
@@ -297,7 +297,7 @@ def published(config):
     and N(0, I) or a VampPrior of 500 pseudo-inputs. Both None for a row beyond the table (another depth, latent
     size, posterior, prior or network)."""
     model, dims = _model(config), config["latent_dims"]
-    prior = {"standard": "standard", "vamp:500": "vamp"}.get(config["prior"])
+    prior = {"standard": "standard", "vamp:500": "vamp", "vamp-hardtanh:500": "vamp"}.get(config["prior"])
     paper = (dims == [40] * (1 if model == "vae" else 2) and config["posterior"] == "gaussian"
              and (config["arch"] == "conv"
                   or (config["arch"] in ("gated", "gated-conv", "gated-hvae") and config["hidden"] == 300))
@@ -436,6 +436,8 @@ def _label(row):
         prior = "N(0, I)"
     elif prior.startswith("vamp:"):
         prior = f"VampPrior({prior.removeprefix('vamp:')})"
+    elif prior.startswith("vamp-hardtanh:"):
+        prior = f"VampPrior({prior.removeprefix('vamp-hardtanh:')}, the paper's pseudo-inputs)"
     elif prior.startswith("flow:"):
         prior = f"flow prior ({prior.removeprefix('flow:')} steps)"
     parts = [network]

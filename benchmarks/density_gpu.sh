@@ -36,7 +36,7 @@ ROWS=(
   "hvae-iaf|--preset vampprior-hvae --posterior iaf:2"
   "hvae3-standard|--preset vampprior-hvae --latent-dims 40,40,40"
   "hvae-paper-standard|--preset vampprior-hvae --arch gated-hvae --optimizer adam-normgrad"
-  "hvae-paper-vamp|--preset vampprior-hvae --prior vamp:500 --arch gated-hvae --optimizer adam-normgrad"
+  "hvae-paper-vamp|--preset vampprior-hvae --prior vamp-hardtanh:500 --arch gated-hvae --optimizer adam-normgrad"
 )
 if [ -n "${ONLY:-}" ]; then
   keep=(); for row in "${ROWS[@]}"; do [[ " $ONLY " == *" ${row%%|*} "* ]] && keep+=("$row"); done

@@ -233,7 +233,8 @@ def _add_model_flags(t):
     t.add_argument("--skip", action="store_true", default=None,
                    help="skip connections (the VampPrior paper's HVAE): the decoder and every transition read all "
                         "levels above them, and the top-down guide draws each level given x and the levels above")
-    t.add_argument("--prior", help="p(z0): standard, learned, mog:K, vamp:K, flow:K, or gmvae:K (a discrete level y "
+    t.add_argument("--prior", help="p(z0): standard, learned, mog:K, vamp:K, vamp-hardtanh:K (a VampPrior with the "
+                                   "paper's code's pseudo-inputs), flow:K, or gmvae:K (a discrete level y "
                                    "of K values above z0, p(z0 | y) Gaussian, summed out by enumeration) "
                                    f"(default {DEFAULTS.prior})")
     t.add_argument("--posterior", help="the guide's family at every level: gaussian or iaf:K (K flow steps) "

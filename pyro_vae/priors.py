@@ -18,6 +18,7 @@ any callable (an ``nn.Module`` too, whose parameters are then trained)
 returning one; :func:`wrap` wraps it.
 """
 
+import functools
 import math
 
 import pyro.distributions as dist
@@ -180,21 +181,29 @@ class VampPrior(nn.Module):
     """The VampPrior (Tomczak & Welling 2018): p(z0) = (1/k) sum_k q(z0 | u_k), a
     mixture of the guide's own posteriors at ``k`` learnable pseudo-inputs u_k.
 
-    The pseudo-inputs have the data's shape and live in [0, 1]
-    (``sigmoid`` of a learnable tensor, initialised around 0.5 with small noise).
+    The pseudo-inputs have the data's shape and live in [0, 1]: ``sigmoid`` of a
+    learnable tensor initialised around 0.5 with small noise (``inputs="sigmoid"``,
+    the default), or, as the paper's code has them, ``hardtanh(w, 0, 1)`` of a
+    learnable ``w`` drawn from N(0.05, 0.01^2) (``inputs="hardtanh"``: dark images
+    to start, and a pixel pushed out of [0, 1] stops learning).
     q(z0 | u) must be available in closed form: a one-level VAE or the
     top-down guide (where z0 is drawn first); the bottom-up guide of a chain
     draws z0 last, given z1, and is refused.
 
     Args:
         k: number of pseudo-inputs.
+        inputs: ``"sigmoid"`` or ``"hardtanh"``, how the pseudo-inputs are parametrised.
     """
 
-    def __init__(self, k=500):
+    INPUTS = ("sigmoid", "hardtanh")
+
+    def __init__(self, k=500, inputs="sigmoid"):
         super().__init__()
         if int(k) < 1:
             raise InputError(f"VampPrior needs k >= 1 pseudo-inputs, got {k}; use e.g. k=500")
-        self.k = int(k)
+        if inputs not in self.INPUTS:
+            raise InputError(f"VampPrior's inputs must be one of {', '.join(self.INPUTS)}, got {inputs!r}")
+        self.k, self.inputs = int(k), inputs
 
     def setup(self, dim, vae=None):
         if vae is None or vae.x_shape is None:
@@ -206,12 +215,19 @@ class VampPrior(nn.Module):
             raise InputError("the VampPrior is a mixture of Gaussian posteriors q(z0 | u_k), but the guide's head for "
                              "z0 is a flow (an IAF posterior); use the gaussian posterior (--posterior gaussian) "
                              "or another prior")
-        self.pseudo_inputs = nn.Parameter(0.1 * torch.randn(self.k, *vae.x_shape))
+        noise = torch.randn(self.k, *vae.x_shape)
+        self.pseudo_inputs = nn.Parameter(0.1 * noise if self.inputs == "sigmoid" else 0.05 + 0.01 * noise)
         self._q_top = vae.q_top  # a bound method, not a submodule: no cycle in the module tree
         return self
 
+    def images(self):
+        """The pseudo-inputs u_k in [0, 1], ``(k, *x_shape)``."""
+        if self.inputs == "sigmoid":
+            return torch.sigmoid(self.pseudo_inputs)
+        return F.hardtanh(self.pseudo_inputs, 0.0, 1.0)
+
     def forward(self):
-        q = self._q_top(torch.sigmoid(self.pseudo_inputs))  # batch (k,), event (dim,)
+        q = self._q_top(self.images())  # batch (k,), event (dim,)
         loc, scale = gaussian_parts(q, "the guide's head for z0", why="the VampPrior is a mixture of Gaussian "
                                     "posteriors q(z0 | u_k)", fix=" or use another prior")
         return diagonal_normal_mixture(loc.new_zeros(self.k), loc, scale)
@@ -303,20 +319,23 @@ def wrap(prior):
     return prior
 
 
-PRIORS = ("standard", "learned", "mog:K", "vamp:K", "flow:K", "gmvae:K")
+PRIORS = ("standard", "learned", "mog:K", "vamp:K", "vamp-hardtanh:K", "flow:K", "gmvae:K")
 
 
 def from_name(name):
-    """A prior from its command-line name: ``standard``, ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``,
-    ``gmvae:K`` (:class:`PerClassGaussian`, the discrete top level)."""
+    """A prior from its command-line name: ``standard``, ``learned``, ``mog:K``, ``vamp:K``, ``vamp-hardtanh:K``
+    (a :class:`VampPrior` with the paper's code's pseudo-inputs), ``flow:K``, ``gmvae:K``
+    (:class:`PerClassGaussian`, the discrete top level)."""
     kind, _, k = str(name).partition(":")
     simple = {"standard": StandardNormal, "learned": LearnedNormal}
-    counted = {"mog": MixtureOfGaussians, "vamp": VampPrior, "flow": FlowPrior, "gmvae": PerClassGaussian}
+    counted = {"mog": MixtureOfGaussians, "vamp": VampPrior, "flow": FlowPrior, "gmvae": PerClassGaussian,
+               "vamp-hardtanh": functools.partial(VampPrior, inputs="hardtanh")}
     if kind in simple and not k:
         return simple[kind]()
     if kind in counted:
         try:
-            return counted[kind](int(k) if k else {"mog": 10, "vamp": 500, "flow": 2, "gmvae": 10}[kind])
+            return counted[kind](int(k) if k else {"mog": 10, "vamp": 500, "flow": 2, "gmvae": 10,
+                                                   "vamp-hardtanh": 500}[kind])
         except ValueError:
             pass
     raise InputError(f"unknown prior {name!r}; choose one of: {', '.join(PRIORS)} (K a positive integer)")

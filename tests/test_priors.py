@@ -202,3 +202,24 @@ def test_meanfield_falls_back_to_the_sampled_kl_where_no_analytic_one_exists(nam
     pyro.set_rng_seed(3)
     meanfield = TraceMeanField_ELBO().loss(vae.model, vae.guide, x)
     assert meanfield == pytest.approx(sampled, rel=1e-6)
+
+
+def test_the_papers_pseudo_inputs_start_dark_and_stay_in_the_unit_interval():
+    torch.manual_seed(0)
+    vae = make_vae(priors.from_name("vamp-hardtanh:6"), (3, 4), "top-down")
+    prior = vae.prior
+    assert (prior.inputs, prior.k) == ("hardtanh", 6)
+    assert prior.pseudo_inputs.mean().item() == pytest.approx(0.05, abs=0.005)
+    assert prior.pseudo_inputs.std().item() == pytest.approx(0.01, rel=0.2)
+    assert torch.equal(prior.images(), prior.pseudo_inputs)  # all inside [0, 1] to start
+    with torch.no_grad():
+        prior.pseudo_inputs[0, 0, 0, :3] = torch.tensor([-0.5, 0.5, 1.5])
+    assert prior.images()[0, 0, 0, :3].tolist() == [0.0, 0.5, 1.0]
+    z = torch.randn(5, 3)
+    q = vae.q_top(prior.images())  # the mixture of q(z0 | u_k), as with the default pseudo-inputs
+    log_q = torch.distributions.Normal(q.base_dist.loc, q.base_dist.scale).log_prob(z[:, None, :]).sum(-1)
+    assert torch.allclose(prior().log_prob(z), torch.logsumexp(log_q, -1) - math.log(6), atol=1e-5)
+    assert priors.from_name("vamp:6").inputs == "sigmoid" and priors.from_name("vamp-hardtanh").k == 500
+    with pytest.raises(InputError, match="inputs must be one of sigmoid, hardtanh"):
+        priors.VampPrior(3, inputs="tanh")
+    RunConfig(prior="vamp-hardtanh:3", latent_dims=[3, 4], guide="top-down").validate()

@@ -494,7 +494,7 @@ def test_a_row_gets_the_published_number_only_when_it_is_the_papers_architecture
     assert density.published({**vae, "prior": "vamp:500"}) == {"published_nll": 227.35, "published_sd": 0.05}
     assert density.published(hvae)["published_nll"] == 227.37
     assert density.published({**hvae, "prior": "vamp:500"})["published_nll"] == 226.72
-    assert density.published({**hvae, "prior": "vamp:500", "arch": "gated-hvae"})["published_nll"] == 226.72
+    assert density.published({**hvae, "prior": "vamp-hardtanh:500", "arch": "gated-hvae"})["published_nll"] == 226.72
     assert density.published(conv)["published_nll"] == 225.38 and conv["arch"] == "gated-conv"
     assert density.published({**conv, "arch": "conv"})["published_nll"] == 225.38  # the rows run before it
     beyond = [{**hvae, "latent_dims": [40, 40, 40]}, {**hvae, "posterior": "iaf:2"}, {**vae, "prior": "vamp:100"},
@@ -505,8 +505,10 @@ def test_a_row_gets_the_published_number_only_when_it_is_the_papers_architecture
         assert density.published(config) == {"published_nll": None, "published_sd": None}, config
     flow = _row(model="vae", levels=1, latent_dims=[40], prior="flow:2", posterior="iaf:2", published_nll=None)
     assert density._label(flow) == "beyond: VAE, gated MLP, IAF posterior (2 steps), flow prior (2 steps)"
-    paper = {**_row(), "arch": "gated-hvae", "prior": "vamp:500", "published_nll": 226.72, "optimizer": "adam-normgrad"}
-    assert density._label(paper) == "HVAE, gated MLP, the paper's networks, AdamNormGrad, VampPrior(500)"
+    paper = {**_row(), "arch": "gated-hvae", "prior": "vamp-hardtanh:500", "published_nll": 226.72,
+             "optimizer": "adam-normgrad"}
+    assert density._label(paper) == ("HVAE, gated MLP, the paper's networks, AdamNormGrad, VampPrior(500, the paper's "
+                                     "pseudo-inputs)")
     label = {**_row(model="convhvae"), "published_nll": 225.38}
     assert density._label({**label, "arch": "gated-conv"}) == "ConvHVAE, gated conv, N(0, I)"
     assert density._label({**label, "arch": "conv"}) == "ConvHVAE, this library's plain conv nets, N(0, I)"
