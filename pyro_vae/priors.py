@@ -319,7 +319,7 @@ def wrap(prior):
     return prior
 
 
-PRIORS = ("standard", "learned", "mog:K", "vamp:K", "vamp-hardtanh:K", "flow:K", "gmvae:K")
+PRIORS = ("standard", "learned", "mog:K", "vamp:K", "flow:K", "gmvae:K", "vamp-hardtanh:K")
 
 
 def from_name(name):
