@@ -211,6 +211,7 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32,
     with pyro.validation_enabled(False):
         traces = _probe(vae, x, y)
         dim, order = particle_dim(vae, x, traces), level_order(vae, x, traces)
+        prior = _prior_moments(vae) if moments else {}
         for xb, yb in _batches(x, batch_size, y):
             chunk = max(1, min(num_samples, max_rows // xb.shape[0]))
             sums, done = {}, 0
@@ -222,7 +223,7 @@ def elbo_terms(vae, x, num_samples=1, batch_size=500, max_rows=None, mixture=32,
                 continuous = [name for name in d["log_pz"]  # a label site has no residual
                               if d["model_trace"].nodes[name]["value"].is_floating_point()]
                 if moments:
-                    for name, r in _residuals(d["guide_trace"], d["model_trace"], continuous, order).items():
+                    for name, r in _residuals(d["guide_trace"], d["model_trace"], continuous, order, prior).items():
                         terms.update({"residual_" + name: r, "residual_sq_" + name: r ** 2})
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value.sum(0)
@@ -394,6 +395,7 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500, y=None)
     means, within = {}, {}
     with pyro.validation_enabled(False):
         traces = _probe(vae, x, y)
+        prior = _prior_moments(vae)
         dim, order = particle_dim(vae, x, traces), level_order(vae, x, traces)
         for xb, yb in _batches(x, batch_size, y):
             with pyro.plate("eval_particles", num_samples, dim=dim), _given(vae, yb):
@@ -402,7 +404,7 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500, y=None)
             names = [n for n, site in guide_tr.nodes.items() if site["type"] == "sample"  # continuous latents:
                      and not site_is_subsample(site) and not site["is_observed"]  # an M2 label has no units
                      and site["value"].is_floating_point()]
-            for name, r in _residuals(guide_tr, model_tr, names, order).items():
+            for name, r in _residuals(guide_tr, model_tr, names, order, prior).items():
                 means.setdefault(name, []).append(r.mean(0))
                 within.setdefault(name, []).append(_within(r))
     out = {}
@@ -412,9 +414,11 @@ def active_units(vae, x, num_samples=10, threshold=0.01, batch_size=500, y=None)
     return out
 
 
-def _residuals(guide_tr, model_tr, names, order):
+def _residuals(guide_tr, model_tr, names, order, known=None):
     """Per latent site, ``(k, B, D)``: the guide's mean (order ``"model"``) or draw, minus the model's
-    mean there, over the model's standard deviation there (see :func:`active_units`)."""
+    mean there, over the model's standard deviation there (see :func:`active_units`); ``known``: the
+    model's ``(mean, variance)`` of sites measured once already (:func:`_prior_moments`)."""
+    known = known or {}
     out = {}
     for name in names:
         site = guide_tr.nodes[name]
@@ -424,7 +428,7 @@ def _residuals(guide_tr, model_tr, names, order):
                 value = location(site["fn"]).expand(value.shape)
             except NotImplementedError:
                 pass
-        mean, variance = _moments(model_tr.nodes[name]["fn"])
+        mean, variance = known[name] if name in known else _moments(model_tr.nodes[name]["fn"])
         out[name] = (value - mean) / variance.sqrt()
     return out
 
@@ -457,6 +461,17 @@ def level_record(terms, prefix, threshold=0.01):
         elif key.startswith("unit_kl_"):
             record[f"{prefix}_{key}"] = [round(float(v), 4) for v in terms[key].mean(0)]
     return record
+
+
+def _prior_moments(vae):
+    """``{"z0": (mean, variance)}`` of the prior p(z0) per unit ``(D0,)``, measured once for a whole evaluation
+    (p(z0) is one distribution for every data point; a flow's moments come from draws, which drawn for every data
+    point of every batch cost that many times more), or ``{}`` where the prior reads the label (a GMVAE)."""
+    if getattr(vae, "label_in_prior", False) or getattr(getattr(vae, "prior", None), "reads_label", False):
+        return {}
+    with torch.no_grad():
+        p = vae.prior()
+        return {"z0": _moments(p)} if tuple(p.batch_shape) == () else {}
 
 
 def _moments(fn):

@@ -162,3 +162,32 @@ def test_no_bits_per_dim_where_the_log_likelihood_is_not_a_log_mass(likelihood, 
     x = data(torch.Generator().manual_seed(1))
     summary = evaluate.evaluate(_small(likelihood), x, iw_samples=2, elbo_samples=1, progress=False, seed=0)
     assert "bits_per_dim" not in summary and "elbo_bits_per_dim" not in summary
+
+
+def test_a_flow_priors_moments_are_drawn_once_per_evaluation_not_per_data_point(monkeypatch):
+    """Active units standardise by the prior's moments; a flow has none in closed form, so they come from 256 draws
+    of p(z0), which is one distribution for every data point: drawn once, not 256 per data point and batch."""
+    from pyro_vae import priors
+
+    torch.manual_seed(0)
+    vae = VAE(*nets.build("mlp", (1, 6, 6), 3, hidden=16), [3], prior=priors.FlowPrior(2, hidden=(8,)))
+    drawn = []
+    sample = torch.distributions.TransformedDistribution.sample
+
+    def counted(self, sample_shape=torch.Size()):
+        value = sample(self, sample_shape)
+        drawn.append(value.shape[:-1].numel())
+        return value
+
+    monkeypatch.setattr(torch.distributions.TransformedDistribution, "sample", counted)
+    x = torch.rand(40, 1, 6, 6).round()
+    terms = evaluate.elbo_terms(vae, x, batch_size=10, moments=True)
+    assert sum(drawn) == 256  # one draw of 256 for the four batches of ten (it was 256 x 10 per batch)
+    evaluate.active_units(vae, x, batch_size=10)
+    assert sum(drawn) == 2 * 256
+    mean, variance = evaluate._prior_moments(vae)["z0"]
+    many = vae.prior().sample((20000,))
+    standard_error = (many.var(0) / 256).sqrt()  # of the mean of 256 draws
+    assert ((mean - many.mean(0)).abs() < 4 * standard_error).all()
+    assert torch.allclose(variance, many.var(0), rtol=0.4)
+    assert terms["residual_z0"].shape == (40, 3)
