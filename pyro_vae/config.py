@@ -38,8 +38,9 @@ PRESETS = {
 }
 
 TRAINING_KEYS = ("hidden", "epochs", "batch_size", "num_particles", "max_bad_steps", "lr", "beta", "grad_clip",
-                 "optimizer", "free_bits", "kl_warmup", "checkpoint_every", "elbo", "val_size", "patience", "kl_warmup_epochs",
-                 "seed", "squeeze", "ema", "skip_grad_norm", "kl_balance", "labels", "aux_loss", "enumerate")
+                 "optimizer", "free_bits", "kl_warmup", "checkpoint_every", "elbo", "val_size", "patience",
+                 "kl_warmup_epochs", "seed", "squeeze", "ema", "skip_grad_norm", "kl_balance", "labels", "aux_loss",
+                 "enumerate")
 COUNT_INPUTS = ("log1p", "raw")
 # what --dataset counts means when a flag is not given (applied under the user's flags, see with_defaults)
 COUNT_DEFAULTS = dict(latent_dims=[10], hidden=128, binarize="none", likelihood="nb:library", epochs=300, batch_size=128)
@@ -58,9 +59,13 @@ class RunConfig:
     without a validation split, the best test ELBO).
 
     ``prior`` is a :func:`pyro_vae.priors.from_name` name (``standard``,
-    ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``); ``posterior`` a
+    ``learned``, ``mog:K``, ``vamp:K``, ``flow:K``, ``gmvae:K``,
+    ``vamp-hardtanh:K``); ``posterior`` a
     :func:`pyro_vae.posteriors.from_name` name (``gaussian``, ``iaf:K``), the
-    guide's family at every level.
+    guide's family at every level. ``arch`` names the networks
+    (:func:`pyro_vae.nets.build`'s, or ``gated-hvae``, the whole chain of
+    :func:`pyro_vae.paper_hvae.networks`); ``optimizer`` is ``adam`` or
+    ``adam-normgrad`` (:class:`pyro_vae.svi.NormalizedGradAdam`).
     ``latent_dims`` are the chain's level sizes, top (z0) to bottom; ``guide``
     is ``"bottom-up"`` or ``"top-down"``; ``kl_warmup`` is the number of steps
     of :class:`~pyro_vae.objectives.KLWarmup` (0: off); ``free_bits`` the KL
@@ -168,7 +173,7 @@ class RunConfig:
                   "hidden", "likelihood", "gaussian_scale", "binarize", "squeeze", "skip", "image_size", "channels",
                   "labels", "count_input", "batch_names", "layer", "covariate_names", "covariate_mean",
                   "covariate_std")
-    RESUME_KEYS = MODEL_KEYS + ("data_dir", "val_size", "seed", "ema")
+    RESUME_KEYS = MODEL_KEYS + ("data_dir", "val_size", "seed", "ema", "optimizer")  # (Adam's state is not another's)
 
     def check_resume(self, saved, mid_epoch, where):
         """Raise :class:`InputError` unless this config can continue the run saved with ``saved``
@@ -291,6 +296,8 @@ class RunConfig:
         if self.labels or self.cell_covariates or self.prior.startswith("gmvae"):
             raise InputError(f"{what}, unconditioned: its networks read x and the levels only; use --arch gated "
                              "with --labels, a gmvae prior or covariates")
+        if self.dataset == "counts":
+            raise InputError(f"{what} of images; use --arch mlp with --dataset counts")
 
     def _check_mixture(self):
         """The GMVAE prior's discrete level: the class when labels are given, summed out by TraceEnum_ELBO."""

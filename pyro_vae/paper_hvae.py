@@ -97,8 +97,8 @@ class LowerPosterior(nn.Module):
     def forward(self, h):
         if h.shape[-1] != self.hidden + self.pixels + self.top_dim:
             raise InputError(f"LowerPosterior reads cat(features ({self.hidden}), x ({self.pixels}), z0 "
-                             f"({self.top_dim})), got {h.shape[-1]} inputs; build the VAE with guide='top-down' and "
-                             "skip=True")
+                             f"({self.top_dim})), got {h.shape[-1]} inputs; build the VAE with guide='top-down', "
+                             "skip=True and no condition (the paper's HVAE reads nothing beside x)")
         x, z0 = h[..., self.hidden: self.hidden + self.pixels], h[..., self.hidden + self.pixels:]
         return self.head(self.joint(torch.cat([self.from_x(x), self.from_z(z0)], dim=-1)))
 
@@ -157,8 +157,8 @@ def networks(x_shape, latent_dims, hidden=300, out_channels=1):
     """
     dims = [int(d) for d in latent_dims]
     if len(dims) != 2:
-        raise InputError(f"--arch gated-hvae is the VampPrior paper's two-level HVAE, got {len(dims)} level(s) "
-                         f"{dims}; use --latent-dims D0,D1 (e.g. 40,40), or --arch gated for other chains")
+        raise InputError(f"paper_hvae.networks builds the VampPrior paper's two-level HVAE, got {len(dims)} level(s) "
+                         f"{dims}; pass latent_dims=[D0, D1] (e.g. [40, 40])")
     hidden = _check_width("hidden", hidden)
     encoder = TopEncoder(x_shape, hidden)
     parts = dict(encoder=encoder, transitions=[GatedTransition(dims[0], dims[1], hidden)],

@@ -109,6 +109,9 @@ def check(settings, cli=False):
     """
     for name, value in settings.items():
         _check_one(name, value, cli)
+    if settings.get("optimizer") == "adam-normgrad" and settings.get("grad_clip"):
+        raise InputError("adam-normgrad scales every gradient to unit norm, so clipping the total norm first does "
+                         f"nothing; use {spell('grad_clip', 0, cli)} with it, or {spell('optimizer', 'adam', cli)}")
     if settings.get("kl_warmup") and settings.get("kl_warmup_epochs"):
         raise InputError("give the KL warm-up in steps or in epochs, not both; use "
                          f"{spell('kl_warmup', 0, cli)} or {spell('kl_warmup_epochs', 0, cli)}")

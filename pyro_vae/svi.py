@@ -68,13 +68,13 @@ class NormalizedGradAdam(torch.optim.Optimizer):
 
 
 def make_optimizer(params, lr, kind="adam"):
-    """``torch.optim.Adam(params, lr)`` (``kind`` ``"adam"``) or :class:`NormalizedGradAdam` (``"adam-normgrad"``),
-    fused when every parameter is on a CUDA device."""
+    """``torch.optim.Adam(params, lr)`` (``kind`` ``"adam"``; fused when every parameter is on a CUDA device) or
+    :class:`NormalizedGradAdam` (``"adam-normgrad"``, never fused)."""
     settings.check({"optimizer": kind})
     params = list(params)
-    fused = bool(params) and all(p.is_cuda for p in params)
     if kind == "adam-normgrad":
         return NormalizedGradAdam(params, lr=lr)
+    fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 

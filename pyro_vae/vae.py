@@ -126,7 +126,7 @@ def _checked_arguments(latent_dims, condition, label_site, enumerate, beta, guid
     if skip and len(latent_dims) > 1 and guide != "top-down":
         raise InputError("skip connections draw z_l given x and every level above it, which is the top-down "
                          "guide's order; use guide='top-down' with skip=True")
-    if ladder and guide != "top-down":
+    if ladder and guide != "top-down" and len(latent_dims) > 1:
         raise InputError("ladder and ladder_heads are the top-down guide's networks; use guide='top-down' with them")
     return latent_dims
 
@@ -177,10 +177,13 @@ class VAE(nn.Module):
             encoder's features) to d_l ``(*batch, F_l)`` (default two softplus
             layers of ``hidden``). Needs ``guide="top-down"``.
         ladder_heads: optional list of L modules, ``ladder_heads[l]`` mapping d_l
-            (with ``skip``: ``cat(d_l, z_0, ..., z_l-1)``) to a Pyro distribution
-            over z_l with event shape ``(D_l,)`` (default: the ``posterior``
-            family on ``hidden`` (+ the levels above) inputs). The head of zL is
-            ``posterior``. Needs ``guide="top-down"``.
+            (for l >= 1 with ``skip``: ``cat(d_l, z_0, ..., z_l-1)``) to a Pyro
+            distribution over z_l with event shape ``(D_l,)``; for l >= 1 without
+            ``skip`` it must be ``Normal(...).to_event(1)``, merged by precision
+            weighting with p(z_l | z_l-1). Default: the ``posterior`` family on
+            ``hidden`` (+ the levels above) inputs, so a ``ladder`` of your own
+            must then give d_l ``hidden`` wide. The head of zL is ``posterior``.
+            Needs ``guide="top-down"``.
             :func:`pyro_vae.paper_hvae.networks` builds the VampPrior paper's
             HVAE from these pieces.
         hidden: width of the chain's own networks (transitions, bottom-up
@@ -925,7 +928,8 @@ class VAE(nn.Module):
 def _level_modules(name, modules, levels):
     """``modules`` (a user's ``transitions``, ``ladder`` or ``ladder_heads``) as a list of ``levels`` modules, or an
     :class:`InputError` that says what it must hold."""
-    modules = list(modules) if isinstance(modules, (list, tuple, nn.ModuleList)) else [modules]
+    one = isinstance(modules, nn.Module) and not isinstance(modules, (nn.ModuleList, nn.Sequential))
+    modules = [modules] if one else list(modules)
     if len(modules) != levels:
         raise InputError(f"{name} must hold {levels} module{'s' if levels != 1 else ''} (one per level below z0, "
                          f"len(latent_dims) - 1), got {len(modules)}; pass one module per level below z0, or "

@@ -58,7 +58,7 @@ def test_each_posterior_reads_its_own_encoder_and_the_lower_one_reads_the_level_
     q3 = vae.posterior(torch.cat([d, 3 * z0], -1)).base_dist.loc
     assert not torch.allclose(q, q2)
     assert not torch.allclose(q3 - q2, q2 - q, atol=1e-4)  # not linear in z0 (a gated layer reads it)
-    with pytest.raises(InputError, match="build the VAE with guide='top-down' and skip=True"):
+    with pytest.raises(InputError, match="build the VAE with guide='top-down', skip=True and no condition"):
         vae.posterior(d)
     # the decoder reads both levels
     z = torch.randn(6, 7)
@@ -82,8 +82,6 @@ def test_the_heads_clamp_the_log_variance_and_the_weights_are_he_initialised():
     vae = _paper()
     for linear in (vae.encoder.net[0].h, vae.posterior.from_x.g, vae.decoder.joint.g, vae.posterior.head.mean_head):
         assert linear.weight.std().item() == pytest.approx(math.sqrt(2 / linear.in_features), rel=0.03)
-    # PyTorch's default would be uniform with sd 1 / sqrt(3 fan_in): far below
-    assert nets.GatedDense(784, 300).h.weight.std().item() < 0.5 * math.sqrt(2 / 784)
 
 
 def test_svi_lowers_the_loss_with_the_vampprior():
@@ -103,12 +101,20 @@ def test_svi_lowers_the_loss_with_the_vampprior():
     (dict(guide="bottom-up", skip=False), "add --guide top-down --skip"),
     (dict(posterior="iaf:2", prior="standard"), "use --posterior gaussian"),
     (dict(labels=True), "unconditioned"),
+    (dict(dataset="counts", data_file="x.npz", binarize="none", latent_dims=[4, 4]), "of images; use --arch mlp"),
 ])
 def test_the_command_line_refuses_what_the_papers_hvae_is_not(change, message):
     with pytest.raises(InputError, match=message):
         RunConfig(**{**PRESETS["vampprior-hvae"], "arch": "gated-hvae", **change}).validate()
-    with pytest.raises(InputError, match="two-level HVAE, got 1 level"):
+
+
+def test_the_papers_hvae_in_python_has_two_levels_and_no_condition():
+    with pytest.raises(InputError, match=r"two-level HVAE, got 1 level\(s\) \[40\]; pass latent_dims=\[D0, D1\]"):
         paper_hvae.networks((1, 28, 28), [40])
+    vae = VAE(**paper_hvae.networks((1, 28, 28), [3, 4], hidden=8), latent_dims=[3, 4], guide="top-down", skip=True,
+              condition=2)
+    with pytest.raises(InputError, match="skip=True and no condition"):
+        pyro.poutine.trace(vae.guide).get_trace(torch.rand(2, 1, 28, 28).round(), torch.tensor([0, 1]))
 
 
 def test_a_vae_takes_its_own_ladder_and_heads_only_with_the_top_down_guide():
@@ -125,3 +131,7 @@ def test_a_vae_takes_its_own_ladder_and_heads_only_with_the_top_down_guide():
         VAE(enc, dec, [3, 4], guide="top-down", hidden=16, ladder_heads=heads * 2)
     with pytest.raises(InputError, match="ladder must hold nn.Module instances, got function"):
         VAE(enc, dec, [3, 4], guide="top-down", hidden=16, ladder=[lambda d: d])
+    one_level = VAE(*nets.build("mlp", (1, 28, 28), 4, hidden=16), [4], ladder=[], ladder_heads=[])  # nothing to give
+    assert len(one_level.ladder) == 0
+    two = VAE(enc, dec, [3, 4], guide="top-down", hidden=16, transitions=nn.Sequential(vae.transitions[0]))
+    assert two.transitions[0] is vae.transitions[0]  # an nn.Sequential of transitions is read as its modules

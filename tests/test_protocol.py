@@ -224,8 +224,8 @@ def test_skip_needs_the_top_down_guide():
                                                 ("vampprior-convhvae", "gated-conv", 8)])
 def test_the_hvae_presets_resume_bitwise(preset, arch, size, idx_dir, tmp_path):
     kw = dict(data_dir=str(idx_dir), val_size=64, hidden=16, latent_dims=[3, 4], batch_size=64, arch=arch,
-              kl_warmup_epochs=1, patience=3, image_size=size, prior="vamp:5",
-              optimizer="adam-normgrad" if arch == "gated-hvae" else "adam")  # the paper's rows train with its optimizer  # 8 x 8 images: the conv nets are slow
+              kl_warmup_epochs=1, patience=3, image_size=size, prior="vamp:5",  # 8 x 8 images: the conv nets are slow
+              optimizer="adam-normgrad" if arch == "gated-hvae" else "adam")  # the paper's HVAE: its optimizer
     straight, _ = train(RunConfig.from_preset(preset, epochs=2, **kw), tmp_path / "a", progress=False, pictures=False)
     train(RunConfig.from_preset(preset, epochs=1, **kw), tmp_path / "b", progress=False, pictures=False)
     resumed, _ = train(RunConfig.from_preset(preset, epochs=2, **kw), tmp_path / "b", resume=True,

@@ -98,3 +98,17 @@ def test_an_unknown_optimizer_is_refused_in_python_and_on_the_command_line():
 
     assert train_config(["--out", "x", "--optimizer", "adam-normgrad"]).optimizer == "adam-normgrad"
     assert RunConfig.from_dict({k: v for k, v in RunConfig().to_dict().items() if k != "optimizer"}).optimizer == "adam"
+
+
+def test_a_run_resumes_with_its_own_optimizer_and_adam_normgrad_refuses_clipping(idx_dir, tmp_path):
+    from pyro_vae import InputError, RunConfig
+    from pyro_vae.train import train
+
+    from test_train import small_config
+
+    train(small_config(idx_dir, epochs=1, optimizer="adam-normgrad"), tmp_path / "run", progress=False,
+          pictures=False)
+    with pytest.raises(InputError, match="optimizer: run has 'adam-normgrad', asked 'adam'"):
+        train(small_config(idx_dir, epochs=2), tmp_path / "run", resume=True, progress=False, pictures=False)
+    with pytest.raises(InputError, match="adam-normgrad scales every gradient to unit norm.*--grad-clip 0"):
+        RunConfig(optimizer="adam-normgrad", grad_clip=5.0).validate()
