@@ -608,3 +608,17 @@ def test_the_density_picture_draws_every_row_whole_and_its_first_epochs(tmp_path
             for colour in ("C0", "C1")}  # the columns of each row's curve (long: C0, short: C1)
     assert (near["C0"] < split).sum() > 100 and (near["C0"] > split).sum() > 100  # long: in both panels
     assert (near["C1"] > split).sum() > 100  # short (above 250 nats): in the first epochs' panel
+
+
+def test_every_density_row_is_a_valid_run_and_only_the_tables_models_get_a_published_number():
+    import shlex
+
+    from pyro_vae.cli import train_config
+
+    density = _density_benchmark()
+    beyond = {"hvae3-vamp", "hvae-iaf", "vae-flow-iaf", "hvae3-standard"}
+    for name, flags in density.ROWS.items():
+        config = train_config(["--out", "x", *shlex.split(flags)]).validate().to_dict()
+        assert (density.published(config)["published_nll"] is None) == (name in beyond), name
+    paper = train_config(["--out", "x", *shlex.split(density.ROWS["hvae-paper-vamp"])])
+    assert (paper.arch, paper.prior, paper.optimizer) == ("gated-hvae", "vamp-hardtanh:500", "adam-normgrad")
