@@ -361,6 +361,7 @@ def _train(args):
     pictures = "samples.png reconstructions.png levels.png curves.png" if is_image(vae) else "curves.png"
     pictures += " kl_levels.png" if len(vae.latent_dims) > 1 else ""
     pictures += " classes.png" if (out / "classes.png").exists() else ""
+    pictures += " pseudo_inputs.png" if (out / "pseudo_inputs.png").exists() else ""
     kept = " best.pt" if (out / "best.pt").exists() else ""
     pictures += " model.png" if (out / "model.png").exists() else ""
     kept += " tensorboard/" if tensorboard else ""

@@ -89,6 +89,16 @@ def save_generated(vae, x, path, keep_levels, temperatures=(1.0,), n=8, seed=0, 
     save_labelled_grid(torch.cat(rows).cpu(), path, n + 1, [f"t = {t:g}" for t in temperatures], title=title)
 
 
+def save_pseudo_inputs(vae, path, n=100, nrow=10):
+    """Save the VampPrior's first ``n`` pseudo-inputs u_k (images ``(n, C, H, W)`` in [0, 1]), the points whose
+    posteriors q(z0 | u_k) make up the prior; a VAE whose prior has none (no ``images()``) is refused."""
+    images = getattr(vae.prior, "images", None)
+    if images is None:
+        raise InputError(f"the prior {type(vae.prior).__name__} has no pseudo-inputs; only a VampPrior does")
+    with torch.no_grad():
+        save_grid(images()[:n].detach().cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
+
+
 @drawing
 def save_reconstructions(vae, x, path, n=32):
     """Save ``n`` test images (odd columns) beside their reconstructions (even columns).

@@ -564,7 +564,8 @@ def train(config, out_dir, resume=False, overwrite=False, progress=True, picture
         resume: continue the run in ``out_dir`` up to ``config.epochs``.
         overwrite: replace another run's files in ``out_dir``.
         pictures: write ``curves.png`` at the end and, for images,
-            ``samples.png``, ``reconstructions.png`` and ``levels.png``.
+            ``samples.png``, ``reconstructions.png`` and ``levels.png`` (and with a VampPrior
+            ``pseudo_inputs.png``, :func:`~pyro_vae.plots.save_pseudo_inputs`).
         callbacks: the user's own parts, as in :func:`fit`; their state is
             in ``checkpoint.pt``, so give the same parts again to resume.
         tensorboard: log to TensorBoard in ``out_dir/tensorboard``
@@ -689,6 +690,8 @@ def _run(config, out, state, vae, splits, progress, pictures, callbacks, tensorb
             shown = x_test if x_val is None else x_val  # with a validation split, the test set waits for evaluate
             plots.save_reconstructions(vae, shown, out / "reconstructions.png")
             plots.save_levels(vae, shown, out / "levels.png")
+            if hasattr(vae.prior, "images"):  # a VampPrior: what its pseudo-inputs have become
+                plots.save_pseudo_inputs(vae, out / "pseudo_inputs.png")
             if m2:
                 plots.save_classes(vae, out / "classes.png", names=CLASS_NAMES.get(config.dataset))
         plots.save_curves(out / "metrics.jsonl", out / "curves.png")

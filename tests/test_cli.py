@@ -131,6 +131,7 @@ def test_train_variants(idx_dir, tmp_path, extra):
     assert cli.main(["train", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out),
                      "--latent-dim", "8", *QUICK, *extra]) == 0
     config, _ = _check_run_dir(out, epochs=1)
+    assert (out / "pseudo_inputs.png").exists() == config["prior"].startswith("vamp")  # the VampPrior's u_k
     for flag, value in zip(extra[::2], extra[1::2]):
         expected = [int(v) for v in value.split(",")] if flag == "--latent-dims" else value
         assert config[flag.lstrip("-").replace("-", "_")] == expected

@@ -223,3 +223,22 @@ def test_the_papers_pseudo_inputs_start_dark_and_stay_in_the_unit_interval():
     with pytest.raises(InputError, match="inputs must be one of sigmoid, hardtanh"):
         priors.VampPrior(3, inputs="tanh")
     RunConfig(prior="vamp-hardtanh:3", latent_dims=[3, 4], guide="top-down").validate()
+
+
+def test_the_pseudo_inputs_picture_shows_the_pseudo_inputs(tmp_path):
+    from PIL import Image
+
+    from pyro_vae import plots
+
+    torch.manual_seed(0)
+    vae = make_vae(priors.from_name("vamp-hardtanh:3"), (3, 4), "top-down")
+    with torch.no_grad():
+        vae.prior.pseudo_inputs[1] = 1.0  # the second one all white, the others near black
+    plots.save_pseudo_inputs(vae, tmp_path / "u.png")
+    grid = torch.tensor(list(Image.open(tmp_path / "u.png").convert("L").getdata()), dtype=torch.float32)
+    h, w = X_SHAPE[-2:]
+    image = grid.reshape(2 + h + 2, -1)[2:2 + h]  # the one row of three, padded by 2
+    first, second = image[:, 2:2 + w], image[:, 2 + w + 2:2 + 2 * w + 2]
+    assert second.min() == 255 and first.max() < 30
+    with pytest.raises(InputError, match="has no pseudo-inputs; only a VampPrior does"):
+        plots.save_pseudo_inputs(make_vae(priors.StandardNormal(), (3, 4), "top-down"), tmp_path / "v.png")
