@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .nets import GatedDense, _check_input, _check_width, _check_x_shape
+from .nets import GatedDense, _check_input, _check_width, _check_x_shape, _gated
 from .posteriors import ClampedGaussian
 
 ARCHS = ("gated-hvae",)  # architectures this module builds whole chains for (see nets.ARCHS for the others)
@@ -45,10 +45,6 @@ def he_init(module):
     return module
 
 
-def _gated(*sizes):
-    return nn.Sequential(*(GatedDense(a, b) for a, b in zip(sizes[:-1], sizes[1:])))
-
-
 class TopEncoder(nn.Module):
     """q(z0 | x)'s encoder, with x passed along for q(z1 | x, z0): ``(*batch, *x_shape) -> (*batch, hidden +
     pixels)``, its two gated layers' features, then the flattened x."""
@@ -59,7 +55,7 @@ class TopEncoder(nn.Module):
         self.hidden = _check_width("hidden", hidden)
         self.pixels = math.prod(self.x_shape)
         self.out_features = self.hidden + self.pixels
-        self.net = _gated(self.pixels, self.hidden, self.hidden)
+        self.net = _gated([self.pixels, self.hidden, self.hidden])
 
     def forward(self, x):
         _check_input(self, x, self.x_shape)
@@ -109,7 +105,7 @@ class GatedTransition(nn.Module):
 
     def __init__(self, top_dim, latent_dim, hidden=300):
         super().__init__()
-        self.net = _gated(_check_width("top_dim", top_dim), hidden, hidden)
+        self.net = _gated([_check_width("top_dim", top_dim), hidden, hidden])
         self.head = ClampedGaussian(hidden, latent_dim)
 
     def forward(self, z):
