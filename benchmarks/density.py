@@ -180,11 +180,11 @@ def _check_same_model(name, run, kept, flags):
     from pyro_vae.cli import train_config
 
     wanted = train_config(["--out", str(run), *shlex.split(flags)]).to_dict()
-    defaults = RunConfig().to_dict()  # what a run from before a setting existed had
+    kept = RunConfig.from_dict(kept).to_dict()  # a run from before a setting existed gets its default
     for key in MODEL_SETTINGS:
-        if kept.get(key, defaults[key]) != wanted[key]:
-            raise InputError(f"the run in {run} has {key}={kept.get(key, defaults[key])!r}, but the row {name} now "
-                             f"has {wanted[key]!r}; move that run away to start the row afresh")
+        if kept[key] != wanted[key]:
+            raise InputError(f"the run in {run} has {key}={kept[key]!r}, but the row {name} now has {wanted[key]!r}; "
+                             "move that run away to start the row afresh")
 
 
 def start(names, runs, threads=1, iw_samples=5000, device=None):
