@@ -248,7 +248,7 @@ def _progress(config, records):
 
 
 def _row(run, machine):
-    config = json.loads((run / "config.json").read_text())
+    config = RunConfig.from_dict(json.loads((run / "config.json").read_text())).to_dict()  # defaults filled in
     records = read_records(run / "metrics.jsonl")
     evaluation = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     levels = len(config["latent_dims"])
@@ -259,7 +259,7 @@ def _row(run, machine):
     return {
         "name": run.name, "model": model, "prior": config["prior"], "levels": levels, "guide": config["guide"],
         "arch": config["arch"], "latent_dims": config["latent_dims"], "posterior": config["posterior"],
-        "optimizer": config.get("optimizer", "adam"), "epochs": len(records), "max_epochs": config["epochs"], "finished": stopped,
+        "optimizer": config["optimizer"], "epochs": len(records), "max_epochs": config["epochs"], "finished": stopped,
         "best_epoch": best, "best_val_elbo": vals[best - 1] if best else None,
         "last_val_elbo": vals[-1] if vals else None,
         "iw_samples": evaluation.get("iw_samples"), "evaluated_epoch": evaluation.get("epoch"),
@@ -269,7 +269,7 @@ def _row(run, machine):
         "seconds": round(sum(r.get("seconds", 0.0) for r in records), 1), "machine": machine,
         "median_epoch_seconds": median_epoch_seconds(records),
         **({} if stopped else extrapolate(vals, config["patience"], config["epochs"],
-                                          config.get("kl_warmup_epochs", 0))),
+                                          config["kl_warmup_epochs"])),
         **({"code": source.read_text().strip()} if (source := run.with_name(f"{run.name}.code") / "SOURCE").exists()
            else {}),
     }
