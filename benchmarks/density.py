@@ -56,6 +56,11 @@ PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MN
     ("convhvae", "standard"): (225.38, 0.08), ("convhvae", "vamp"): (224.67, 0.03),
 }
 
+TARGETS = {  # the issue's targets for the same rows (test NLL at K=5000): the published means to a tenth of a nat
+    ("vae", "standard"): 228.7, ("vae", "vamp"): 227.4, ("hvae", "standard"): 227.4, ("hvae", "vamp"): 226.7,
+    ("convhvae", "standard"): 225.4, ("convhvae", "vamp"): 224.7,
+}
+
 
 # every row's pyro-vae train flags (benchmarks/density_gpu.sh trains some of them on a GPU, with these flags:
 # a test holds its list to this one)
@@ -486,18 +491,61 @@ def table(rows):
     return "\n".join(lines) + "\n"
 
 
+def summary(rows):
+    """The README's summary (a markdown string) of ``rows`` (``density.json``'s rows) against the targets: for each
+    published row (``PUBLISHED``), the best final test NLL (``is_final``) of the rows that reproduce it, its row's
+    name and whether it meets ``TARGETS`` (or which rows are still unfinished); then, for each network class with a
+    final row beyond the table (``published_nll`` None), its best one against the best published number of that
+    class (the VAE's, HVAE's or ConvHVAE's, whatever the prior): "better" is the issue's "beyond" target."""
+    names = {"vae": "VAE, gated MLP", "hvae": "HVAE, gated MLP", "convhvae": "ConvHVAE"}
+    priors = {"standard": "N(0, I)", "vamp": "VampPrior(500)"}
+    lines = ["| model | published | ours (row) | target | |", "| --- | --- | --- | --- | --- |"]
+    for (model, prior), (mean, sd) in PUBLISHED.items():
+        mine = [row for row in rows if row["model"] == model and row["published_nll"] == mean]
+        lines.append(f"| {names[model]}, {priors[prior]} | {_nats(mean)} ± {sd:.2f} | "
+                     f"{_against(mine, TARGETS[model, prior], f'≤ {TARGETS[model, prior]}')}")
+    for model, name in names.items():
+        beyond = [row for row in rows if row["model"] == model and row["published_nll"] is None]
+        if beyond:
+            best = min(mean for (kind, _), (mean, _) in PUBLISHED.items() if kind == model)
+            lines.append(f"| beyond: {name}, anything the table lacks | — | "
+                         f"{_against(beyond, best, f'< {_nats(best)}', strict=True)}")
+    return "\n".join(lines) + "\n"
+
+
+def _against(rows, bound, target, strict=False):
+    """The last cells of a ``summary`` line: the best final test NLL of ``rows`` (and its row), ``target`` (the
+    words for ``bound``), and whether it is met (``<= bound``, or ``< bound`` where ``strict``), with the
+    unfinished rows named."""
+    final = [row for row in rows if is_final(row)]
+    going = ", ".join(f"`{row['name']}` at epoch {row['epochs']}" for row in rows if not row["finished"])
+    if not final:
+        return f"not finished | {target} | {going or 'not run'} |"
+    best = min(final, key=lambda row: row["test_nll"])
+    nll, name = best["test_nll"], best["name"]
+    met = nll < bound if strict else nll <= bound
+    verdict = (f"met, by {bound - nll:.2f}" if met else f"missed, by {nll - bound:.2f}") + \
+        (f"; still training: {going}" if going else "")
+    return f"**{_nats(nll)}** (`{name}`) | {target} | {verdict} |"
+
+
 README_MARKS = ("<!-- density table: benchmarks/density.py table --readme -->\n", "<!-- end of density table -->\n")
+SUMMARY_MARKS = ("<!-- density summary: benchmarks/density.py table --readme -->\n",
+                 "<!-- end of density summary -->\n")
 
 
 def write_readme_table(readme, rows):
-    """Replace the part of ``readme`` (a path) between ``README_MARKS`` with ``table(rows)``."""
+    """Replace the parts of ``readme`` (a path) between ``SUMMARY_MARKS`` and between ``README_MARKS`` with
+    ``summary(rows)`` and ``table(rows)``."""
     text = readme.read_text()
-    start, end = (text.find(mark) for mark in README_MARKS)
-    if start < 0 or end < start:
-        raise InputError(f"{readme} has no density table between the lines {README_MARKS[0].strip()} and "
-                         f"{README_MARKS[1].strip()}")
-    start += len(README_MARKS[0])
-    write_text_atomic(readme, text[:start] + table(rows) + text[end:])
+    for marks, part in ((SUMMARY_MARKS, summary(rows)), (README_MARKS, table(rows))):
+        start, end = (text.find(mark) for mark in marks)
+        if start < 0 or end < start:
+            raise InputError(f"{readme} has no density {'summary' if marks is SUMMARY_MARKS else 'table'} between "
+                             f"the lines {marks[0].strip()} and {marks[1].strip()}")
+        start += len(marks[0])
+        text = text[:start] + part + text[end:]
+    write_text_atomic(readme, text)
 
 
 def _plot(records_files, warmup=100, early=150, path=None):
@@ -562,7 +610,7 @@ def main(argv=None):
     s.add_argument("--device", help="cpu, cuda or auto (a GPU where PyTorch sees one): where the rows train and are "
                    "evaluated (default: a new row auto, a row that ran where it ran, so that it resumes bitwise)")
     t = sub.add_parser("table", help="print the README's table of the collected rows (markdown)")
-    t.add_argument("--readme", action="store_true", help="write it into README.md, between its density-table marks")
+    t.add_argument("--readme", action="store_true", help="write it and its summary against the targets into README.md, between their marks")
     args = p.parse_args(argv)
     if args.command == "collect":
         for row in collect(args.runs, args.machine, args.note):

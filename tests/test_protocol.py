@@ -542,6 +542,30 @@ def test_the_density_table_says_what_is_final_and_what_is_not():
     assert "| 228.63 (879) |" in part and not density.is_final(_row(test_images=100))
 
 
+def test_the_density_summary_sets_each_target_beside_the_best_final_row():
+    density = _density_benchmark()
+    vae = dict(model="vae", levels=1, latent_dims=[40], published_nll=228.70, published_sd=0.15)
+    rows = [_row(name="vae-a", test_nll=228.71, **vae), _row(name="vae-b", test_nll=228.69, **vae),
+            _row(name="vae-c", test_nll=228.10, test_images=100, **vae),  # interim: the first 100 images only
+            _row(name="hvae-a", test_nll=227.43), _row(name="hvae-b", finished=False, epochs=130, test_nll=None),
+            _row(name="flow", test_nll=227.35, prior="flow:2", published_nll=None, published_sd=None, **{
+                key: value for key, value in vae.items() if not key.startswith("published")}),
+            _row(name="hvae3", finished=False, epochs=24, levels=3, published_nll=None, published_sd=None)]
+    lines = density.summary(rows).splitlines()
+    assert lines[2] == "| VAE, gated MLP, N(0, I) | 228.70 ± 0.15 | **228.69** (`vae-b`) | ≤ 228.7 | met, by 0.01 |"
+    assert lines[3] == "| VAE, gated MLP, VampPrior(500) | 227.35 ± 0.05 | not finished | ≤ 227.4 | not run |"
+    assert lines[4] == ("| HVAE, gated MLP, N(0, I) | 227.37 ± 0.10 | **227.43** (`hvae-a`) | ≤ 227.4 | missed, by 0.03; "
+                        "still training: `hvae-b` at epoch 130 |")
+    # beyond: strictly better than the class's best published row (the one-level VampPrior's 227.35)
+    assert lines[8] == ("| beyond: VAE, gated MLP, anything the table lacks | — | **227.35** (`flow`) | < 227.35 | "
+                        "missed, by 0.00 |")
+    assert lines[9] == ("| beyond: HVAE, gated MLP, anything the table lacks | — | not finished | < 226.72 | "
+                        "`hvae3` at epoch 24 |")
+    assert len(lines) == 10  # no ConvHVAE beyond row: none was run
+    better = [{**row, "test_nll": 227.30} if row["name"] == "flow" else row for row in rows]
+    assert density.summary(better).splitlines()[8].endswith("| **227.30** (`flow`) | < 227.35 | met, by 0.05 |")
+
+
 def test_the_readmes_density_table_is_the_collected_rows(tmp_path):
     density = _density_benchmark()
     rows = json.loads((density.RESULTS / "density.json").read_text())
@@ -549,16 +573,22 @@ def test_the_readmes_density_table_is_the_collected_rows(tmp_path):
         published = density.published(density.stored_config(row["name"]))
         assert {key: row[key] for key in published} == published, row["name"]
     readme = density.README.read_text()
-    start, end = (readme.index(mark) for mark in density.README_MARKS)
-    assert readme[start + len(density.README_MARKS[0]):end] == density.table(rows), \
-        "README's density table is stale: run python benchmarks/density.py table --readme"
+    for marks, part in ((density.README_MARKS, density.table(rows)), (density.SUMMARY_MARKS, density.summary(rows))):
+        start, end = (readme.index(mark) for mark in marks)
+        assert readme[start + len(marks[0]):end] == part, \
+            "README's density table or summary is stale: run python benchmarks/density.py table --readme"
 
     copy = tmp_path / "README.md"
-    copy.write_text("intro\n" + density.README_MARKS[0] + "old\n" + density.README_MARKS[1] + "after\n")
+    summary, table = density.SUMMARY_MARKS, density.README_MARKS
+    copy.write_text("intro\n" + summary[0] + "old\n" + summary[1] + "between\n" + table[0] + "old\n" + table[1]
+                    + "after\n")
     density.write_readme_table(copy, rows[:1])
-    assert copy.read_text() == ("intro\n" + density.README_MARKS[0] + density.table(rows[:1])
-                                + density.README_MARKS[1] + "after\n")
+    assert copy.read_text() == ("intro\n" + summary[0] + density.summary(rows[:1]) + summary[1] + "between\n"
+                                + table[0] + density.table(rows[:1]) + table[1] + "after\n")
     copy.write_text("no table here\n")
+    with pytest.raises(InputError, match="has no density summary between the lines"):
+        density.write_readme_table(copy, rows)
+    copy.write_text(summary[0] + summary[1] + "no table here\n")
     with pytest.raises(InputError, match="has no density table between the lines"):
         density.write_readme_table(copy, rows)
 
