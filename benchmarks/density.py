@@ -16,8 +16,8 @@ per-epoch record beside it, and a picture of the validation ELBO per epoch::
 
     python benchmarks/density.py collect ~/runs/density/vae-standard ~/runs/density/vae-vamp
 
-and write the README's table of every collected row (the test suite fails while the README and the JSON
-disagree)::
+and write the README's table of every collected row, and above it a summary against the issue's targets (the
+test suite fails while the README and the JSON disagree)::
 
     python benchmarks/density.py table --readme
 
@@ -609,8 +609,10 @@ def main(argv=None):
     s.add_argument("--iw-samples", type=int, default=5000, help="K of the evaluation at the end (default 5000)")
     s.add_argument("--device", help="cpu, cuda or auto (a GPU where PyTorch sees one): where the rows train and are "
                    "evaluated (default: a new row auto, a row that ran where it ran, so that it resumes bitwise)")
-    t = sub.add_parser("table", help="print the README's table of the collected rows (markdown)")
-    t.add_argument("--readme", action="store_true", help="write it and its summary against the targets into README.md, between their marks")
+    t = sub.add_parser("table", help="print the README's summary against the targets and its table of the "
+                       "collected rows (markdown)")
+    t.add_argument("--readme", action="store_true",
+                   help="write them into README.md, each between its marks")
     args = p.parse_args(argv)
     if args.command == "collect":
         for row in collect(args.runs, args.machine, args.note):
@@ -623,7 +625,7 @@ def main(argv=None):
         return 0
     if args.command == "table":
         rows = json.loads((RESULTS / "density.json").read_text())
-        write_readme_table(README, rows) if args.readme else print(table(rows), end="")
+        write_readme_table(README, rows) if args.readme else print(summary(rows), table(rows), sep="\n", end="")
         return 0
     rows = check(args.name, args.epochs, device=args.device)
     trained_on = stored_config(args.name)["device"]

@@ -566,6 +566,13 @@ def test_the_density_summary_sets_each_target_beside_the_best_final_row():
     assert density.summary(better).splitlines()[8].endswith("| **227.30** (`flow`) | < 227.35 | met, by 0.05 |")
 
 
+def test_density_table_prints_the_summary_then_the_table(capsys):
+    density = _density_benchmark()
+    rows = json.loads((density.RESULTS / "density.json").read_text())
+    assert density.main(["table"]) == 0
+    assert capsys.readouterr().out == density.summary(rows) + "\n" + density.table(rows)
+
+
 def test_the_readmes_density_table_is_the_collected_rows(tmp_path):
     density = _density_benchmark()
     rows = json.loads((density.RESULTS / "density.json").read_text())
