@@ -554,8 +554,8 @@ def test_the_density_summary_sets_each_target_beside_the_best_final_row():
     lines = density.summary(rows).splitlines()
     assert lines[2] == "| VAE, gated MLP, N(0, I) | 228.70 ± 0.15 | **228.69** (`vae-b`) | ≤ 228.7 | met, by 0.01 |"
     assert lines[3] == "| VAE, gated MLP, VampPrior(500) | 227.35 ± 0.05 | not finished | ≤ 227.4 | not run |"
-    assert lines[4] == ("| HVAE, gated MLP, N(0, I) | 227.37 ± 0.10 | **227.43** (`hvae-a`) | ≤ 227.4 | missed, by 0.03; "
-                        "still training: `hvae-b` at epoch 130 |")
+    assert lines[4] == ("| HVAE, gated MLP, N(0, I) | 227.37 ± 0.10 | **227.43** (`hvae-a`) | ≤ 227.4 | "
+                        "missed, by 0.03; still training: `hvae-b` at epoch 130 |")
     # beyond: strictly better than the class's best published row (the one-level VampPrior's 227.35)
     assert lines[8] == ("| beyond: VAE, gated MLP, anything the table lacks | — | **227.35** (`flow`) | < 227.35 | "
                         "missed, by 0.00 |")
