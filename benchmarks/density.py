@@ -494,9 +494,9 @@ def table(rows):
 def summary(rows):
     """The README's summary (a markdown string) of ``rows`` (``density.json``'s rows) against the targets: for each
     published row (``PUBLISHED``), the best final test NLL (``is_final``) of the rows that reproduce it, its row's
-    name and whether it meets ``TARGETS`` (or which rows are still unfinished); then, for each network class with a
-    final row beyond the table (``published_nll`` None), its best one against the best published number of that
-    class (the VAE's, HVAE's or ConvHVAE's, whatever the prior): "better" is the issue's "beyond" target."""
+    name and whether it meets ``TARGETS`` (and which rows are not final yet); then, for each network class with rows
+    beyond the table (``published_nll`` None), its best final one against the best published number of that class
+    (the VAE's, HVAE's or ConvHVAE's, whatever the prior): "better" is the issue's "beyond" target."""
     names = {"vae": "VAE, gated MLP", "hvae": "HVAE, gated MLP", "convhvae": "ConvHVAE"}
     priors = {"standard": "N(0, I)", "vamp": "VampPrior(500)"}
     lines = ["| model | published | ours (row) | target | |", "| --- | --- | --- | --- | --- |"]
@@ -515,18 +515,19 @@ def summary(rows):
 
 def _against(rows, bound, target, strict=False):
     """The last cells of a ``summary`` line: the best final test NLL of ``rows`` (and its row), ``target`` (the
-    words for ``bound``), and whether it is met (``<= bound``, or ``< bound`` where ``strict``), with the
-    unfinished rows named."""
+    words for ``bound``), and whether it is met (``<= bound``, or ``< bound`` where ``strict``), with the rows
+    that are not final yet named: still training, or stopped and not yet evaluated on the whole test set."""
     final = [row for row in rows if is_final(row)]
-    going = ", ".join(f"`{row['name']}` at epoch {row['epochs']}" for row in rows if not row["finished"])
+    pending = ", ".join(f"`{row['name']}` at epoch {row['epochs']}" if not row["finished"]
+                        else f"`{row['name']}` stopped, not evaluated on the whole test set yet" for row in rows if not is_final(row))
     if not final:
-        return f"not finished | {target} | {going or 'not run'} |"
+        return f"not finished | {target} | {pending or 'not run'} |"
     best = min(final, key=lambda row: row["test_nll"])
     nll, name = best["test_nll"], best["name"]
     met = nll < bound if strict else nll <= bound
-    verdict = (f"met, by {bound - nll:.2f}" if met else f"missed, by {nll - bound:.2f}") + \
-        (f"; still training: {going}" if going else "")
-    return f"**{_nats(nll)}** (`{name}`) | {target} | {verdict} |"
+    margin = abs(nll - bound)
+    verdict = ("met" if met else "missed") + (f", by {margin:.2f}" if margin >= 0.005 else ", by less than 0.01")
+    return f"**{_nats(nll)}** (`{name}`) | {target} | {verdict}{f'; not final yet: {pending}' if pending else ''} |"
 
 
 README_MARKS = ("<!-- density table: benchmarks/density.py table --readme -->\n", "<!-- end of density table -->\n")

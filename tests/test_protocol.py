@@ -552,18 +552,29 @@ def test_the_density_summary_sets_each_target_beside_the_best_final_row():
                 key: value for key, value in vae.items() if not key.startswith("published")}),
             _row(name="hvae3", finished=False, epochs=24, levels=3, published_nll=None, published_sd=None)]
     lines = density.summary(rows).splitlines()
-    assert lines[2] == "| VAE, gated MLP, N(0, I) | 228.70 ± 0.15 | **228.69** (`vae-b`) | ≤ 228.7 | met, by 0.01 |"
+    assert lines[2] == ("| VAE, gated MLP, N(0, I) | 228.70 ± 0.15 | **228.69** (`vae-b`) | ≤ 228.7 | met, by 0.01; "
+                        "not final yet: `vae-c` stopped, not evaluated on the whole test set yet |")
     assert lines[3] == "| VAE, gated MLP, VampPrior(500) | 227.35 ± 0.05 | not finished | ≤ 227.4 | not run |"
     assert lines[4] == ("| HVAE, gated MLP, N(0, I) | 227.37 ± 0.10 | **227.43** (`hvae-a`) | ≤ 227.4 | "
-                        "missed, by 0.03; still training: `hvae-b` at epoch 130 |")
+                        "missed, by 0.03; not final yet: `hvae-b` at epoch 130 |")
+    assert lines[5:8] == ["| HVAE, gated MLP, VampPrior(500) | 226.72 ± 0.08 | not finished | ≤ 226.7 | not run |",
+                          "| ConvHVAE, N(0, I) | 225.38 ± 0.08 | not finished | ≤ 225.4 | not run |",
+                          "| ConvHVAE, VampPrior(500) | 224.67 ± 0.03 | not finished | ≤ 224.7 | not run |"]
     # beyond: strictly better than the class's best published row (the one-level VampPrior's 227.35)
     assert lines[8] == ("| beyond: VAE, gated MLP, anything the table lacks | — | **227.35** (`flow`) | < 227.35 | "
-                        "missed, by 0.00 |")
+                        "missed, by less than 0.01 |")
     assert lines[9] == ("| beyond: HVAE, gated MLP, anything the table lacks | — | not finished | < 226.72 | "
                         "`hvae3` at epoch 24 |")
     assert len(lines) == 10  # no ConvHVAE beyond row: none was run
     better = [{**row, "test_nll": 227.30} if row["name"] == "flow" else row for row in rows]
     assert density.summary(better).splitlines()[8].endswith("| **227.30** (`flow`) | < 227.35 | met, by 0.05 |")
+    at_target = [{**row, "test_nll": 228.7} if row["name"] == "vae-b" else row for row in rows]
+    assert "| **228.70** (`vae-b`) | ≤ 228.7 | met, by less than 0.01;" in density.summary(at_target).splitlines()[2]
+    # a row that stopped but is not evaluated on the whole test set is named, never counted
+    waiting = [{**row, "test_images": 100} if row["name"] == "hvae-a" else row for row in rows]
+    assert density.summary(waiting).splitlines()[4] == (
+        "| HVAE, gated MLP, N(0, I) | 227.37 ± 0.10 | not finished | ≤ 227.4 | `hvae-a` stopped, not evaluated on the "
+        "whole test set yet, `hvae-b` at epoch 130 |")
 
 
 def test_density_table_prints_the_summary_then_the_table(capsys):
