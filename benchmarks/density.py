@@ -56,6 +56,7 @@ PUBLISHED = {  # Norouzi et al. 2020 (Exemplar VAE), Table 1, dynamic Fashion-MN
     ("convhvae", "standard"): (225.38, 0.08), ("convhvae", "vamp"): (224.67, 0.03),
 }
 
+NETWORKS = {"vae": "VAE, gated MLP", "hvae": "HVAE, gated MLP", "convhvae": "ConvHVAE"}  # a row's model, in words
 TARGETS = {  # the issue's targets for the same rows (test NLL at K=5000): the published means to a tenth of a nat
     ("vae", "standard"): 228.7, ("vae", "vamp"): 227.4, ("hvae", "standard"): 227.4, ("hvae", "vamp"): 226.7,
     ("convhvae", "standard"): 225.4, ("convhvae", "vamp"): 224.7,
@@ -428,8 +429,7 @@ def check(name, epochs=2, results=None, device="cpu"):
 
 def _label(row):
     """What a row is, in words: "VAE, gated MLP, N(0, I)", "beyond: HVAE, gated MLP, IAF posterior (2 steps), ..."."""
-    networks = {"vae": "VAE, gated MLP", "hvae": "HVAE, gated MLP", "convhvae": "ConvHVAE"}
-    network = networks.get(row["model"], row["model"])
+    network = NETWORKS.get(row["model"], row["model"])
     if row.get("arch") == "gated-hvae":
         network += ", the paper's networks"
     if row.get("optimizer", "adam") != "adam":
@@ -497,14 +497,13 @@ def summary(rows):
     name and whether it meets ``TARGETS`` (and which rows are not final yet); then, for each network class with rows
     beyond the table (``published_nll`` None), its best final one against the best published number of that class
     (the VAE's, HVAE's or ConvHVAE's, whatever the prior): "better" is the issue's "beyond" target."""
-    names = {"vae": "VAE, gated MLP", "hvae": "HVAE, gated MLP", "convhvae": "ConvHVAE"}
     priors = {"standard": "N(0, I)", "vamp": "VampPrior(500)"}
     lines = ["| model | published | ours (row) | target | |", "| --- | --- | --- | --- | --- |"]
     for (model, prior), (mean, sd) in PUBLISHED.items():
         mine = [row for row in rows if row["model"] == model and row["published_nll"] == mean]
-        lines.append(f"| {names[model]}, {priors[prior]} | {_nats(mean)} ± {sd:.2f} | "
+        lines.append(f"| {NETWORKS[model]}, {priors[prior]} | {_nats(mean)} ± {sd:.2f} | "
                      f"{_against(mine, TARGETS[model, prior], f'≤ {TARGETS[model, prior]}')}")
-    for model, name in names.items():
+    for model, name in NETWORKS.items():
         beyond = [row for row in rows if row["model"] == model and row["published_nll"] is None]
         if beyond:
             best = min(mean for (kind, _), (mean, _) in PUBLISHED.items() if kind == model)
@@ -518,8 +517,9 @@ def _against(rows, bound, target, strict=False):
     words for ``bound``), and whether it is met (``<= bound``, or ``< bound`` where ``strict``), with the rows
     that are not final yet named: still training, or stopped and not yet evaluated on the whole test set."""
     final = [row for row in rows if is_final(row)]
-    pending = ", ".join(f"`{row['name']}` at epoch {row['epochs']}" if not row["finished"]
-                        else f"`{row['name']}` stopped, not evaluated on the whole test set yet" for row in rows if not is_final(row))
+    pending = ", ".join(f"`{row['name']}` " + (f"at epoch {row['epochs']}" if not row["finished"]
+                                               else "stopped, not evaluated on the whole test set yet")
+                        for row in rows if not is_final(row))
     if not final:
         return f"not finished | {target} | {pending or 'not run'} |"
     best = min(final, key=lambda row: row["test_nll"])
@@ -539,11 +539,11 @@ def write_readme_table(readme, rows):
     """Replace the parts of ``readme`` (a path) between ``SUMMARY_MARKS`` and between ``README_MARKS`` with
     ``summary(rows)`` and ``table(rows)``."""
     text = readme.read_text()
-    for marks, part in ((SUMMARY_MARKS, summary(rows)), (README_MARKS, table(rows))):
+    for marks, what, part in ((SUMMARY_MARKS, "summary", summary(rows)), (README_MARKS, "table", table(rows))):
         start, end = (text.find(mark) for mark in marks)
         if start < 0 or end < start:
-            raise InputError(f"{readme} has no density {'summary' if marks is SUMMARY_MARKS else 'table'} between "
-                             f"the lines {marks[0].strip()} and {marks[1].strip()}")
+            raise InputError(f"{readme} has no density {what} between the lines {marks[0].strip()} and "
+                             f"{marks[1].strip()}")
         start += len(marks[0])
         text = text[:start] + part + text[end:]
     write_text_atomic(readme, text)

@@ -569,7 +569,8 @@ def test_the_density_summary_sets_each_target_beside_the_best_final_row():
     better = [{**row, "test_nll": 227.30} if row["name"] == "flow" else row for row in rows]
     assert density.summary(better).splitlines()[8].endswith("| **227.30** (`flow`) | < 227.35 | met, by 0.05 |")
     at_target = [{**row, "test_nll": 228.7} if row["name"] == "vae-b" else row for row in rows]
-    assert "| **228.70** (`vae-b`) | ≤ 228.7 | met, by less than 0.01;" in density.summary(at_target).splitlines()[2]
+    assert ("| **228.70** (`vae-b`) | ≤ 228.7 | met, by less than 0.01;"
+            in density.summary(at_target).splitlines()[2])
     # a row that stopped but is not evaluated on the whole test set is named, never counted
     waiting = [{**row, "test_images": 100} if row["name"] == "hvae-a" else row for row in rows]
     assert density.summary(waiting).splitlines()[4] == (
