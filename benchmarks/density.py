@@ -11,6 +11,9 @@ code each row started with (kept in ``NAME.code``, whatever the repository has b
 
     python benchmarks/density.py start vae-standard vae-vamp        # runs in ~/runs/density/NAME, logs NAME.log
 
+Every row trains with seed 0; ``ROW-seedN`` names the row ROW with seed N (``hvae-standard-seed1``), which the
+summary averages with ROW's.
+
 Collect what the runs hold so far (finished or not) into ``benchmarks/results/density.json``, each row's
 per-epoch record beside it, and a picture of the validation ELBO per epoch::
 
@@ -41,6 +44,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import re
 import tempfile
 from pathlib import Path
 
@@ -82,7 +86,27 @@ ROWS = {
     "convhvae-standard": "--preset vampprior-convhvae",
     "convhvae-vamp": "--preset vampprior-convhvae --prior vamp:500",
 }
-MODEL_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "posterior", "optimizer")
+MODEL_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "posterior", "optimizer", "seed")
+SEEDED = re.compile(r"(?P<row>.+)-seed(?P<seed>[1-9][0-9]*)")  # ROW-seedN: the row ROW trained with seed N
+
+
+def row_flags(name, rows=None):
+    """``(flags, seed)`` of the row ``name``: a row of ``rows`` (default ``ROWS``), trained with seed 0, or
+    ``ROW-seedN``, the row ROW trained with seed N from 1 (another run of the same configuration, which the
+    summary averages with ROW's)."""
+    rows = ROWS if rows is None else rows
+    if name in rows:
+        return rows[name], 0
+    seeded = SEEDED.fullmatch(name)
+    if seeded and seeded["row"] in rows:
+        return rows[seeded["row"]], int(seeded["seed"])
+    raise InputError(f"no row {name!r}; rows: {', '.join(rows)} (or ROW-seedN: the row ROW with seed N from 1)")
+
+
+def configuration(name):
+    """The row a run of ``name`` repeats: ``ROW`` for ``ROW-seedN``, else ``name`` itself."""
+    seeded = SEEDED.fullmatch(name)
+    return seeded["row"] if seeded else name
 
 
 class RowDone(InputError):
@@ -93,7 +117,7 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device=None
     """How the row ``name`` goes on in ``runs/NAME``: ``(command, what)``, a shell command (a string) and one of
     "started from epoch 0", "resumed" (or, for a run from before copies were kept, "resumed with today's code")
     and "evaluated only". The command runs, niced, with ``threads`` threads, ``pyro-vae train`` with the row's
-    flags (``rows``, default ``ROWS``) and seed 0, or ``--resume`` where ``runs/NAME/checkpoint.pt`` exists
+    flags and seed (:func:`row_flags`: ``rows``, default ``ROWS``, and seed 0, or ``ROW-seedN``'s), or ``--resume`` where ``runs/NAME/checkpoint.pt`` exists
     (refused if that run's model is not the row's: a run left from before a preset changed); then, once early
     stopping or the epoch limit has ended the training, ``pyro-vae evaluate`` of its best epoch at
     K=``iw_samples``. A training that fails or is stopped by a signal (status 128 + the signal, its checkpoint
@@ -106,9 +130,7 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device=None
     :func:`keep_code` left one (the library as it was when the row started: the command runs in that folder and
     puts it on ``PYTHONPATH``, ahead of the installed one), so that a resume is bitwise and the evaluation reads
     the model that trained, whatever the library has become since."""
-    rows = ROWS if rows is None else rows
-    if name not in rows:
-        raise InputError(f"no row {name!r}; rows: {', '.join(rows)}")
+    flags, seed = row_flags(name, rows)
     run = Path(runs).expanduser().resolve() / name
     code = run.with_name(f"{name}.code")
     # python -m puts the working directory first on sys.path (but under PYTHONSAFEPATH), then PYTHONPATH
@@ -117,13 +139,13 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device=None
     cli = f"{within}OMP_NUM_THREADS={int(threads)} nice {shlex.quote(sys.executable)} -m pyro_vae.cli"
     if not (run / "checkpoint.pt").exists():
         on = f"--device {shlex.quote(device or 'auto')} "
-        return (f"{cli} train --out {shlex.quote(str(run))} {rows[name]} --seed 0 {on}--checkpoint-every 500 "
+        return (f"{cli} train --out {shlex.quote(str(run))} {flags} --seed {seed} {on}--checkpoint-every 500 "
                 f"--no-progress && {_evaluate(cli, run, iw_samples, on)}", "started from epoch 0")
     if not (run / "config.json").exists():
         raise InputError(f"{run} holds a checkpoint.pt but no config.json, so it is no run of pyro-vae train; "
                          "move it away to start the row afresh")
     kept = json.loads((run / "config.json").read_text())
-    _check_same_model(name, run, kept, rows[name])
+    _check_same_model(name, run, kept, f"{flags} --seed {seed}")
     on = _device_flag(name, kept, device)
     state = _progress(kept, read_records(run / "metrics.jsonl")) \
         if (run / "metrics.jsonl").exists() else {"finished": False}  # (stopped in its first epoch)
@@ -493,8 +515,9 @@ def table(rows):
 
 def summary(rows):
     """The README's summary (a markdown string) of ``rows`` (``density.json``'s rows) against the targets: for each
-    published row (``PUBLISHED``), the best final test NLL (``is_final``) of the rows that reproduce it, its row's
-    name and whether it meets ``TARGETS`` (and which rows are not final yet); then, for each network class with rows
+    published row (``PUBLISHED``), the best final test NLL (``is_final``) of the rows that reproduce it (a row run
+    with several seeds, ``ROW`` and ``ROW-seedN``, counts as the mean of its final seeds: never the best seed), its
+    row's name and whether it meets ``TARGETS`` (and which rows are not final yet); then, for each network class with rows
     beyond the table (``published_nll`` None), its best final one against the best published number of that class
     (the VAE's, HVAE's or ConvHVAE's, whatever the prior): "better" is the issue's "beyond" target."""
     priors = {"standard": "N(0, I)", "vamp": "VampPrior(500)"}
@@ -513,21 +536,31 @@ def summary(rows):
 
 
 def _against(rows, bound, target, strict=False):
-    """The last cells of a ``summary`` line: the best final test NLL of ``rows`` (and its row), ``target`` (the
-    words for ``bound``), and whether it is met (``<= bound``, or ``< bound`` where ``strict``), with the rows
-    that are not final yet named: still training, or stopped and not yet evaluated on the whole test set."""
+    """The last cells of a ``summary`` line: the best final test NLL of ``rows`` (and its row; for a row with
+    several final seeds, their mean, each seed's number beside it), ``target`` (the words for ``bound``), and
+    whether it is met (``<= bound``, or ``< bound`` where ``strict``), with the rows that are not final yet
+    named: still training, or stopped and not yet evaluated on the whole test set."""
+    import statistics
+
     final = [row for row in rows if is_final(row)]
     pending = ", ".join(f"`{row['name']}` " + (f"at epoch {row['epochs']}" if not row["finished"]
                                                else "stopped, not evaluated on the whole test set yet")
                         for row in rows if not is_final(row))
     if not final:
         return f"not finished | {target} | {pending or 'not run'} |"
-    best = min(final, key=lambda row: row["test_nll"])
-    nll, name = best["test_nll"], best["name"]
+    seeds = {}
+    for row in final:
+        seeds.setdefault(configuration(row["name"]), []).append(row)
+    name, runs = min(seeds.items(), key=lambda item: statistics.fmean(row["test_nll"] for row in item[1]))
+    nll = statistics.fmean(row["test_nll"] for row in runs)
+    runs = sorted(runs, key=lambda row: row["seed"])
+    ours = f"`{runs[0]['name']}`" if len(runs) == 1 else (
+        f"`{name}`, the mean of seeds {', '.join(str(row['seed']) for row in runs[:-1])} and {runs[-1]['seed']}: "
+        f"{', '.join(_nats(row['test_nll']) for row in runs)}")
     met = nll < bound if strict else nll <= bound
     margin = abs(nll - bound)
     verdict = ("met" if met else "missed") + (f", by {margin:.2f}" if margin >= 0.005 else ", by less than 0.01")
-    return f"**{_nats(nll)}** (`{name}`) | {target} | {verdict}{f'; not final yet: {pending}' if pending else ''} |"
+    return f"**{_nats(nll)}** ({ours}) | {target} | {verdict}{f'; not final yet: {pending}' if pending else ''} |"
 
 
 README_MARKS = ("<!-- density table: benchmarks/density.py table --readme -->\n", "<!-- end of density table -->\n")
@@ -604,7 +637,8 @@ def main(argv=None):
     k.add_argument("--tolerance", type=float, default=0.05,
                    help="largest difference in nats per image taken as agreement (default 0.05)")
     s = sub.add_parser("start", help="start or resume rows in the background, each evaluated at K=5000 when it stops")
-    s.add_argument("names", nargs="+", metavar="NAME", help=f"rows: {', '.join(ROWS)}")
+    s.add_argument("names", nargs="+", metavar="NAME", help=f"rows: {', '.join(ROWS)}; ROW-seedN is ROW with seed N "
+                   "(default seed 0)")
     s.add_argument("--runs", default="~/runs/density", help="the folder of the runs (default ~/runs/density)")
     s.add_argument("--threads", type=int, default=1, help="threads per row (default 1: one row per core)")
     s.add_argument("--iw-samples", type=int, default=5000, help="K of the evaluation at the end (default 5000)")

@@ -394,8 +394,13 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
            "--batch-size 64"
     monkeypatch.setattr(density, "ROWS", {"tiny": tiny, "slow": tiny.replace("--epochs 2", "--epochs 2000")})
     runs = tmp_path / "runs"
-    with pytest.raises(InputError, match="no row 'vae'; rows: tiny, slow"):
+    with pytest.raises(InputError, match="no row 'vae'; rows: tiny, slow \\(or ROW-seedN"):
         density.start_command("vae", runs)
+    seeded, what = density.start_command("tiny-seed12", runs, device="cpu")  # the row tiny, another seed
+    assert what == "started from epoch 0" and f" {tiny} --seed 12 " in seeded and "tiny-seed12 " in seeded
+    for wrong in ("tiny-seed0", "tiny-seed01", "tiny-seed", "vae-seed1", "tiny-seed1x"):  # seed 0 is tiny itself
+        with pytest.raises(InputError, match=f"no row '{wrong}'"):
+            density.start_command(wrong, runs)
     fresh, what = density.start_command("tiny", runs, threads=2, iw_samples=3, device="cpu")
     assert fresh.count(" --device cpu ") == 2 and "OMP_NUM_THREADS=2 nice" in fresh and "--seed 0" in fresh and "--resume" not in fresh
     assert what == "started from epoch 0" and not fresh.startswith("cd ")  # no copy of the code yet
@@ -452,6 +457,10 @@ def test_the_density_benchmark_starts_a_row_evaluates_it_when_it_stops_and_resum
     monkeypatch.setitem(density.ROWS, "tiny", tiny + " --prior vamp:3")  # the row changed since its run started
     with pytest.raises(InputError, match="has prior='standard', but the row tiny now has 'vamp:3'; move that run"):
         density.start_command("tiny", runs)
+    monkeypatch.setitem(density.ROWS, "tiny", tiny)
+    shutil.copytree(runs / "tiny", runs / "tiny-seed3")  # a run of seed 0 where seed 3's should be
+    with pytest.raises(InputError, match="has seed=0, but the row tiny-seed3 now has 3; move that run"):
+        density.start_command("tiny-seed3", runs)
 
 
 def test_the_density_benchmark_does_not_evaluate_a_training_stopped_by_a_signal(idx_dir, tmp_path, monkeypatch):
@@ -572,6 +581,17 @@ def test_the_density_summary_sets_each_target_beside_the_best_final_row():
     assert ("| **228.70** (`vae-b`) | ≤ 228.7 | met, by less than 0.01;"
             in density.summary(at_target).splitlines()[2])
     # a row that stopped but is not evaluated on the whole test set is named, never counted
+    # a row run with several seeds counts as the mean of its final ones (never its best seed), against the
+    # other rows' numbers; a seed still training is named
+    seeded = rows + [_row(name="hvae-a-seed2", seed=2, test_nll=227.35),
+                     _row(name="hvae-a-seed1", seed=1, finished=False, epochs=300, test_nll=None)]
+    assert density.summary(seeded).splitlines()[4] == (
+        "| HVAE, gated MLP, N(0, I) | 227.37 ± 0.10 | **227.39** (`hvae-a`, the mean of seeds 0 and 2: 227.43, 227.35) "
+        "| ≤ 227.4 | met, by 0.01; not final yet: `hvae-b` at epoch 130, `hvae-a-seed1` at epoch 300 |")
+    seeded += [_row(name="hvae-c", test_nll=227.38), _row(name="hvae-a-seed3", seed=3, test_nll=227.52)]
+    assert "| **227.38** (`hvae-c`) | ≤ 227.4 |" in density.summary(seeded).splitlines()[4]  # 227.43 on average
+    assert "| **227.35** (`hvae-a-seed2`) |" in density.summary(  # a seed whose seed-0 row is not final
+        [row for row in seeded if row["name"] in ("hvae-a-seed2", "hvae-b")]).splitlines()[4]
     waiting = [{**row, "test_images": 100} if row["name"] == "hvae-a" else row for row in rows]
     assert density.summary(waiting).splitlines()[4] == (
         "| HVAE, gated MLP, N(0, I) | 227.37 ± 0.10 | not finished | ≤ 227.4 | `hvae-a` stopped, not evaluated on the "
