@@ -120,9 +120,9 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device=None
     flags and seed (:func:`row_flags`: ``rows``, default ``ROWS``, and seed 0, or ``ROW-seedN``'s), or
     ``--resume`` where ``runs/NAME/checkpoint.pt`` exists (refused if that run's model or seed is not the row's:
     a run left from before a preset changed); then, once early stopping or the epoch limit has ended the
-    training, ``pyro-vae evaluate`` of its best epoch at K=``iw_samples``. A training that fails or is stopped by a signal (status 128 + the signal, its checkpoint
-    written) ends it there. A row that has finished its training is only evaluated, and one evaluated at that K
-    already is refused (:class:`RowDone`).
+    training, ``pyro-vae evaluate`` of its best epoch at K=``iw_samples``. A training that fails or is stopped
+    by a signal (status 128 + the signal, its checkpoint written) ends it there. A row that has finished its
+    training is only evaluated, and one evaluated at that K already is refused (:class:`RowDone`).
 
     ``device``: where a new row trains (default ``auto``: a CUDA GPU where PyTorch sees one, else the CPU); a
     run that exists goes on where it ran, so that its resume is bitwise, unless ``device`` names another (refused
@@ -518,8 +518,9 @@ def summary(rows):
     published row (``PUBLISHED``), the best final test NLL (``is_final``) of the rows that reproduce it (a row run
     with several seeds, ``ROW`` and ``ROW-seedN``, counts as the mean of its final seeds: never the best seed),
     its row's name and whether it meets ``TARGETS`` (and which rows are not final yet); then, for each network
-    class with rows beyond the table (``published_nll`` None), its best final one against the best published number of that class
-    (the VAE's, HVAE's or ConvHVAE's, whatever the prior): "better" is the issue's "beyond" target."""
+    class with rows beyond the table (``published_nll`` None), its best final one against the best published
+    number of that class (the VAE's, HVAE's or ConvHVAE's, whatever the prior): "better" is the issue's "beyond"
+    target."""
     priors = {"standard": "N(0, I)", "vamp": "VampPrior(500)"}
     lines = ["| model | published | ours (row) | target | |", "| --- | --- | --- | --- | --- |"]
     for (model, prior), (mean, sd) in PUBLISHED.items():
