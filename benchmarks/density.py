@@ -86,7 +86,8 @@ ROWS = {
     "convhvae-standard": "--preset vampprior-convhvae",
     "convhvae-vamp": "--preset vampprior-convhvae --prior vamp:500",
 }
-MODEL_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "posterior", "optimizer", "seed")
+# the settings that make a run the row's: its model, and its seed
+ROW_SETTINGS = ("arch", "hidden", "latent_dims", "guide", "skip", "prior", "posterior", "optimizer", "seed")
 SEEDED = re.compile(r"(?P<row>.+)-seed(?P<seed>[1-9][0-9]*)")  # ROW-seedN: the row ROW trained with seed N
 
 
@@ -145,7 +146,7 @@ def start_command(name, runs, threads=1, iw_samples=5000, rows=None, device=None
         raise InputError(f"{run} holds a checkpoint.pt but no config.json, so it is no run of pyro-vae train; "
                          "move it away to start the row afresh")
     kept = json.loads((run / "config.json").read_text())
-    _check_same_model(name, run, kept, f"{flags} --seed {seed}")
+    _check_same_row(name, run, kept, f"{flags} --seed {seed}")
     on = _device_flag(name, kept, device)
     state = _progress(kept, read_records(run / "metrics.jsonl")) \
         if (run / "metrics.jsonl").exists() else {"finished": False}  # (stopped in its first epoch)
@@ -202,14 +203,14 @@ def keep_code(code):
     write_text_atomic(code / "SOURCE", f"pyro_vae from {package}, {source}\n")
 
 
-def _check_same_model(name, run, kept, flags):
-    """Refuse the run in ``run`` where its model (``MODEL_SETTINGS`` of its settings ``kept``) is not the one the
-    row's ``flags`` give."""
+def _check_same_row(name, run, kept, flags):
+    """Refuse the run in ``run`` where its model or seed (``ROW_SETTINGS`` of its settings ``kept``) is not the one
+    the row's ``flags`` give."""
     from pyro_vae.cli import train_config
 
     wanted = train_config(["--out", str(run), *shlex.split(flags)]).to_dict()
     kept = RunConfig.from_dict(kept).to_dict()  # a run from before a setting existed gets its default
-    for key in MODEL_SETTINGS:
+    for key in ROW_SETTINGS:
         if kept[key] != wanted[key]:
             raise InputError(f"the run in {run} has {key}={kept[key]!r}, but the row {name} now has {wanted[key]!r}; "
                              "move that run away to start the row afresh")
@@ -550,11 +551,11 @@ def _against(rows, bound, target, strict=False):
     if not final:
         return f"not finished | {target} | {pending or 'not run'} |"
     seeds = {}
-    for row in final:
+    for row in sorted(final, key=lambda row: row["seed"]):
         seeds.setdefault(configuration(row["name"]), []).append(row)
-    name, runs = min(seeds.items(), key=lambda item: statistics.fmean(row["test_nll"] for row in item[1]))
-    nll = statistics.fmean(row["test_nll"] for row in runs)
-    runs = sorted(runs, key=lambda row: row["seed"])
+    means = {name: statistics.fmean(row["test_nll"] for row in runs) for name, runs in seeds.items()}
+    name = min(means, key=means.get)
+    nll, runs = means[name], seeds[name]
     ours = f"`{runs[0]['name']}`" if len(runs) == 1 else (
         f"`{name}`, the mean of seeds {', '.join(str(row['seed']) for row in runs[:-1])} and {runs[-1]['seed']}: "
         f"{', '.join(_nats(row['test_nll']) for row in runs)}")

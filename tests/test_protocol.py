@@ -580,7 +580,6 @@ def test_the_density_summary_sets_each_target_beside_the_best_final_row():
     at_target = [{**row, "test_nll": 228.7} if row["name"] == "vae-b" else row for row in rows]
     assert ("| **228.70** (`vae-b`) | ≤ 228.7 | met, by less than 0.01;"
             in density.summary(at_target).splitlines()[2])
-    # a row that stopped but is not evaluated on the whole test set is named, never counted
     # a row run with several seeds counts as the mean of its final ones (never its best seed), against the
     # other rows' numbers; a seed still training is named
     seeded = rows + [_row(name="hvae-a-seed2", seed=2, test_nll=227.35),
@@ -592,6 +591,7 @@ def test_the_density_summary_sets_each_target_beside_the_best_final_row():
     assert "| **227.38** (`hvae-c`) | ≤ 227.4 |" in density.summary(seeded).splitlines()[4]  # 227.43 on average
     assert "| **227.35** (`hvae-a-seed2`) |" in density.summary(  # a seed whose seed-0 row is not final
         [row for row in seeded if row["name"] in ("hvae-a-seed2", "hvae-b")]).splitlines()[4]
+    # a row that stopped but is not evaluated on the whole test set is named, never counted
     waiting = [{**row, "test_images": 100} if row["name"] == "hvae-a" else row for row in rows]
     assert density.summary(waiting).splitlines()[4] == (
         "| HVAE, gated MLP, N(0, I) | 227.37 ± 0.10 | not finished | ≤ 227.4 | `hvae-a` stopped, not evaluated on the "
