@@ -14,6 +14,9 @@
 # ONLY="convhvae-standard convhvae-vamp" trains only the rows named; SEED=DIR holding NAME.tar.xz (a run folder:
 # config.json, metrics.jsonl, checkpoint.pt) goes on with that row (--resume) instead of starting it afresh.
 # RUNS=DIR trains in DIR (default a new temporary folder): an earlier call's folder, on a machine still warm.
+# What travels is at most 64 MiB: the tree (7 MB), the wheels, the data as xz (26.5 MB) and both ConvHVAE rows'
+# packed checkpoints (33.4 MB) are more; then seed one row in a first short call (mkdir -p /tmp/dens; RUNS=/tmp/dens
+# SEED=... ONLY=that row TRAIN_S=20; the data stays on the warm machine) and the other in the next (same RUNS).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; TRAIN_S=${TRAIN_S:-360}; EVAL_S=${EVAL_S:-150}; K=${K:-5000}; LIMIT=${LIMIT:-}
