@@ -83,6 +83,8 @@ ROWS = {
     # the paper's optimizer (AdamNormGrad: each gradient scaled to unit norm, then Adam) and pseudo-inputs
     "hvae-paper-standard": "--preset vampprior-hvae --arch gated-hvae --optimizer adam-normgrad",
     "hvae-paper-vamp": "--preset vampprior-hvae --prior vamp-hardtanh:500 --arch gated-hvae --optimizer adam-normgrad",
+    # beyond: the paper's HVAE and optimizer with a flow prior on the top level (its networks take no IAF posterior)
+    "hvae-paper-flow": "--preset vampprior-hvae --prior flow:2 --arch gated-hvae --optimizer adam-normgrad",
     "convhvae-standard": "--preset vampprior-convhvae",
     "convhvae-vamp": "--preset vampprior-convhvae --prior vamp:500",
 }
