@@ -4,7 +4,8 @@
 # validation epoch at K=5000 on the whole test set, one row at a time (each evaluation sizes its chunks
 # from the card's whole memory). Brings back at most 8 files under $OUT: rows.tar.gz (every row's
 # config.json, metrics.jsonl, eval.json, pictures and logs) and, as far as 64 MiB allow, the rows'
-# checkpoint.pt in 16 MB pieces (ckpt.tar.00, .01, ...) to resume them elsewhere with --resume.
+# checkpoint.pt in 16 MB pieces (ckpt.tar.00, .01, ...) to resume them elsewhere with --resume, then their best.pt
+# without the optimizer's state (what evaluate reads).
 #
 #   TRAIN_S=360 EVAL_S=150 OUT=/tmp/gpu bash benchmarks/density_gpu.sh        # on the lent GPU machine
 #   TRAIN_S=20 K=10 LIMIT=100 OUT=/tmp/gpu bash benchmarks/density_gpu.sh     # a dry run on the CPU
@@ -85,8 +86,19 @@ for row in "${ROWS[@]}"; do
   size=$(stat -c %s "$R/$f")
   if [ "$size" -le "$budget" ]; then picked+=("$f"); budget=$(( budget - size - 4096 )); fi
 done
-if [ ${#picked[@]} -gt 0 ]; then
-  (cd "$R" && tar -cf - "${picked[@]}") | split -b 16000000 -d - "$OUT/ckpt.tar."
+# then each row's best.pt (its best validation epoch, which evaluate reads) without the optimizer's state, which
+# only a resume needs (a third of the file), so that a row's best epoch outlives the machine it ran on
+S=$(mktemp -d); bests=()
+for row in "${ROWS[@]}"; do
+  name=${row%%|*}; [ -f "$R/$name/best.pt" ] || continue
+  mkdir -p "$S/$name"
+  $PY -c "import sys, torch; p = torch.load(sys.argv[1], map_location='cpu', weights_only=True); p.pop('optim', None)
+torch.save(p, sys.argv[2])" "$R/$name/best.pt" "$S/$name/best.pt" || continue
+  size=$(stat -c %s "$S/$name/best.pt")
+  if [ "$size" -le "$budget" ]; then bests+=("$name/best.pt"); budget=$(( budget - size - 4096 )); fi
+done
+if [ $(( ${#picked[@]} + ${#bests[@]} )) -gt 0 ]; then
+  tar -cf - -C "$R" "${picked[@]}" -C "$S" "${bests[@]}" | split -b 16000000 -d - "$OUT/ckpt.tar."
 fi
-log "checkpoints brought back: ${picked[*]:-none}"
+log "checkpoints brought back: ${picked[*]:-none}; best epochs (weights only): ${bests[*]:-none}"
 ls -la "$OUT"
